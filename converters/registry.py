@@ -1,0 +1,48 @@
+"""Registries through which the model-agnostic core finds per-family knowledge.
+
+Entries are keyed by a class's qualified name (``"transformers.models.bert.modeling_bert.BertSelfAttention"``)
+so that registering a family never imports it: the core asks ``lookup(registry, module)``, which walks the
+module's MRO and compares names.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, TypeVar
+
+import torch.nn as nn
+
+T = TypeVar("T")
+
+
+#: class qualname -> AttentionSpec (see fermigates.converters.attention)
+ATTENTION: dict[str, Any] = {}
+#: class qualname -> LinearLayout (converters.attention): modules that compute ``x @ W`` like a Linear but store W differently
+LINEAR_LIKE: dict[str, Any] = {}
+#: class qualname -> callable(module, **gate_kwargs) -> gated twin of that module
+TWINS: dict[str, Callable[..., nn.Module]] = {}
+#: class qualname -> tuple of attribute names that define the module's tensor shapes
+SHAPE_ATTRS: dict[str, tuple[str, ...]] = {}
+#: class qualname -> callable(module) -> RMS-norm description (weight attr, eps attr), for exact shrinking
+RMS_NORMS: dict[str, Any] = {}
+#: ordered list of callables(model) -> example inputs or None (first non-None wins)
+EXAMPLE_INPUTS: list[Callable[[nn.Module], Any]] = []
+
+
+def qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register(registry: dict[str, T], names: str | list[str], value: T) -> T:
+    for name in [names] if isinstance(names, str) else names:
+        registry[name] = value
+    return value
+
+
+def lookup(registry: dict[str, T], module: nn.Module | type) -> T | None:
+    """The entry for ``module``'s class or its nearest registered base class, else ``None``."""
+    cls = module if isinstance(module, type) else type(module)
+    for base in cls.__mro__:
+        hit = registry.get(qualname(base))
+        if hit is not None:
+            return hit
+    return None

@@ -1,0 +1,44 @@
+"""fermigates: convert a PyTorch model in place to Fermi-gated layers, anneal, and bake it smaller.
+
+Public API::
+
+    convert_to_fermi(model, FermiConfig(...))      # in place, returns the model
+    FermiAnnealer(optimizer, model, total_steps)   # wraps any torch optimizer
+    convert_from_fermi(model, calibration_data=...)  # bake, shrink, calibrate -> FermiReport
+"""
+
+from . import converters  # noqa: F401  (registers the family converters; imports no timm/transformers)
+from .anneal import AnnealSchedule, FermiAnnealer, sparsity_at, temperature_at
+from .bake import convert_from_fermi, disable_gates, hard_gates
+from .config import FermiConfig, load_recipe
+from .convert import ConversionSummary, convert_to_fermi, summary
+from .gates import FermiGate, fermi_probability
+from .layers import FermiConv1d, FermiConv2d, FermiConv3d, FermiLinear
+from .report import FermiReport, SparsityReport, compute_sparsity, count_parameters
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AnnealSchedule",
+    "ConversionSummary",
+    "FermiAnnealer",
+    "FermiConfig",
+    "FermiConv1d",
+    "FermiConv2d",
+    "FermiConv3d",
+    "FermiGate",
+    "FermiLinear",
+    "FermiReport",
+    "SparsityReport",
+    "compute_sparsity",
+    "convert_from_fermi",
+    "convert_to_fermi",
+    "count_parameters",
+    "disable_gates",
+    "fermi_probability",
+    "hard_gates",
+    "load_recipe",
+    "sparsity_at",
+    "summary",
+    "temperature_at",
+]

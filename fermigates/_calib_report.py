@@ -1,0 +1,79 @@
+"""What :func:`fermigates.calibrate` did, per layer, with a readable table."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ._ridge import LayerPlan
+
+
+@dataclass
+class LayerCalibration:
+    """One calibrated layer.
+
+    ``err_before`` / ``err_after``: relative squared error ``||XW - Y||² / ||Y||²`` of the layer's output
+    against the reference's (kept outputs only), on the calibration rows, with the layer's weights before
+    and after the solve; both use the inputs produced by the already-calibrated layers before it.
+    """
+
+    name: str
+    kind: str
+    in_kept: int
+    in_ref: int
+    out_kept: int
+    out_ref: int
+    groups: int
+    rows: int
+    err_before: float
+    err_after: float
+    solver: str
+    seconds: float
+
+    @classmethod
+    def from_plan(cls, plan: LayerPlan, rows: int, before: float, after: float, solver: str,
+                  seconds: float) -> "LayerCalibration":
+        m, r = plan.module, plan.reference
+        conv = plan.is_conv
+        in_ref = r.in_channels if conv else r.in_features
+        out_ref = r.weight.shape[0]
+        in_kept = len(plan.sel_in) if plan.sel_in is not None else (m.in_channels if conv else m.in_features)
+        out_kept = len(plan.sel_out) if plan.sel_out is not None else m.weight.shape[0]
+        return cls(plan.name, type(m).__name__, in_kept, in_ref, out_kept, out_ref, plan.groups, rows,
+                   before, after, solver, seconds)
+
+
+@dataclass
+class CalibrationReport:
+    """Per-layer results of one :func:`fermigates.calibrate` call."""
+
+    ridge: float
+    n_batches: int
+    layers: list[LayerCalibration] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, name: str) -> LayerCalibration:
+        for row in self.layers:
+            if row.name == name:
+                return row
+        raise KeyError(f"no calibrated layer named {name!r}; calibrated: {[r.name for r in self.layers]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ridge": self.ridge, "n_batches": self.n_batches, "seconds": self.seconds,
+                "layers": [asdict(r) for r in self.layers]}
+
+    def __str__(self) -> str:
+        head = ("layer", "kind", "in kept/ref", "out kept/ref", "rows", "err before", "err after", "time")
+        rows = [(r.name, r.kind + (f" g={r.groups}" if r.groups > 1 else ""), f"{r.in_kept}/{r.in_ref}",
+                 f"{r.out_kept}/{r.out_ref}", str(r.rows), f"{r.err_before:.3e}", f"{r.err_after:.3e}",
+                 f"{r.seconds:.2f}s") for r in self.layers]
+        widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
+        line = "  ".join(h.ljust(w) for h, w in zip(head, widths))
+        out = [line, "-" * len(line)]
+        out += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+        out.append(f"{len(self.layers)} layers calibrated on {self.n_batches} batches, ridge={self.ridge:g}, "
+                   f"{self.seconds:.2f}s")
+        return "\n".join(out)

@@ -1,0 +1,129 @@
+"""What a shrunk checkpoint holds, read from its manifest and safetensors header without building a model."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fermigates import _manifest as mf
+
+
+def _linear_like_macs(module: nn.Module, out: Any) -> int | None:
+    """MACs of one call of a Linear, ConvNd or Linear-like (HF ``Conv1D``: ``nx`` inputs) module."""
+    if not isinstance(out, torch.Tensor):
+        return None
+    if isinstance(module, nn.Linear):
+        return out.numel() * module.in_features
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return out.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+    if isinstance(getattr(module, "nx", None), int) and isinstance(getattr(module, "nf", None), int):
+        return out.numel() * module.nx
+    return None
+
+
+def count_macs(model: nn.Module, example_inputs: Any) -> dict[str, Any]:
+    """Multiply-accumulates of the Linear / Conv layers in one eval-mode forward on ``example_inputs``.
+
+    Attention score matmuls and element-wise ops are not counted. The model's train/eval flags are restored.
+    """
+    per_module: dict[str, int] = {}
+    hooks = []
+    for path, module in model.named_modules():
+
+        def hook(mod: nn.Module, _inp: Any, out: Any, path: str = path) -> None:
+            macs = _linear_like_macs(mod, out)
+            if macs is not None:
+                per_module[path] = per_module.get(path, 0) + macs
+
+        hooks.append(module.register_forward_hook(hook))
+    flags = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            if isinstance(example_inputs, dict):
+                model(**example_inputs)
+            elif isinstance(example_inputs, tuple):
+                model(*example_inputs)
+            else:
+                model(example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, flag in flags.items():
+            m.training = flag
+    return {"inputs": _describe(example_inputs), "total": sum(per_module.values()), "modules": per_module}
+
+
+def _describe(inputs: Any) -> Any:
+    if isinstance(inputs, torch.Tensor):
+        return {"shape": list(inputs.shape), "dtype": str(inputs.dtype).removeprefix("torch.")}
+    if isinstance(inputs, dict):
+        return {k: _describe(v) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return [_describe(v) for v in inputs]
+    return repr(inputs)
+
+
+@dataclass
+class CheckpointSummary:
+    """What ``inspect_checkpoint`` found: sizes, per-module widths, and MACs when an input size was known."""
+
+    directory: str
+    format_version: int
+    model_class: str
+    source: str
+    params: int
+    tensors: int
+    file_bytes: int
+    widths: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tied: dict[str, str] = field(default_factory=dict)
+    macs: int | None = None
+    macs_inputs: Any = None
+
+    def __str__(self) -> str:
+        lines = [
+            f"fermigates checkpoint {self.directory} (format v{self.format_version})",
+            f"  model   {self.model_class}  [{self.source}]",
+            f"  params  {self.params:,} in {self.tensors} tensors, {self.file_bytes / 2**20:.2f} MiB on disk",
+            f"  MACs    {self.macs:,} for {self.macs_inputs}"
+            if self.macs is not None
+            else "  MACs    unknown (save with example_inputs=... to record them)",
+        ]
+        if self.tied:
+            lines.append("  tied    " + ", ".join(f"{a} -> {b}" for a, b in self.tied.items()))
+        width = max((len(p) for p in self.widths), default=6)
+        lines.append(f"  {'module':<{width}}  widths")
+        for path, attrs in self.widths.items():
+            lines.append(f"  {path or '<root>':<{width}}  " + ", ".join(f"{k}={v}" for k, v in attrs.items()))
+        return "\n".join(lines)
+
+
+def inspect_checkpoint(directory: str | os.PathLike) -> CheckpointSummary:
+    """Summarise a ``save_shrunk`` directory (validated as ``load_shrunk`` does) without building a model."""
+    manifest, header, weights = mf.read_checkpoint(directory)
+    source = manifest.get("source", {})
+    kind = source.get("kind", "custom")
+    label = {"timm": f"timm:{source.get('name')}", "hf": f"transformers:{source.get('class')}"}.get(
+        kind, kind
+    )
+    numel = sum(math.prod(info["shape"]) for info in header.values())
+    macs = manifest.get("macs") or {}
+    return CheckpointSummary(
+        directory=str(Path(directory)),
+        format_version=manifest["format_version"],
+        model_class=manifest.get("model_class", "?"),
+        source=label,
+        params=int(manifest.get("n_parameters", numel)),
+        tensors=len(header),
+        file_bytes=weights.stat().st_size,
+        widths={p: e.get("attrs", {}) for p, e in manifest["modules"].items()},
+        tied=dict(manifest.get("tied", {})),
+        macs=macs.get("total"),
+        macs_inputs=macs.get("inputs"),
+    )

@@ -1,0 +1,180 @@
+"""Leaf-module handlers of the trace: what a Linear, a conv, an attention module... does to channel labels.
+
+Each handler is ``handler(tracer, fqn, module, args, kwargs, output)`` and runs after the module's forward.
+Member keys are ``(fqn, role, None, None)``; roles follow the contract (producer rows, consumer columns,
+passthrough per-channel axis, attention heads).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from ._labels import NONE, along, join_rows
+from ._trace import Tracer, _opaque
+from .converters.attention import attention_spec, head_units, linear_layout
+
+
+def _input(args: Any, kwargs: dict, keys=("input", "x", "hidden_states")) -> torch.Tensor | None:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    for key in keys:
+        if isinstance(kwargs.get(key), torch.Tensor):
+            return kwargs[key]
+    return next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+
+
+def _first_out(output: Any, index: int = 0) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (list, tuple)) and len(output) > index and isinstance(output[index], torch.Tensor):
+        return output[index]
+    return None
+
+
+def _at_axis(vec: torch.Tensor, nd: int, axis: int) -> torch.Tensor:
+    shape = [1] * nd
+    shape[axis] = vec.numel()
+    return vec.reshape(shape)
+
+
+def _consume(tr: Tracer, key: tuple, x: torch.Tensor | None, axis: int) -> torch.Tensor | None:
+    lab = tr.label(x) if x is not None else None
+    if lab is None:
+        return None
+    lab = lab.reshape((1,) * (x.dim() - lab.dim()) + tuple(lab.shape))
+    vec = along(lab, axis, x.shape[axis], tr.uf)
+    if bool((vec >= 0).any()):
+        tr.record(key, vec)
+    return vec
+
+
+def _rest_none(tr: Tracer, output: Any, keep: torch.Tensor | None) -> None:
+    for o in tr.out_tensors(output):
+        if o is not keep:
+            tr.set_none(o)
+
+
+def linear(tr: Tracer, fqn: str, module: nn.Module, args, kwargs, output) -> None:
+    layout = linear_layout(module)
+    x = _input(args, kwargs)
+    vec = _consume(tr, (fqn, "consumer", None, None), x, -1)
+    labs = tr.produce(fqn, int(module.weight.shape[layout.out_dim]))
+    tr.record((fqn, "producer", None, None), labs)
+    if _opaque(module):
+        why = f"{fqn} ({type(module).__name__}) overrides forward"
+        tr.uf.pin(labs, why)
+        if vec is not None:
+            tr.uf.pin(vec, why)
+    y = _first_out(output)
+    if y is not None:
+        tr.set(y, _at_axis(labs, y.dim(), -1))
+    _rest_none(tr, output, y)
+
+
+def conv(tr: Tracer, fqn: str, module: nn.Module, args, kwargs, output) -> None:
+    x, y = _input(args, kwargs), _first_out(output)
+    n_sp = len(module.kernel_size)
+    axis = x.dim() - n_sp - 1 if x is not None else 1
+    opaque = _opaque(module)
+    if module.groups == 1:
+        vec = _consume(tr, (fqn, "consumer", None, None), x, axis)
+        labs = tr.produce(fqn, module.out_channels)
+        tr.record((fqn, "producer", None, None), labs)
+        pinned = [labs] + ([vec] if vec is not None else [])
+    else:
+        lab = tr.label(x) if x is not None else None
+        vec = torch.full((module.in_channels,), NONE, dtype=torch.long)
+        if lab is not None:
+            lab = lab.reshape((1,) * (x.dim() - lab.dim()) + tuple(lab.shape))
+            vec = along(lab, axis, module.in_channels, tr.uf)
+        group_labs = join_rows(vec.reshape(module.groups, -1), tr.uf)
+        labs = group_labs.repeat_interleave(module.out_channels // module.groups)
+        if bool((labs >= 0).any()):
+            tr.record((fqn, "passthrough", None, None), labs)
+        pinned = [labs]
+    if opaque:
+        for v in pinned:
+            tr.uf.pin(v, f"{fqn} ({type(module).__name__}) overrides forward")
+    if y is not None:
+        tr.set(y, _at_axis(labs, y.dim(), y.dim() - n_sp - 1))
+    _rest_none(tr, output, y)
+
+
+def embedding(tr: Tracer, fqn: str, module: nn.Module, args, kwargs, output) -> None:
+    for t in tr.out_tensors(output):
+        tr.set_none(t)
+
+
+def rms_norm(tr: Tracer, fqn: str, module: nn.Module, args, kwargs, output) -> None:
+    x, y = _input(args, kwargs), _first_out(output)
+    lab = tr.label(x) if x is not None else None
+    if lab is not None and lab.dim() and lab.shape[-1] > 1:
+        tr.uf.pin(lab, f"RMS norm {fqn} normalises across channels")
+    if y is not None and lab is not None and lab.dim() == y.dim():
+        tr.set(y, lab)
+    _rest_none(tr, output, y if lab is not None else None)
+
+
+def attention(tr: Tracer, fqn: str, module: nn.Module, args, kwargs, output) -> None:
+    """Heads (or KV groups) become units; q/k/v consume the input, o (inside or outside) consumes the units."""
+    spec = attention_spec(module)
+    x = _input(args, kwargs)
+    prefix = f"{fqn}." if fqn else ""
+    others = [t for t in _tensors(args, kwargs) if t is not x and tr.label(t) is not None
+              and bool((tr.label(t) >= 0).any())]
+    for child in [spec.q, spec.k, spec.v, spec.qkv, *spec.q_like]:
+        if child is not None and _has(module, child):
+            _consume(tr, (prefix + child, "consumer", None, None), x, -1)
+    if others:
+        why = f"attention {fqn} reads several labeled inputs (cross-attention is not followed)"
+        for t in others + ([x] if x is not None else []):
+            tr.uf.pin(tr.label(t), why)
+    units = head_units(module, spec, "group")
+    labs = tr.produce(prefix + "#heads", units.n_units)
+    reason = spec.reason(module)
+    if reason:
+        tr.uf.pin(labs, f"attention {fqn}: {reason}")
+    tr.record((fqn, "attention", None, None), _spread(labs, units.q_heads, spec.num_heads(module)))
+    rows = {spec.qkv: units.qkv_rows, spec.q: units.q_rows, spec.k: units.k_rows, spec.v: units.v_rows}
+    rows.update({name: units.q_like_rows for name in spec.q_like if _has(module, name)})
+    for child, index in rows.items():
+        if child is not None and index is not None:
+            width = int(module.get_submodule(child).weight.shape[linear_layout(module.get_submodule(child)).out_dim])
+            tr.record((prefix + child, "producer", None, None), _spread(labs, index, width))
+    n_ctx = spec.num_heads(module) * spec.head_dim(module)
+    ctx = _spread(labs, units.o_cols, n_ctx)
+    y = _first_out(output, spec.output)
+    if spec.o is not None:
+        o = module.get_submodule(spec.o)
+        tr.record((prefix + spec.o, "consumer", None, None), ctx)
+        out_labs = tr.produce(prefix + spec.o, int(o.weight.shape[linear_layout(o).out_dim]))
+        tr.record((prefix + spec.o, "producer", None, None), out_labs)
+        ctx = out_labs
+    if y is not None:
+        tr.set(y, _at_axis(ctx, y.dim(), -1))
+    _rest_none(tr, output, y)
+
+
+def _spread(labs: torch.Tensor, index: torch.Tensor, width: int) -> torch.Tensor:
+    vec = torch.full((width,), NONE, dtype=torch.long)
+    vec[index.reshape(-1)] = labs[:, None].expand(index.shape).reshape(-1)
+    return vec
+
+
+def _has(module: nn.Module, name: str) -> bool:
+    try:
+        return isinstance(module.get_submodule(name), nn.Module)
+    except AttributeError:
+        return False
+
+
+def _tensors(args, kwargs) -> list[torch.Tensor]:
+    return [v for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor)]
+
+
+LEAVES: dict[str, Callable] = {
+    "linear": linear, "conv": conv, "embedding": embedding, "rmsnorm": rms_norm, "attention": attention,
+}

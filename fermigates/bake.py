@@ -1,0 +1,230 @@
+"""``convert_from_fermi``: bake hard gates into plain layers, shrink, calibrate, and report."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import warnings
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.nn as nn
+
+from .convert import _STATE_ATTR, _swap, fermi_state, gated_modules
+from .layers import GroupGate, _copy_module_dict
+from .report import FermiReport, compute_sparsity, count_parameters
+
+_logger = logging.getLogger(__name__)
+
+#: shrunk and hard-masked outputs may differ by float reassociation only: relative to the output's scale
+SHRINK_RTOL = 1e-4
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """Run ``model`` on example inputs given as a tensor, a tuple of positional args or a dict of kwargs."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def output_tensors(out: Any) -> list[torch.Tensor]:
+    """The floating-point tensors of a model output (tensor, tuple, dict or HF ModelOutput), in order."""
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, dict) or hasattr(out, "to_tuple"):
+        items: Iterable[Any] = out.values()
+    elif isinstance(out, (tuple, list)):
+        items = out
+    else:
+        return []
+    return [t for item in items for t in output_tensors(item)]
+
+
+def max_relative_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Largest ``|a - b| / max(1, max|a|)`` over paired tensors; inf when the structures differ."""
+    if len(a) != len(b):
+        return float("inf")
+    worst = 0.0
+    for x, y in zip(a, b):
+        if x.shape != y.shape:
+            return float("inf")
+        scale = max(1.0, float(x.abs().max())) if x.numel() else 1.0
+        worst = max(worst, float((x.float() - y.float()).abs().max()) / scale if x.numel() else 0.0)
+    return worst
+
+
+def _snapshot(model: nn.Module) -> list[tuple[Any, dict]]:
+    """References to every module's state (and an HF config's), enough to undo a shrink."""
+    snap: list[tuple[Any, dict]] = [(m, _copy_module_dict(m)) for m in model.modules()]
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "__dict__"):
+        snap.append((config, copy.deepcopy(config.__dict__)))
+    return snap
+
+
+def _restore(snapshot: list[tuple[Any, dict]]) -> None:
+    for obj, state in snapshot:
+        obj.__dict__.clear()
+        obj.__dict__.update(state)
+
+
+def _group_keep(model: nn.Module) -> dict[int, torch.Tensor]:
+    keep: dict[int, torch.Tensor] = {}
+    for module in gated_modules(model).values():
+        for slot in module._slots:
+            gate: GroupGate = slot.gate
+            if gate.group_id is not None and gate.group_id not in keep:
+                keep[gate.group_id] = gate.keep_units().cpu()
+    return keep
+
+
+def _all_gates(model: nn.Module):
+    for module in gated_modules(model).values():
+        if module.weight_gate is not None:
+            yield module.weight_gate
+        for slot in module._slots:
+            yield slot.gate
+
+
+@contextlib.contextmanager
+def hard_gates(model: nn.Module) -> Iterator[nn.Module]:
+    """Within this context the gates of ``model`` apply their hard decisions (``P >= 0.5`` -> 1, else 0):
+    the model computes what ``convert_from_fermi(model, shrink=False)`` would bake."""
+    gates = list(_all_gates(fermi_state(model) and model))
+    previous = [g.hard for g in gates]
+    for g in gates:
+        g.hard = True
+    try:
+        yield model
+    finally:
+        for g, h in zip(gates, previous):
+            g.hard = h
+
+
+def disable_gates(model: nn.Module) -> None:
+    """Open every gate of a converted model (P = 1): it then computes the dense function."""
+    for gate in _all_gates(model):
+        gate.enabled = False
+
+
+@torch.no_grad()
+def convert_from_fermi(
+    model: nn.Module,
+    *,
+    shrink: bool = True,
+    calibration_data: Any = None,
+    ridge: float = 1e-2,
+    example_inputs: Any = None,
+    progress: bool = True,
+) -> FermiReport:
+    """Turn a Fermi-gated model back into plain layers with the gates' hard decisions baked in.
+
+    With structured gates and ``shrink=True`` the removed channels / heads are cut out of every layer that
+    produces or consumes them, and the shrunk model is checked against the hard-masked one on the example
+    inputs (if they differ, the shrink is undone and the report says why). With ``calibration_data`` the
+    layers that lost inputs are re-fitted in closed form (ridge regression toward the dense model's outputs)
+    and the result is written into their own weights. The model is modified in place; the report says what
+    changed.
+    """
+    state = fermi_state(model)
+    was_training = model.training
+    model.eval()
+    example = example_inputs if example_inputs is not None else state.example_inputs
+    sparsity = compute_sparsity(model)
+    params_before = count_parameters(model)
+    macs_before = _count_macs(model, example)
+    keep = _group_keep(model)
+
+    reference = None
+    if calibration_data is not None:
+        reference = copy.deepcopy(model)
+        disable_gates(reference)
+
+    twins = gated_modules(model)
+    _swap(model, {id(t): t.to_plain() for t in twins.values()})
+    delattr(model, _STATE_ATTR)
+    report = FermiReport(sparsity=sparsity, params_before=params_before, params_after=params_before)
+
+    changes: dict[str, Any] = {}
+    if state.config.structured and shrink and keep:
+        changes = _shrink_checked(model, state.graph, keep, example, report)
+
+    if reference is not None:
+        from .calibrate import calibrate
+
+        targets = _calibration_targets(model, twins, changes)
+        report.calibration = calibrate(
+            model, calibration_data, reference=reference, targets=targets, ridge=ridge, progress=progress
+        )
+        del reference
+
+    report.params_after = count_parameters(model)
+    report.macs_before = macs_before
+    report.macs_after = _count_macs(model, example) if macs_before is not None else None
+    model.train(was_training)
+    return report
+
+
+def _shrink_checked(model: nn.Module, graph: Any, keep: dict, example: Any, report: FermiReport) -> dict:
+    from .shrink import shrink_model
+
+    masked = output_tensors(call_model(model, example)) if example is not None else None
+    snapshot = _snapshot(model)
+    try:
+        result = shrink_model(model, graph, keep)
+    except Exception as err:  # noqa: BLE001 - a failed shrink leaves the correct masked model
+        _restore(snapshot)
+        report.not_shrunk.append(("model", f"shrink failed and was undone: {type(err).__name__}: {err}"))
+        warnings.warn(f"fermigates: shrink failed and was undone ({err}); the model stays hard-masked")
+        return {}
+    if masked is not None:
+        diff = max_relative_diff(masked, output_tensors(call_model(model, example)))
+        report.max_abs_diff = diff
+        if not diff <= SHRINK_RTOL:
+            _restore(snapshot)
+            report.not_shrunk.append(
+                ("model", f"shrunk outputs differ from the hard-masked ones by {diff:.3g} (> {SHRINK_RTOL}); undone")
+            )
+            warnings.warn(f"fermigates: shrunk model differs from the masked one ({diff:.3g}); shrink undone")
+            return {}
+    report.shrunk = True
+    report.not_shrunk.extend((f"group {gid}", why) for gid, why in getattr(result, "skipped", []))
+    for name, change in result.changes.items():
+        report.shapes.append((name, _shape_text(change, before=True), _shape_text(change, before=False)))
+    return result.changes
+
+
+def _shape_text(change: Any, before: bool) -> str:
+    attrs = change.attrs_before if before and hasattr(change, "attrs_before") else change.attrs
+    if before and not hasattr(change, "attrs_before"):
+        return "-"
+    return ", ".join(f"{k}={v}" for k, v in attrs.items())
+
+
+def _calibration_targets(model: nn.Module, twins: dict[str, nn.Module], changes: dict) -> dict:
+    """Layers to re-fit: consumers that lost input channels, or (unstructured) layers with masked weights."""
+    if changes:
+        modules = dict(model.named_modules())
+        return {
+            name: (ch.kept_in, ch.kept_out)
+            for name, ch in changes.items()
+            if ch.kept_in is not None and name in twins and name in modules
+        }
+    return {name: (None, None) for name in twins}
+
+
+def _count_macs(model: nn.Module, example: Any) -> int | None:
+    if example is None:
+        return None
+    try:
+        from .shrink import count_macs
+    except ImportError:
+        return None
+    try:
+        return int(count_macs(model, example))
+    except Exception as err:  # noqa: BLE001 - a report without MACs is still a report
+        _logger.warning("could not count MACs: %s", err)
+        return None

@@ -1,0 +1,147 @@
+"""``FermiConfig``: what to gate and how, as a documented dataclass with a dict / YAML round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .gates import check_temperature
+
+GRANULARITIES = ("weight", "channel", "head")
+CONFIG_VERSION = 1
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class FermiConfig:
+    """How ``convert_to_fermi`` gates a model. Every field carries its help text in ``metadata``."""
+
+    granularity: str | tuple[str, ...] = _help(
+        "'weight' (unstructured), 'channel' (output channels / neurons, coupled across the dependency "
+        "graph) or 'head' (attention heads); a tuple such as ('channel', 'head') gates both.",
+        default="weight",
+    )
+    target_sparsity: float = _help(
+        "Fraction of gated units to remove at the end of annealing (0 <= s < 1).", default=0.5
+    )
+    temperature: float = _help(
+        "Initial temperature of every gate, in units of the layer's mean score (the annealer then sets it).",
+        default=1.0,
+    )
+    mu_init: str | float = _help(
+        "'open': gates start fully open, the converted model computes the original function; or a "
+        "percentile in [0, 1): mu starts at that quantile of the scores.",
+        default="open",
+    )
+    target_modules: str | list[str] | None = _help(
+        "Which modules to gate: a regex (full match on the module name) or a list of exact names / name "
+        "suffixes (peft's convention). None: every Linear / Conv (and registered linear-like layers).",
+        default=None,
+    )
+    exclude_modules: str | list[str] | None = _help(
+        "Modules never to gate, same matching rules as target_modules.", default=None
+    )
+    keep_classifier: bool = _help(
+        "Leave the final classifier / LM head ungated (its outputs are the model's classes).", default=True
+    )
+    min_units: int = _help(
+        "Groups and layers with fewer units than this are not gated (tiny layers are not worth it).",
+        default=1,
+    )
+    version: int = _help("Config format version.", default=CONFIG_VERSION)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def granularities(self) -> tuple[str, ...]:
+        g = self.granularity
+        return (g,) if isinstance(g, str) else tuple(g)
+
+    def validate(self) -> None:
+        for g in self.granularities:
+            if g not in GRANULARITIES:
+                raise ValueError(f"granularity must be one of {GRANULARITIES} (or a tuple of them), got {g!r}")
+        if "weight" in self.granularities and len(self.granularities) > 1:
+            raise ValueError("granularity 'weight' cannot be combined with structured granularities")
+        if not 0.0 <= float(self.target_sparsity) < 1.0:
+            raise ValueError(f"target_sparsity must be in [0, 1), got {self.target_sparsity!r}")
+        check_temperature(self.temperature)
+        if self.mu_init != "open" and not (
+            isinstance(self.mu_init, (int, float)) and not isinstance(self.mu_init, bool) and 0 <= self.mu_init < 1
+        ):
+            raise ValueError(f"mu_init must be 'open' or a percentile in [0, 1), got {self.mu_init!r}")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, list, tuple)):
+                raise TypeError(f"{name} must be a regex string, a list of names or None, got {type(value).__name__}")
+        if self.version > CONFIG_VERSION:
+            raise ValueError(f"config version {self.version} is newer than this fermigates ({CONFIG_VERSION})")
+
+    @property
+    def structured(self) -> bool:
+        return "weight" not in self.granularities
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if isinstance(d["granularity"], tuple):
+            d["granularity"] = list(d["granularity"])
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FermiConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown FermiConfig fields {unknown}; known fields: {sorted(known)}")
+        data = dict(data)
+        if isinstance(data.get("granularity"), list):
+            data["granularity"] = tuple(data["granularity"])
+        return cls(**data)
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_yaml(cls, source: str | Path) -> "FermiConfig":
+        """From a YAML file path or a YAML string."""
+        text = Path(source).read_text() if Path(str(source)).suffix in (".yaml", ".yml") else str(source)
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"a FermiConfig YAML must be a mapping, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+    @staticmethod
+    def help() -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(FermiConfig)}
+
+
+def load_recipe(name_or_path: str | Path) -> dict[str, Any]:
+    """A YAML recipe (a bundled one by name, e.g. ``"channel50"``, or a file path) with ``config`` parsed
+    into a ``FermiConfig``; the other sections (``anneal``, ``convert_from_fermi``) stay plain dicts."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        text = path.read_text()
+    else:
+        from importlib import resources
+
+        bundled = resources.files("fermigates.recipes") / f"{name_or_path}.yaml"
+        if not bundled.is_file():
+            names = sorted(p.name[:-5] for p in resources.files("fermigates.recipes").iterdir() if p.name.endswith(".yaml"))
+            raise FileNotFoundError(f"no recipe file {str(name_or_path)!r} and no bundled recipe of that name; bundled: {names}")
+        text = bundled.read_text()
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"recipe {str(name_or_path)!r} must be a YAML mapping")
+    data["config"] = FermiConfig.from_dict(data.get("config") or {})
+    return data

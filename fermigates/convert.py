@@ -1,0 +1,304 @@
+"""``convert_to_fermi``: swap targeted layers for gated twins, in place, as a transaction."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+from .config import FermiConfig
+from .converters.registry import EXAMPLE_INPUTS
+from .layers import GatedMixin, is_gated, twin_factory
+
+_logger = logging.getLogger(__name__)
+
+FilterFn = Callable[[nn.Module, str], bool]
+_STATE_ATTR = "_fermigates"
+
+
+@dataclass
+class ConversionSummary:
+    """What ``convert_to_fermi`` did: gated modules, gates, units, and what it left alone and why."""
+
+    granularity: tuple[str, ...]
+    modules: list[str] = field(default_factory=list)
+    n_gates: int = 0
+    n_units: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [
+            f"fermigates: gated {len(self.modules)} modules with {self.n_gates} gates over {self.n_units:,} "
+            f"units (granularity={'+'.join(self.granularity)})"
+        ]
+        for name, why in self.skipped[:20]:
+            lines.append(f"  not gated: {name}: {why}")
+        if len(self.skipped) > 20:
+            lines.append(f"  ... and {len(self.skipped) - 20} more not gated")
+        return "\n".join(lines)
+
+
+@dataclass
+class FermiState:
+    """Bookkeeping kept on a converted model (a plain attribute, never in its state dict)."""
+
+    config: FermiConfig
+    summary: ConversionSummary
+    graph: Any = None
+    example_inputs: Any = None
+
+
+def fermi_state(model: nn.Module) -> FermiState:
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        raise ValueError(
+            f"{type(model).__name__} has no Fermi gates: call fermigates.convert_to_fermi(model, ...) first"
+        )
+    return state
+
+
+def summary(model: nn.Module) -> ConversionSummary:
+    """The summary recorded by ``convert_to_fermi``."""
+    return fermi_state(model).summary
+
+
+# -- target selection ---------------------------------------------------------------------------------
+def _matches(name: str, spec: str | Iterable[str]) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == s or name.endswith("." + s) for s in spec)
+
+
+def _check_pattern(spec: str | Iterable[str] | None, names: list[str], arg: str) -> None:
+    if spec is None:
+        return
+    if isinstance(spec, str):
+        try:
+            re.compile(spec)
+        except re.error as err:
+            raise ValueError(f"{arg}={spec!r} is not a valid regular expression: {err}") from None
+        if not any(_matches(n, spec) for n in names):
+            raise ValueError(
+                f"{arg}={spec!r} matches no module name (regex, full match); "
+                f"some names: {names[:8]}"
+            )
+        return
+    missing = [s for s in spec if not any(_matches(n, [s]) for n in names)]
+    if missing:
+        raise ValueError(f"{arg} entries {missing} match no module name; some names: {names[:8]}")
+
+
+def classifier_names(model: nn.Module, candidates: list[str]) -> set[str]:
+    """Names of the final classifier / LM head: from timm's pretrained_cfg, HF's output embeddings, or
+    else the last gate-able layer of the model."""
+    names: set[str] = set()
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("classifier"):
+        cls = cfg["classifier"]
+        names.update([cls] if isinstance(cls, str) else list(cls))
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        try:
+            head = get_out()
+        except Exception:  # noqa: BLE001 - some models raise NotImplementedError here
+            head = None
+        if head is not None:
+            names.update(n for n, m in model.named_modules() if m is head)
+    if not names and candidates:
+        names.add(candidates[-1])
+    return names
+
+
+def select_targets(
+    model: nn.Module, config: FermiConfig, filter_fn: FilterFn | None = None
+) -> tuple[dict[str, nn.Module], list[tuple[str, str]]]:
+    """The modules ``config`` and ``filter_fn`` ask to gate (name -> module), and the skipped ones with why."""
+    all_names = [n for n, _ in model.named_modules() if n]
+    _check_pattern(config.target_modules, all_names, "target_modules")
+    _check_pattern(config.exclude_modules, all_names, "exclude_modules")
+    gateable: dict[str, nn.Module] = {}
+    skipped: list[tuple[str, str]] = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        if config.target_modules is not None and not _matches(name, config.target_modules):
+            continue
+        if config.exclude_modules is not None and _matches(name, config.exclude_modules):
+            continue
+        if filter_fn is not None and not filter_fn(module, name):
+            continue
+        if twin_factory(module) is None:
+            if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and not is_gated(module):
+                skipped.append((name, f"{type(module).__name__} overrides forward or has no gated twin"))
+            continue
+        gateable[name] = module
+    if not config.structured and config.keep_classifier:
+        every = [n for n, m in model.named_modules() if n and twin_factory(m) is not None]
+        for name in classifier_names(model, every):
+            if gateable.pop(name, None) is not None:
+                skipped.append((name, "final classifier (keep_classifier=True)"))
+    return gateable, skipped
+
+
+# -- conversion -----------------------------------------------------------------------------------
+def _locations(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """Every (parent, attribute) where each module object sits: shared modules appear more than once."""
+    where: dict[int, list[tuple[nn.Module, str]]] = {}
+    for parent in model.modules():
+        for key, child in parent._modules.items():
+            if child is not None:
+                where.setdefault(id(child), []).append((parent, key))
+    return where
+
+
+def _swap(model: nn.Module, replacements: dict[int, nn.Module]) -> None:
+    """Put each replacement where its original sits; undo every swap if one fails."""
+    where = _locations(model)
+    done: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        for old_id, new in replacements.items():
+            for parent, key in where.get(old_id, []):
+                old = parent._modules[key]
+                parent._modules[key] = new
+                done.append((parent, key, old))
+    except BaseException:
+        for parent, key, old in reversed(done):
+            parent._modules[key] = old
+        raise
+
+
+def default_example_inputs(model: nn.Module) -> Any:
+    """Example inputs for a model, from the family converters (timm input size, HF config), else None."""
+    for factory in EXAMPLE_INPUTS:
+        try:
+            inputs = factory(model)
+        except Exception as err:  # noqa: BLE001 - a converter that cannot tell is not an error
+            _logger.debug("example-input factory %s failed: %s", factory, err)
+            continue
+        if inputs is not None:
+            return inputs
+    return None
+
+
+def convert_to_fermi(
+    model: nn.Module,
+    config: FermiConfig | None = None,
+    *,
+    filter_fn: FilterFn | None = None,
+    example_inputs: Any = None,
+) -> nn.Module:
+    """Swap the targeted layers of ``model`` for Fermi-gated twins, in place, and return ``model``.
+
+    ``config`` says what to gate (``FermiConfig``); ``filter_fn(module, fqn) -> bool`` narrows the targets
+    further. Structured granularities (``channel``, ``head``) gate coupled groups found from a run of the
+    model on ``example_inputs`` (a tensor, a tuple of positional arguments or a dict of keyword arguments;
+    for timm and Hugging Face models a default is derived from the model's config).
+    With ``mu_init="open"`` (default) the converted model computes the original function.
+    On any error the model is left exactly as it was.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if config is None:
+        config = FermiConfig()
+    if not isinstance(config, FermiConfig):
+        raise TypeError(f"config must be a fermigates.FermiConfig, got {type(config).__name__}")
+    config.validate()
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn must be callable as filter_fn(module, fqn), got {type(filter_fn).__name__}")
+    if getattr(model, _STATE_ATTR, None) is not None or any(is_gated(m) for m in model.modules()):
+        raise ValueError(
+            f"{type(model).__name__} is already converted to Fermi gates; call "
+            "fermigates.convert_from_fermi(model) before converting again"
+        )
+
+    targets, skipped = select_targets(model, config, filter_fn)
+    if not targets:
+        raise ValueError(
+            f"nothing to convert in {type(model).__name__}: no nn.Linear / nn.Conv1d/2d/3d (or registered "
+            "linear-like layer) is selected; check target_modules / exclude_modules / filter_fn"
+        )
+    summary_ = ConversionSummary(granularity=config.granularities, skipped=skipped)
+    state = FermiState(config=config, summary=summary_)
+    twins: dict[str, nn.Module] = {}
+
+    if config.structured:
+        from .graph_gates import attach_group_gates
+
+        if example_inputs is None:
+            example_inputs = default_example_inputs(model)
+        if example_inputs is None:
+            raise ValueError(
+                f"granularity={config.granularity!r} needs example_inputs to find which channels are "
+                f"coupled in {type(model).__name__}: pass convert_to_fermi(model, config, example_inputs=x)"
+            )
+        state.example_inputs = example_inputs
+        attach_group_gates(model, config, targets, twins, state)
+        if not twins:
+            reasons = "; ".join(f"{n}: {w}" for n, w in summary_.skipped[:5])
+            raise ValueError(
+                f"nothing to convert in {type(model).__name__}: no prunable {config.granularity!r} group "
+                f"has all its consumers targeted ({reasons or 'no groups found'})"
+            )
+    else:
+        for name, module in targets.items():
+            twin = twin_factory(module)(module)
+            twin.add_weight_gate(config.temperature, config.mu_init)
+            twins[name] = twin
+            summary_.n_gates += 1
+            summary_.n_units += module.weight.numel()
+
+    modules = dict(model.named_modules())
+    _swap(model, {id(modules[name]): twin for name, twin in twins.items()})
+    summary_.modules = list(twins)
+    setattr(model, _STATE_ATTR, state)
+    _logger.info("%s", summary_)
+    return model
+
+
+def gated_modules(model: nn.Module) -> dict[str, GatedMixin]:
+    return {n: m for n, m in model.named_modules() if is_gated(m)}
+
+
+def all_gates(model: nn.Module) -> list:
+    """Every distinct gate of a converted model (weight gates and group gates)."""
+    seen: dict[int, Any] = {}
+    for module in gated_modules(model).values():
+        if module.weight_gate is not None:
+            seen.setdefault(id(module.weight_gate), module.weight_gate)
+        for slot in module._slots:
+            seen.setdefault(id(slot.gate), slot.gate)
+    return list(seen.values())
+
+
+def _distinct_gates(model: nn.Module):
+    """``(gate, weight-owning module or None)`` for every distinct gate, in module order."""
+    seen: set[int] = set()
+    for module in gated_modules(model).values():
+        if module.weight_gate is not None and id(module.weight_gate) not in seen:
+            seen.add(id(module.weight_gate))
+            yield module.weight_gate, module
+        for slot in module._slots:
+            if id(slot.gate) not in seen:
+                seen.add(id(slot.gate))
+                yield slot.gate, None
+
+
+def gate_scores(model: nn.Module) -> list[tuple[Any, torch.Tensor]]:
+    """``(gate, normalised unit scores)`` for every gate: what each gate's ``mu`` is compared with."""
+    out = []
+    for gate, owner in _distinct_gates(model):
+        score = owner.weight.detach().abs().float().flatten() if owner is not None else gate.score().detach()
+        out.append((gate, gate.normalised(score)))
+    return out
+
+
+def soft_probabilities(model: nn.Module) -> list[torch.Tensor]:
+    """The soft retention probability of every unit, per gate, with gradients to weights and ``mu``."""
+    return [
+        gate(owner.weight.abs()) if owner is not None else gate.probability()
+        for gate, owner in _distinct_gates(model)
+    ]

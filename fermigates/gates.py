@@ -1,0 +1,104 @@
+"""The Fermi-Dirac gate: a retention probability per weight or per group of weights.
+
+``P = sigmoid((score / scale - mu) / T) = 1 / (exp((mu - score / scale) / T) + 1)``
+
+Large scores are kept (``P -> 1``), small ones are pruned. The score is divided by ``scale``, the mean score
+of the gated units when the gate was created, so ``mu`` and ``T`` are in units of "a typical score" and one
+temperature schedule fits every layer whatever the scale of its weights. At any ``T > 0`` the hard decision
+``P >= 0.5`` is the same as ``score / scale >= mu``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+#: ``logit(1 - 1e-9)``: an "open" gate puts ``mu`` this many temperatures below the smallest score, so that
+#: every ``P`` rounds to exactly 1.0 in float32 and the gated network computes the original function.
+OPEN_MARGIN = 20.0
+
+
+def check_temperature(value: float, name: str = "temperature") -> float:
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return value
+
+
+def fermi_probability(score: torch.Tensor, mu: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
+    """Retention probability ``sigmoid((score - mu) / T)``; monotone increasing in ``score``.
+
+    Computed in float32 (or wider) whatever the dtype of ``score``: safe for ``T`` down to 1e-6 and scores of
+    any magnitude (``sigmoid`` saturates instead of overflowing; its gradient stays finite).
+    """
+    dtype = torch.promote_types(score.dtype, torch.float32)
+    return torch.sigmoid((score.to(dtype) - mu.to(dtype)) / temperature)
+
+
+class FermiGate(nn.Module):
+    """Learned Fermi level ``mu`` and annealed temperature ``T`` for one set of units.
+
+    ``scale`` normalises scores (see the module docstring). ``mu`` is a scalar per gate: one Fermi level per
+    layer (weight granularity) or per coupled channel group (channel / head granularity).
+    """
+
+    def __init__(self, n_units: int, scale: float, mu: float, temperature: float = 1.0) -> None:
+        super().__init__()
+        self.n_units = int(n_units)
+        self.mu = nn.Parameter(torch.tensor(float(mu)))
+        self.register_buffer("temperature", torch.tensor(check_temperature(temperature)))
+        self.register_buffer("scale", torch.tensor(float(scale) if scale > 0 else 1.0))
+        #: when False the gate passes everything (P = 1): used to run the dense reference network
+        self.enabled = True
+        #: when True the gate applies its hard decision (P in {0, 1}) instead of the soft probability
+        self.hard = False
+
+    @classmethod
+    def for_scores(
+        cls, score: torch.Tensor, temperature: float = 1.0, init: str | float = "open"
+    ) -> "FermiGate":
+        """A gate whose scale is the mean of ``score``; ``init`` is "open" or a percentile in [0, 1)."""
+        score = score.detach().float().flatten()
+        scale = float(score.mean()) if score.numel() else 1.0
+        scale = scale if scale > 0 and math.isfinite(scale) else 1.0
+        normed = score / scale
+        if init == "open":
+            mu = float(normed.min()) - OPEN_MARGIN * temperature if normed.numel() else 0.0
+        elif isinstance(init, (int, float)) and not isinstance(init, bool) and 0.0 <= init < 1.0:
+            mu = kth_quantile(normed, float(init)) if normed.numel() else 0.0
+        else:
+            raise ValueError(f"mu_init must be 'open' or a percentile in [0, 1), got {init!r}")
+        return cls(score.numel(), scale, mu, temperature)
+
+    def normalised(self, score: torch.Tensor) -> torch.Tensor:
+        return score / self.scale.to(score.dtype)
+
+    def forward(self, score: torch.Tensor) -> torch.Tensor:
+        """Soft retention probability of each unit."""
+        if not self.enabled:
+            return torch.ones_like(score)
+        if self.hard:
+            return self.keep(score).to(score.dtype)
+        return fermi_probability(self.normalised(score), self.mu, self.temperature).to(score.dtype)
+
+    @torch.no_grad()
+    def keep(self, score: torch.Tensor) -> torch.Tensor:
+        """Hard decision ``P >= 0.5``, as a bool tensor."""
+        return self.normalised(score.float()) >= self.mu.float()
+
+    @torch.no_grad()
+    def set_temperature(self, value: float) -> None:
+        self.temperature.fill_(check_temperature(value))
+
+    def extra_repr(self) -> str:
+        return f"units={self.n_units}, mu={self.mu.item():.4g}, T={self.temperature.item():.4g}"
+
+
+def kth_quantile(values: torch.Tensor, q: float) -> float:
+    """The ``q``-quantile of ``values`` (lower interpolation) via ``kthvalue``, which has no size limit."""
+    values = values.detach().flatten()
+    n = values.numel()
+    k = min(max(int(math.floor(q * n)) + 1, 1), n)
+    return float(values.float().kthvalue(k).values)

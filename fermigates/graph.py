@@ -1,0 +1,153 @@
+"""Channel-dependency graph: which channels (and attention heads) must be removed together, and where.
+
+How it is built (see :mod:`fermigates._trace`): the model runs once on example inputs while a
+``TorchFunctionMode`` and forward hooks follow an integer *label* per channel. Producers (Linear / conv
+output rows, attention heads) create labels; consumers (Linear / conv input columns) record the labels they
+read; depthwise / grouped convs and batch norms pass them through. Element-wise ops join the labels that meet
+position-wise (a residual add couples its two producers), structural ops (reshape, permute, flatten, getitem,
+cat, split...) are applied to the label tensors themselves, so no per-op index math is needed. Anything that
+mixes channels (layer norm, softmax or a reduction over channels, a matmul, an unknown op) or that carries
+channels to the model output *pins* them. Runtime capture works on timm and Hugging Face models alike (no FX,
+asserts and data-dependent Python are fine), at the price of seeing only the path the example inputs take.
+
+Why pinning is enough: gates live on the consumers' input columns, and the hard-masked model zeroes those
+columns. Removing a unit everywhere computes the same function as that masked model exactly when every path
+of the unit's channels ends in a consumer, which is what a prunable group guarantees.
+
+A *unit* is one component of joined labels; units that touch the same members (with the same widths) form
+one :class:`ChannelGroup`. ``GroupMember.index[u]`` lists the channels unit ``u`` covers on the member's axis.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ._trace import trace
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GroupMember:
+    """One module's share of a group.
+
+    ``role``: ``"producer"`` (rows of the weight / output channels), ``"consumer"`` (input columns),
+    ``"passthrough"`` (per-channel axis: batch norm features, depthwise / grouped conv output channels, or --
+    when ``param`` is set -- axis ``axis`` of the single parameter ``module.param``, e.g. a layer scale), or
+    ``"attention"`` (the query heads each unit owns; the module's projections are members of their own).
+    """
+
+    module: str
+    role: str
+    index: torch.Tensor
+    param: str | None = None
+    axis: int | None = None
+
+    @property
+    def width(self) -> int:
+        return int(self.index.shape[1])
+
+
+@dataclass
+class ChannelGroup:
+    """Units removed together. ``prunable`` is False when some path of the channels does not end in a
+    consumer (``reason`` says which module / op and why)."""
+
+    id: int
+    kind: str
+    n_units: int
+    members: list[GroupMember]
+    prunable: bool
+    reason: str | None = None
+
+    def member(self, module: str, role: str | None = None) -> GroupMember | None:
+        return next((m for m in self.members if m.module == module and role in (None, m.role)), None)
+
+    def __repr__(self) -> str:
+        roles = defaultdict(int)
+        for m in self.members:
+            roles[m.role] += 1
+        state = "prunable" if self.prunable else f"pinned: {self.reason}"
+        return f"ChannelGroup(id={self.id}, {self.kind}, n_units={self.n_units}, {dict(roles)}, {state})"
+
+
+@dataclass
+class DependencyGraph:
+    """All channel / head groups of a model, in a stable order (by first producer)."""
+
+    groups: list[ChannelGroup]
+    unknown_ops: dict[str, str] = field(default_factory=dict)
+
+    def group(self, gid: int) -> ChannelGroup:
+        return self.groups[gid]
+
+    @property
+    def prunable(self) -> list[ChannelGroup]:
+        return [g for g in self.groups if g.prunable]
+
+    def summary(self) -> str:
+        """A short human-readable description: counts and the most common pin reasons."""
+        pinned = defaultdict(int)
+        for g in self.groups:
+            if not g.prunable:
+                pinned[_reason_kind(g.reason)] += 1
+        lines = [f"{len(self.groups)} groups, {len(self.prunable)} prunable "
+                 f"({sum(g.n_units for g in self.prunable)} units)"]
+        lines += [f"  pinned x{n}: {why}" for why, n in sorted(pinned.items(), key=lambda kv: -kv[1])]
+        return "\n".join(lines)
+
+
+def _reason_kind(reason: str | None) -> str:
+    return (reason or "?").split(" at ")[0]
+
+
+def build_dependency_graph(model: nn.Module, example_inputs: Any) -> DependencyGraph:
+    """Trace ``model`` on ``example_inputs`` (a Tensor, a tuple of positional args or a dict of kwargs) and
+    return its channel groups. The model runs once in eval mode under ``torch.no_grad``; its modes are
+    restored. A batch of one is enough and the cheapest."""
+    tr = trace(model, example_inputs)
+    uf = tr.uf
+    # unit (component root) -> member key -> channel positions
+    units: dict[int, dict[tuple, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for key, vec in tr.members.items():
+        for k, lab in enumerate(vec.tolist()):
+            if lab >= 0:
+                units[uf.find(lab)][key].append(k)
+    by_sig: dict[tuple, list[int]] = defaultdict(list)
+    for root, members in units.items():
+        sig = tuple(sorted(((key, len(pos)) for key, pos in members.items()), key=_sig_order))
+        by_sig[(sig, uf.pinned(root) is not None)].append(root)
+
+    groups = []
+    for (sig, pinned), roots in by_sig.items():
+        roots.sort(key=lambda r: min(units[r][sig[0][0]]))
+        members = []
+        for key, _ in sig:
+            index = torch.tensor([units[r][key] for r in roots], dtype=torch.long)
+            members.append(GroupMember(key[0], key[1], index, key[2], key[3]))
+        members.sort(key=lambda m: _ROLE_ORDER[m.role])
+        kind = "head" if any(m.role == "attention" for m in members) else "channel"
+        reason = uf.pinned(roots[0]) if pinned else None
+        groups.append(ChannelGroup(-1, kind, len(roots), members, not pinned, reason))
+    order = {name: i for i, name in enumerate(n for n, _ in model.named_modules())}
+    groups.sort(key=lambda g: (min(order.get(m.module, 1 << 30) for m in g.members), g.members[0].module,
+                               int(g.members[0].index.min())))
+    for i, g in enumerate(groups):
+        g.id = i
+    graph = DependencyGraph(groups, dict(tr.unknown_ops))
+    _logger.debug("dependency graph: %s", graph.summary())
+    return graph
+
+
+def _sig_order(item: tuple) -> tuple:
+    (module, role, param, axis), width = item
+    return module, role, param or "", -1 if axis is None else axis, width
+
+
+_ROLE_ORDER = {"producer": 0, "attention": 1, "passthrough": 2, "consumer": 3}

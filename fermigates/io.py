@@ -1,0 +1,327 @@
+"""Save a shrunk model so that it reloads into its stock class, and load it back.
+
+``save_shrunk`` writes ``model.safetensors`` (tied tensors once) and the ``fermigates.json`` manifest (module
+path -> class and shape attributes, the source architecture, ties); see ``fermigates._manifest`` for the
+format. ``load_shrunk`` resizes a freshly built stock model to the manifest and loads it strictly, after
+validating everything, as a transaction: on any error the model it was given is exactly as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from importlib import metadata as _metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fermigates import _manifest as mf
+from fermigates._inspect import CheckpointSummary, count_macs, inspect_checkpoint
+from fermigates._manifest import CheckpointError
+from fermigates.converters.registry import qualname
+from fermigates.onnx_export import export_onnx
+
+_logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointSummary",
+    "export_onnx",
+    "from_pretrained",
+    "inspect_checkpoint",
+    "load_shrunk",
+    "save_shrunk",
+]
+
+ModelOrFactory = nn.Module | Callable[[], nn.Module]
+
+
+def _version() -> str:
+    try:
+        return _metadata.version("fermigates")
+    except _metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _is_hf(model: nn.Module) -> bool:
+    return hasattr(getattr(model, "config", None), "to_json_string") and hasattr(model, "save_pretrained")
+
+
+def save_shrunk(model: nn.Module, directory: str | os.PathLike, *, example_inputs: Any = None) -> Path:
+    """Write ``model`` into ``directory`` as ``model.safetensors`` + ``fermigates.json`` (and ``config.json``
+    for a transformers model), each atomically (temp file, fsync, ``os.replace``, fsync of the directory).
+
+    ``example_inputs`` (a Tensor, a tuple of positional args or a dict of kwargs; or ``"auto"`` for a timm
+    model's ``pretrained_cfg["input_size"]`` at batch 1) is optional: when given, the Linear/Conv MACs of one
+    eval-mode forward are recorded for ``inspect_checkpoint``. Returns the directory.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    root = mf.ensure_directory(directory)
+    tensors, tied = mf.find_ties(model.state_dict())
+    unique_params = {id(p): p.numel() for p in model.parameters()}
+    manifest: dict[str, Any] = {
+        "format": mf.FORMAT,
+        "format_version": mf.FORMAT_VERSION,
+        "fermigates_version": _version(),
+        "model_class": qualname(type(model)),
+        "source": mf.model_source(model),
+        "n_parameters": sum(unique_params.values()),
+        "modules": mf.module_plan(model),
+        "tied": tied,
+    }
+    macs = _macs_for(model, example_inputs, manifest["source"])
+    if macs is not None:
+        manifest["macs"] = macs
+    text = json.dumps(manifest, indent=1)
+    metadata = {"format": "pt", mf.METADATA_KEY: text}
+
+    from safetensors.torch import save_file
+
+    # tensors first: the embedded manifest travels with them, so a crash after this replace still leaves a
+    # consistent checkpoint (fermigates.json is then stale, and the loader says so and ignores it)
+    mf.atomic_write(root / mf.WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    mf.atomic_write_text(root / mf.MANIFEST_NAME, text + "\n")
+    if _is_hf(model):
+        from fermigates._hf_io import write_hf_config
+
+        write_hf_config(model, root, manifest["modules"])
+    _logger.info("saved %s (%d tensors, %d tied) to %s", type(model).__name__, len(tensors), len(tied), root)
+    return root
+
+
+def _macs_for(model: nn.Module, example_inputs: Any, source: dict[str, Any]) -> dict[str, Any] | None:
+    if isinstance(example_inputs, str):
+        if example_inputs != "auto":
+            raise ValueError(
+                f"example_inputs must be inputs for the model, None or 'auto', got {example_inputs!r}"
+            )
+        if source.get("kind") != "timm" or not source.get("input_size"):
+            _logger.info("no MACs recorded: example_inputs='auto' needs a timm model with an input_size")
+            return None
+        try:
+            return count_macs(model, torch.zeros(1, *source["input_size"]))
+        except Exception as err:  # noqa: BLE001 - e.g. a ViT built for another img_size: MACs are optional
+            _logger.info("no MACs recorded: the model does not run on its pretrained_cfg input (%s)", err)
+            return None
+    return None if example_inputs is None else count_macs(model, example_inputs)
+
+
+# --------------------------------------------------------------------------------------------------- load
+
+
+def _build(factory: Callable[[], nn.Module]) -> nn.Module:
+    """Call ``factory`` with parameters on the meta device (no init cost); fall back to a normal build."""
+    try:
+        with mf.meta_parameters():
+            model = factory()
+    except Exception as err:  # noqa: BLE001
+        _logger.info("building the model with meta parameters failed (%s); building it normally", err)
+        model = None
+    if model is None:
+        model = factory()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model_or_factory must return a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
+def _check_fits(
+    model: nn.Module, manifest: dict[str, Any], header: dict[str, Any], strict: bool, where: str
+) -> list[str]:
+    """Raise CheckpointError when the checkpoint is of another architecture or lacks a tensor; return the
+    state-dict keys to load."""
+    modules = dict(model.named_modules())
+    for path, entry in manifest["modules"].items():
+        module = modules.get(path)
+        if module is None:
+            if strict:
+                raise CheckpointError(
+                    f"{where} does not fit this {type(model).__name__}: the checkpoint has "
+                    f"module {path!r} ({entry.get('class')}), the model has no such module"
+                )
+            continue
+        if qualname(type(module)) != entry.get("class"):
+            raise CheckpointError(
+                f"{where} does not fit this {type(model).__name__}: module {path!r} is a "
+                f"{entry.get('class')} in the checkpoint but a {qualname(type(module))} "
+                "in the model"
+            )
+    if strict:
+        for path, module in modules.items():  # builtin kinds only: the registry may grow between versions
+            if path not in manifest["modules"] and mf.shape_attrs(module, builtin_only=True):
+                raise CheckpointError(
+                    f"{where} does not fit this {type(model).__name__}: the model has module "
+                    f"{path!r} ({qualname(type(module))}) that the checkpoint lacks"
+                )
+        if manifest.get("model_class") not in (None, qualname(type(model))):
+            raise CheckpointError(
+                f"{where} holds a {manifest['model_class']}, not a "
+                f"{qualname(type(model))}: build the model class that was saved"
+            )
+    expected = list(model.state_dict(keep_vars=True).keys())
+    available = set(header) | set(manifest.get("tied", {}))
+    missing = [k for k in expected if k not in available]
+    if missing and strict:
+        raise CheckpointError(
+            f"{where} is missing tensor {missing[0]!r} that the model needs"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
+    unexpected = sorted(available - set(expected))
+    if unexpected and strict:
+        raise CheckpointError(
+            f"{where} does not fit this {type(model).__name__}: checkpoint tensor "
+            f"{unexpected[0]!r} has no place in the model"
+        )
+    return [k for k in expected if k in available]
+
+
+class _Journal:
+    """References to every module's parameters, buffers and recorded attributes, to undo a failed load."""
+
+    _MISSING = object()
+
+    def __init__(self, model: nn.Module, attrs: dict[str, list[str]]) -> None:
+        modules = dict(model.named_modules())
+        self.entries = [(m, dict(m._parameters), dict(m._buffers)) for m in modules.values()]
+        self.attrs = [
+            (modules[p], n, getattr(modules[p], n, self._MISSING))
+            for p, names in attrs.items()
+            if p in modules
+            for n in names
+        ]
+
+    def restore(self) -> None:
+        for module, params, buffers in self.entries:
+            module._parameters.clear()
+            module._parameters.update(params)
+            module._buffers.clear()
+            module._buffers.update(buffers)
+        for module, name, value in reversed(self.attrs):
+            if value is self._MISSING:
+                module.__dict__.pop(name, None)
+            else:
+                setattr(module, name, value)
+
+
+def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str, str] | None:
+    """``(module, local name, "p"|"b")`` holding state-dict entry ``key``, or None if hooks renamed it."""
+    path, _, name = key.rpartition(".")
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        return None
+    if name in module._parameters:
+        return module, name, "p"
+    if name in module._buffers:
+        return module, name, "b"
+    return None
+
+
+def _apply(
+    model: nn.Module,
+    manifest: dict[str, Any],
+    header: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    keys: list[str],
+    strict: bool,
+) -> None:
+    modules = dict(model.named_modules())
+    for path, entry in manifest["modules"].items():
+        module = modules.get(path)
+        if module is None:
+            continue
+        for name, value in entry.get("attrs", {}).items():
+            if not hasattr(module, name):
+                _logger.warning("module %r has no attribute %r that the checkpoint sets", path, name)
+            setattr(module, name, mf.coerce_like(value, getattr(module, name, None)))
+    tied = manifest.get("tied", {})
+    current = model.state_dict(keep_vars=True)
+    state: dict[str, torch.Tensor] = {}
+    for key in keys:
+        tensor = tensors[tied.get(key, key)]
+        old = current[key]
+        if old.device.type != "meta" and old.device != tensor.device:
+            tensor = tensor.to(old.device)
+        state[key] = tensor
+        if tuple(old.shape) != tuple(tensor.shape):
+            place = _owner(model, key)
+            if place is not None:  # resize: an empty placeholder that assign=True replaces
+                module, name, kind = place
+                blank = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+                if kind == "p":
+                    module._parameters[name] = nn.Parameter(blank, requires_grad=old.requires_grad)
+                else:
+                    module._buffers[name] = blank
+    model.load_state_dict(state, strict=strict, assign=True)
+    for alias, target in tied.items():
+        place, source = _owner(model, alias), _owner(model, target)
+        if place is None or source is None:
+            continue
+        value = getattr(source[0], source[1])
+        (place[0]._parameters if place[2] == "p" else place[0]._buffers)[place[1]] = value
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(
+            f"{left[0]!r} has no data after loading (it is not in the checkpoint and the "
+            "model was built with meta parameters); load with strict=True or pass a built model"
+        )
+
+
+def load_shrunk(
+    model_or_factory: ModelOrFactory, directory: str | os.PathLike, *, strict: bool = True
+) -> nn.Module:
+    """Resize a stock model to the checkpoint in ``directory`` and load its tensors; return the model.
+
+    ``model_or_factory`` is the stock model (e.g. ``timm.create_model("resnet18")``) or a zero-argument
+    callable returning one, which is then built with its parameters on the meta device (buffers stay real, so
+    non-persistent ones such as rotary frequencies are computed as usual) and filled with ``assign=True``.
+    Everything is checked before the model is touched (manifest version, architecture, missing tensors,
+    truncated files); on any error the given model is left exactly as it was.
+    """
+    manifest, header, weights = mf.read_checkpoint(directory)
+    where = f"checkpoint {str(directory)!r}"
+    if isinstance(model_or_factory, nn.Module):
+        model = model_or_factory
+    elif callable(model_or_factory):
+        model = _build(model_or_factory)
+    else:
+        raise TypeError(
+            "model_or_factory must be a torch.nn.Module or a zero-argument callable returning one, "
+            f"got {type(model_or_factory).__name__}"
+        )
+    keys = _check_fits(model, manifest, header, strict, where)
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise CheckpointError(f"{weights} cannot be read: {err}; re-save the checkpoint") from None
+    journal = _Journal(model, {p: list(e.get("attrs", {})) for p, e in manifest["modules"].items()})
+    try:
+        _apply(model, manifest, header, tensors, keys, strict)
+    except BaseException:
+        journal.restore()
+        raise
+    _logger.info("loaded %s from %s", type(model).__name__, directory)
+    return model
+
+
+def from_pretrained(
+    directory: str | os.PathLike, *, model_class: type | None = None, strict: bool = True
+) -> nn.Module:
+    """Rebuild a transformers model saved by ``save_shrunk`` from its folder alone (no hub access).
+
+    The class is ``model_class`` or the config's ``architectures[0]`` looked up in ``transformers``; it is
+    built from ``config.json`` on the meta device, resized to the manifest, loaded, and put in eval mode.
+    """
+    from fermigates._hf_io import hf_factory
+
+    root = Path(directory)
+    mf.read_checkpoint(root)  # clear errors for a missing / damaged folder before importing transformers
+    model = load_shrunk(hf_factory(root, model_class), root, strict=strict)
+    return model.eval()

@@ -1,0 +1,247 @@
+"""Gated twins of ``nn.Linear`` and ``nn.Conv{1,2,3}d``.
+
+A twin is a subclass of the layer it replaces (``isinstance(twin, nn.Linear)`` stays true) and shares its
+``weight`` and ``bias`` Parameter objects, so state dicts, optimizers built afterwards and code that checks
+types keep working. Its forward multiplies the weight by retention probabilities:
+
+* a **weight gate** (unstructured): ``P(|w|)`` for every weight;
+* **group slots** (structured): for every coupled channel group or attention-head group this layer
+  *consumes*, the columns of its weight that read the group's units are multiplied by the unit's ``P``.
+  Gating the consumer's input columns makes "remove the unit everywhere" exactly equal to "mask it here".
+
+``to_plain()`` bakes the hard decision (``P >= 0.5``) into the weight and returns the original class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .converters.registry import TWINS, lookup, qualname, register
+from .gates import FermiGate
+
+_GATE_ATTRS = ("weight_gate", "_slots", "_plain_cls", "_in_axis", "_out_axis")
+
+
+@dataclass(eq=False)
+class GroupSlot:
+    """A consumer's view of one group gate: column indices ``index[u]`` read unit ``u``."""
+
+    gate: "GroupGate"
+    index: torch.Tensor  # (n_units, width), long
+
+
+class GroupGate(FermiGate):
+    """One Fermi gate per unit of a coupled group; units are scored by their producers' weights.
+
+    ``producers`` holds ``(module, out_axis, index)``: rows ``index[u]`` along ``out_axis`` of the module's
+    weight produce unit ``u``. The score of a unit is the L2 norm of all those rows together.
+    """
+
+    def __init__(self, n_units: int, scale: float, mu: float, temperature: float, producers: list) -> None:
+        super().__init__(n_units, scale, mu, temperature)
+        # plain list, not registered: the producers are registered where they live in the model
+        self.producers = producers
+        self.group_id: int | None = None
+
+    def score(self) -> torch.Tensor:
+        total = None
+        for module, out_axis, index in self.producers:
+            w = module.weight
+            rows = w.movedim(out_axis, 0).reshape(w.shape[out_axis], -1)
+            sq = rows.float().pow(2).sum(1)[index.to(w.device)].sum(1)
+            total = sq if total is None else total + sq
+        return total.clamp_min(0).sqrt()
+
+    def probability(self) -> torch.Tensor:
+        return self(self.score())
+
+    def keep_units(self) -> torch.Tensor:
+        return self.keep(self.score())
+
+
+class GatedMixin:
+    """Shared behaviour of every gated twin. ``_in_axis`` / ``_out_axis`` locate the weight's channel axes."""
+
+    weight_gate: FermiGate | None
+    _slots: list[GroupSlot]
+    _in_axis: int = 1
+    _out_axis: int = 0
+
+    def _init_gating(self, plain_cls: type) -> None:
+        self._plain_cls = plain_cls
+        self.weight_gate = None
+        self._slots = []
+        self.gates = nn.ModuleList()  # group gates owned (registered) by this layer
+
+    # -- gating -------------------------------------------------------------------------------
+    def add_weight_gate(self, temperature: float = 1.0, init: str | float = "open") -> FermiGate:
+        self.weight_gate = FermiGate.for_scores(self.weight.detach().abs(), temperature, init)
+        self.weight_gate.to(self.weight.device)
+        return self.weight_gate
+
+    def add_slot(self, gate: "GroupGate", index: torch.Tensor, owner: bool) -> None:
+        if owner:
+            self.gates.append(gate)
+        self._slots.append(GroupSlot(gate, index.to(self.weight.device)))
+
+    def _column_factor(self, values: list[tuple[GroupSlot, torch.Tensor]]) -> torch.Tensor:
+        n_in = self.weight.shape[self._in_axis]
+        factor = torch.ones(n_in, dtype=values[0][1].dtype, device=self.weight.device)
+        for slot, p in values:
+            width = slot.index.shape[1]
+            factor = factor.index_put((slot.index.reshape(-1),), p[:, None].expand(-1, width).reshape(-1))
+        shape = [1] * self.weight.dim()
+        shape[self._in_axis] = n_in
+        return factor.reshape(shape)
+
+    def gate_factor(self) -> torch.Tensor | None:
+        """The soft multiplier of the weight (broadcastable to it), or None when nothing is gated."""
+        factor = None
+        if self.weight_gate is not None and self.weight_gate.enabled:
+            factor = self.weight_gate(self.weight.abs())
+        slots = [(s, s.gate.probability()) for s in self._slots if s.gate.enabled]
+        if slots:
+            col = self._column_factor(slots).to(self.weight.dtype)
+            factor = col if factor is None else factor * col
+        return factor
+
+    @torch.no_grad()
+    def hard_mask(self) -> torch.Tensor | None:
+        """The bool mask of the hard decision (broadcastable to the weight), or None when ungated."""
+        mask = None
+        if self.weight_gate is not None:
+            mask = self.weight_gate.keep(self.weight.abs())
+        slots = [(s, s.gate.keep_units().float()) for s in self._slots]
+        if slots:
+            col = self._column_factor(slots) > 0.5
+            mask = col if mask is None else mask & col
+        return mask
+
+    def gated_weight(self) -> torch.Tensor:
+        factor = self.gate_factor()
+        return self.weight if factor is None else self.weight * factor
+
+    # -- baking -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def to_plain(self) -> nn.Module:
+        """The original class with the hard mask multiplied into ``weight`` (same Parameter objects)."""
+        mask = self.hard_mask()
+        if mask is not None:
+            self.weight.mul_(mask.to(self.weight.dtype))
+        plain_cls = self._plain_cls
+        plain = plain_cls.__new__(plain_cls)
+        state = _copy_module_dict(self)
+        for key in _GATE_ATTRS:
+            state.pop(key, None)
+        state["_modules"].pop("gates", None)
+        state["_modules"].pop("weight_gate", None)
+        plain.__dict__ = state
+        return plain
+
+    def _gate_repr(self) -> str:
+        parts = []
+        if self.weight_gate is not None:
+            g = self.weight_gate
+            parts.append(f"weight_gate(mu={g.mu.item():.3g}, T={g.temperature.item():.3g})")
+        if self._slots:
+            units = sum(s.gate.n_units for s in self._slots)
+            parts.append(f"group_gates={len(self._slots)} ({units} units on inputs)")
+        return ", ".join(parts)
+
+
+def _copy_module_dict(module: nn.Module) -> dict:
+    """A shallow copy of a module's ``__dict__`` whose containers (params, buffers, hooks) are new dicts."""
+    return {k: (type(v)(v) if isinstance(v, dict) else v) for k, v in module.__dict__.items()}
+
+
+def make_twin(module: nn.Module, twin_cls: type) -> nn.Module:
+    """A ``twin_cls`` instance that shares ``module``'s parameters, buffers and attributes."""
+    twin = twin_cls.__new__(twin_cls)
+    twin.__dict__ = _copy_module_dict(module)
+    twin._init_gating(type(module))
+    return twin
+
+
+class FermiLinear(GatedMixin, nn.Linear):
+    """``nn.Linear`` whose weight is multiplied by Fermi retention probabilities."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "FermiLinear":
+        return make_twin(linear, cls)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.linear(input, self.gated_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{nn.Linear.extra_repr(self)}, {self._gate_repr()}"
+
+
+class _FermiConvMixin(GatedMixin):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(input, self.gated_weight(), self.bias)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Module) -> nn.Module:
+        return make_twin(conv, cls)
+
+    def extra_repr(self) -> str:
+        return f"{nn.modules.conv._ConvNd.extra_repr(self)}, {self._gate_repr()}"
+
+
+class FermiConv1d(_FermiConvMixin, nn.Conv1d):
+    """``nn.Conv1d`` with Fermi-gated weights."""
+
+
+class FermiConv2d(_FermiConvMixin, nn.Conv2d):
+    """``nn.Conv2d`` with Fermi-gated weights."""
+
+
+class FermiConv3d(_FermiConvMixin, nn.Conv3d):
+    """``nn.Conv3d`` with Fermi-gated weights."""
+
+
+_BUILTIN = {nn.Linear: FermiLinear, nn.Conv1d: FermiConv1d, nn.Conv2d: FermiConv2d, nn.Conv3d: FermiConv3d}
+for _plain, _twin in _BUILTIN.items():
+    register(TWINS, qualname(_plain), (lambda tw: (lambda m: make_twin(m, tw)))(_twin))
+
+
+def twin_factory(module: nn.Module) -> Callable[[nn.Module], nn.Module] | None:
+    """How to build the gated twin of ``module``, or None if it cannot be gated.
+
+    A subclass that overrides ``forward`` (timm's ``Conv2dSame``, ``StdConv2d``...) is not gated: the twin's
+    forward would silently drop what the subclass adds.
+    """
+    if isinstance(module, GatedMixin):
+        return None
+    factory = lookup(TWINS, module)
+    if factory is None:
+        return None
+    for base in type(module).__mro__:
+        if qualname(base) in TWINS:
+            if type(module).forward is not base.forward:
+                return None
+            break
+    return factory
+
+
+def is_gated(module: nn.Module) -> bool:
+    return isinstance(module, GatedMixin)
+
+
+def weight_axes(module: nn.Module) -> tuple[int, int]:
+    """``(in_axis, out_axis)`` of the module's weight: where its input and output channels lie."""
+    from .converters.registry import LINEAR_LIKE
+
+    layout = lookup(LINEAR_LIKE, module)
+    if layout is not None:
+        return 1 - layout.out_dim, layout.out_dim
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return 0, 1
+    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+        return 1, 0
+    raise TypeError(f"{type(module).__name__} has no known weight layout; register it in LINEAR_LIKE")

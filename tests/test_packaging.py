@@ -1,0 +1,46 @@
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_import_is_lean():
+    code = "import sys, fermigates; print(sorted(m for m in ('timm', 'transformers', 'onnxruntime', 'onnx') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
+    assert out.stdout.strip() == "[]"
+
+
+def test_public_api_is_exported():
+    import fermigates
+
+    for name in fermigates.__all__:
+        assert hasattr(fermigates, name), name
+    for name in ("convert_to_fermi", "convert_from_fermi", "FermiAnnealer", "FermiConfig", "compute_sparsity"):
+        assert name in fermigates.__all__
+
+
+def test_wheel_ships_converters_and_recipes_inside_the_namespace(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path), str(ROOT)],
+        check=True, capture_output=True, text=True,
+    )
+    (wheel,) = tmp_path.glob("fermigates-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert tops <= {"fermigates", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}, tops
+    assert "fermigates/converters/registry.py" in names
+    assert "fermigates/converters/hf_layers.py" in names
+    assert any(n.startswith("fermigates/recipes/") and n.endswith(".yaml") for n in names)
+    assert "fermigates/gates.py" in names
+    assert not any(n.startswith(("converters/", "recipes/", "tests/", "benchmarks/")) for n in names)
+
+
+def test_bundled_recipes_load():
+    import fermigates as fg
+
+    for name in ("channel50", "unstructured80"):
+        recipe = fg.load_recipe(name)
+        assert isinstance(recipe["config"], fg.FermiConfig)
+    assert fg.load_recipe("channel50")["config"].granularity == "channel"
