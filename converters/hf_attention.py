@@ -161,13 +161,14 @@ class _ConfigFields:
     heads_native: bool = False        # can the stock class rebuild shrunk heads from (heads, kv_heads, head_dim)?
     mlp: str | None = None            # child (suffix) whose output features are the MLP width
     mlp_field: str = "intermediate_size"
+    kv_cache: bool = False            # generate() sizes eagerly initialised static caches from the config
 
 
 _FAMILIES = {
     "bert": _ConfigFields(mlp="intermediate.dense"),
     "vit": _ConfigFields(heads_native=True, mlp="mlp.fc1"),
-    "gpt2": _ConfigFields(mlp="mlp.c_fc", mlp_field="n_inner"),
-    "llama": _ConfigFields(kv_heads="num_key_value_heads", heads_native=True, mlp="mlp.up_proj"),
+    "gpt2": _ConfigFields(mlp="mlp.c_fc", mlp_field="n_inner", kv_cache=True),
+    "llama": _ConfigFields(kv_heads="num_key_value_heads", heads_native=True, mlp="mlp.up_proj", kv_cache=True),
 }
 _FAMILY = {**{n: "bert" for n in BERT_LIKE}, **{n: "vit" for n in VIT_LIKE}, **{n: "gpt2" for n in GPT2_LIKE},
            **{n: "llama" for n in LLAMA_LIKE}}
@@ -216,6 +217,11 @@ def hf_config_updates(model: nn.Module) -> dict[str, Any]:
     ``hidden_size // num_attention_heads``) keeps its native field describing the stock skeleton that
     ``load_shrunk`` resizes, and goes under ``"fermigates_per_layer"`` as list-valued fields, one value per
     layer (precedent: Gemma3n's list-valued ``intermediate_size``).
+
+    For decoders (LLaMA-like, GPT-2) whose heads cannot be written natively, the per-layer head counts also
+    go into transformers' own heterogeneous ``per_layer_config`` (read by ``generate()`` when it initialises a
+    static cache eagerly, e.g. with ``prefill_chunk_size``), with ``allow_global_per_layer_attribute_access``
+    so that the stock class still builds from the global fields (the skeleton ``load_shrunk`` resizes).
     """
     config = getattr(model, "config", None)
     layers = layer_widths(model)
@@ -239,6 +245,8 @@ def hf_config_updates(model: nn.Module) -> dict[str, Any]:
                 native[spec.kv_heads] = kv[0]
         else:
             per_layer.update(num_attention_heads=q, num_key_value_heads=kv, head_dim=d)
+            if spec.kv_cache and len(q) == getattr(config, "num_hidden_layers", None):
+                native.update(_hf_per_layer_config(q, kv, d))
     if "intermediate_size" in layers[0]:
         widths = values("intermediate_size")
         current = getattr(config, spec.mlp_field, None)
@@ -254,10 +262,16 @@ def hf_config_updates(model: nn.Module) -> dict[str, Any]:
     return native
 
 
+def _hf_per_layer_config(q: list[int], kv: list[int], d: list[int]) -> dict[str, Any]:
+    layers = {i: {"num_attention_heads": a, "num_key_value_heads": b, "head_dim": c}
+              for i, (a, b, c) in enumerate(zip(q, kv, d))}
+    return {"allow_global_per_layer_attribute_access": True, "per_layer_config": layers}
+
+
 def apply_hf_config_updates(model: nn.Module) -> dict[str, Any]:
     """Write :func:`hf_config_updates` into ``model.config`` (shared by all its submodules); returns them."""
     updates = hf_config_updates(model)
-    for key, value in updates.items():
+    for key, value in updates.items():  # the access flag first: per_layer_config makes globals ambiguous
         setattr(model.config, key, value)
     if updates:
         _logger.info("updated %s config: %s", type(model).__name__, updates)

@@ -14,6 +14,7 @@ from .config import FermiConfig, load_recipe
 from .convert import ConversionSummary, convert_to_fermi, summary
 from .gates import FermiGate, fermi_probability
 from .layers import FermiConv1d, FermiConv2d, FermiConv3d, FermiLinear
+from .prune import prune
 from .report import FermiReport, SparsityReport, compute_sparsity, count_parameters
 
 __version__ = "0.1.0"
@@ -38,6 +39,7 @@ __all__ = [
     "fermi_probability",
     "hard_gates",
     "load_recipe",
+    "prune",
     "sparsity_at",
     "summary",
     "temperature_at",

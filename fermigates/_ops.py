@@ -112,15 +112,97 @@ def identity(tr, name, func, args, kwargs, out) -> None:
 
 # ------------------------------------------------------------------------------------------- structural
 def structural(tr, name, func, args, kwargs, out) -> None:
-    """Apply the op to the label tensor itself (reshape, permute, getitem, split, repeat...)."""
-    if args:
-        x = args[0]
-        res = func(tr.label_full(x), *args[1:], **kwargs)
-    else:
-        key = "input" if "input" in kwargs else "self"
-        x = kwargs[key]
-        res = func(**{**kwargs, key: tr.label_full(x)})
+    """Apply the op to the label tensor itself (reshape, permute, getitem, split, repeat...).
+
+    Then check that the op *commutes with shrinking*: applied with the same arguments to the labels with
+    one unit removed, it must give the full result minus that unit. Fixed sizes or indices in the code
+    (``x[:, :k]``, ``split([a, b])``, ``view(B, 512, 7, 7)``) fail that check and pin the channels.
+    """
+    x = args[0] if args else kwargs.get("input", kwargs.get("self"))
+    full = tr.label_full(x)
+    res = _call_on(func, args, kwargs, full)
+    if name == "chunk":
+        _couple_chunks(tr, x, res, args, kwargs)
+    if name not in SIZE_FREE:
+        _check_commutes(tr, name, func, args, kwargs, x, full, res)
     tr.assign_like(out, res)
+
+
+def _call_on(func, args, kwargs, lab):
+    if args:
+        return func(lab, *args[1:], **kwargs)
+    key = "input" if "input" in kwargs else "self"
+    return func(**{**kwargs, key: lab})
+
+
+def _couple_chunks(tr, x, pieces, args, kwargs) -> None:
+    """``chunk(n)`` splits at ``size / n``: position ``j`` of every chunk must be removed together."""
+    dim = kwargs.get("dim", args[2] if len(args) > 2 else 0) % max(x.dim(), 1)
+    lab = _align(tr.label(x), x.dim())
+    if dim not in varying_dims(lab) or len(pieces) < 2:
+        return
+    if len({p.shape for p in pieces}) != 1:
+        tr.uf.pin(lab, f"chunk at {tr.where()} splits channels into unequal parts")
+        return
+    for p in pieces[1:]:
+        tr.uf.union_pairs(pieces[0], p)
+
+
+def _flat(res) -> list[torch.Tensor]:
+    return [res] if isinstance(res, torch.Tensor) else [r for r in res if isinstance(r, torch.Tensor)]
+
+
+def _unit_mask(tr, labels: torch.Tensor, root: int) -> torch.Tensor:
+    """Where ``labels`` belong to the unit whose union-find root is ``root``."""
+    uniq, inverse = labels.unique(return_inverse=True)
+    hit = torch.tensor([v >= 0 and tr.uf.find(v) == root for v in uniq.tolist()], dtype=torch.bool)
+    return hit[inverse]
+
+
+def _without(tr, arg, root: int):
+    """``arg`` as it would be after shrinking: a tensor that carries the removed unit loses it too (the
+    shape donor of ``reshape_as`` / ``expand_as``); anything else is passed as is."""
+    lab = tr.label(arg)
+    if lab is None or not bool(_unit_mask(tr, lab, root).any()):
+        return arg
+    lab = _align(lab, arg.dim())
+    vary = list(varying_dims(lab))
+    if len(vary) != 1:
+        return arg
+    vec = lab.reshape(-1)
+    return tr.label_full(arg).index_select(vary[0], (~_unit_mask(tr, vec, root)).nonzero().reshape(-1))
+
+
+def _check_commutes(tr, name, func, args, kwargs, x, full, res) -> None:
+    lab = _align(tr.label(x), x.dim())
+    vary = [d for d in varying_dims(lab)]
+    if len(vary) != 1:
+        return
+    d = vary[0]
+    vec = lab.reshape(-1)
+    roots = torch.tensor([tr.uf.find(v) if v >= 0 else NONE for v in vec.tolist()], dtype=torch.long)
+    why = f"{name} at {tr.where()} depends on the number of channels (fixed sizes or indices)"
+    for pos in (0, roots.numel() - 1):
+        root = int(roots[pos])
+        keep = roots != root
+        if root < 0 or bool(keep.all()) or not bool(keep.any()):
+            continue
+        try:
+            rest = [_without(tr, a, root) for a in args[1:]]
+            shrunk = full.index_select(d, keep.nonzero().reshape(-1))
+            shrunk = _flat(_call_on(func, (x, *rest) if args else args, kwargs, shrunk))
+        except Exception:  # noqa: BLE001 - an error here is the answer: the op needs the old size
+            tr.uf.pin(lab, why)
+            return
+        expect = _flat(res)
+        if len(shrunk) != len(expect):
+            tr.uf.pin(lab, why)
+            return
+        for e, s in zip(expect, shrunk):
+            e = e.reshape(-1)
+            if not torch.equal(e[~_unit_mask(tr, e, root)], s.reshape(-1)):
+                tr.uf.pin(lab, why)
+                return
 
 
 def concat(tr, name, func, args, kwargs, out) -> None:
@@ -322,6 +404,10 @@ for _names, _handler in [
 ]:
     for _name in _names:
         HANDLERS[_name] = _handler
+
+#: structural ops that cannot depend on the number of channels (no commutation check needed)
+SIZE_FREE = set("""permute transpose swapaxes swapdims movedim moveaxis t T mT H mH unsqueeze flip fliplr flipud
+contiguous""".split())
 
 #: ops on parameters alone through which a parameter's element positions are followed (``gamma.view(1,-1,1,1)``)
 PARAM_FOLLOW = set(STRUCTURAL) | set(IDENTITY)

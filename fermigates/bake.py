@@ -130,6 +130,11 @@ def convert_from_fermi(
     changed.
     """
     state = fermi_state(model)
+    if calibration_data is not None and not state.config.structured:
+        raise ValueError(
+            "calibration_data needs structured gates (granularity 'channel' or 'head'): calibration re-fits the "
+            "layers that lost input channels; unstructured (granularity='weight') masks are baked without it"
+        )
     was_training = model.training
     model.eval()
     example = example_inputs if example_inputs is not None else state.example_inputs
@@ -144,7 +149,8 @@ def convert_from_fermi(
         disable_gates(reference)
 
     twins = gated_modules(model)
-    _swap(model, {id(t): t.to_plain() for t in twins.values()})
+    masks = {name: twin.hard_mask() for name, twin in twins.items()}  # decide all before zeroing any
+    _swap(model, {id(t): t.to_plain(masks[name]) for name, t in twins.items()})
     delattr(model, _STATE_ATTR)
     report = FermiReport(sparsity=sparsity, params_before=params_before, params_after=params_before)
 
@@ -155,7 +161,8 @@ def convert_from_fermi(
     if reference is not None:
         from .calibrate import calibrate
 
-        targets = _calibration_targets(model, twins, changes)
+        # unshrunk: calibrate finds the hard-masked layers itself (whole input columns zeroed)
+        targets = _calibration_targets(model, twins, changes) if changes else None
         report.calibration = calibrate(
             model, calibration_data, reference=reference, targets=targets, ridge=ridge, progress=progress
         )
@@ -206,14 +213,11 @@ def _shape_text(change: Any, before: bool) -> str:
 
 def _calibration_targets(model: nn.Module, twins: dict[str, nn.Module], changes: dict) -> dict:
     """Layers to re-fit: consumers that lost input channels, or (unstructured) layers with masked weights."""
-    if changes:
-        modules = dict(model.named_modules())
-        return {
-            name: (ch.kept_in, ch.kept_out)
-            for name, ch in changes.items()
-            if ch.kept_in is not None and name in twins and name in modules
-        }
-    return {name: (None, None) for name in twins}
+    return {
+        name: (ch.kept_in, ch.kept_out)
+        for name, ch in changes.items()
+        if ch.kept_in is not None and name in twins
+    }
 
 
 def _count_macs(model: nn.Module, example: Any) -> int | None:

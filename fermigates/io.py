@@ -8,6 +8,7 @@ validating everything, as a transaction: on any error the model it was given is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -90,8 +91,22 @@ def save_shrunk(model: nn.Module, directory: str | os.PathLike, *, example_input
         from fermigates._hf_io import write_hf_config
 
         write_hf_config(model, root, manifest["modules"])
+    else:
+        _drop_stale_hf_config(root)
     _logger.info("saved %s (%d tensors, %d tied) to %s", type(model).__name__, len(tensors), len(tied), root)
     return root
+
+
+def _drop_stale_hf_config(root: Path) -> None:
+    """A ``config.json`` that an earlier HF save wrote here would describe another model: remove it."""
+    path = root / mf.CONFIG_NAME
+    try:
+        stale = "fermigates" in json.loads(path.read_text())
+    except (OSError, ValueError, TypeError):
+        return
+    if stale:
+        _logger.info("removing %s left by an earlier save of a transformers model", path)
+        path.unlink(missing_ok=True)
 
 
 def _macs_for(model: nn.Module, example_inputs: Any, source: dict[str, Any]) -> dict[str, Any] | None:
@@ -204,7 +219,8 @@ class _Journal:
             if value is self._MISSING:
                 module.__dict__.pop(name, None)
             else:
-                setattr(module, name, value)
+                with contextlib.suppress(Exception):  # an attribute that refused the new value kept the old
+                    setattr(module, name, value)
 
 
 def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str, str] | None:

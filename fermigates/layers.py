@@ -128,9 +128,13 @@ class GatedMixin:
 
     # -- baking -------------------------------------------------------------------------------
     @torch.no_grad()
-    def to_plain(self) -> nn.Module:
-        """The original class with the hard mask multiplied into ``weight`` (same Parameter objects)."""
-        mask = self.hard_mask()
+    def to_plain(self, mask: torch.Tensor | None = None) -> nn.Module:
+        """The original class with the hard mask multiplied into ``weight`` (same Parameter objects).
+
+        Pass ``mask`` (from ``hard_mask()``) when baking several layers: a group's scores read its producers'
+        weights, so every mask must be decided before any weight is zeroed.
+        """
+        mask = self.hard_mask() if mask is None else mask
         if mask is not None:
             self.weight.mul_(mask.to(self.weight.dtype))
         plain_cls = self._plain_cls

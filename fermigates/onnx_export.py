@@ -56,14 +56,17 @@ def export_onnx(
     dynamic_sequence: bool | None = None,
     opset: int | None = None,
     exporter: str = "dynamo",
+    optimize: bool = True,
 ) -> Path:
     """Export ``model`` (put in eval mode for the export, flags restored after) to ``path``, atomically.
 
     ``example_inputs``: a Tensor, a tuple of positional Tensors, or a dict of keyword Tensors (an HF batch).
     Axis 0 of every input is dynamic when ``dynamic_batch``; axis 1 of every 2-D-or-more input is dynamic when
-    ``dynamic_sequence`` (default: True when an input is a 2-D integer tensor, i.e. token ids). Use an example
-    batch (and sequence) larger than 1: the exporter specialises dimensions of size 1. Inputs are named after
+    ``dynamic_sequence`` (default: True when an input is a 2-D integer tensor, i.e. token ids). Prefer example
+    sizes above 1 (a model may branch on a size of 1, which export then specialises). Inputs are named after
     the dict keys (else ``input`` / ``input_0``...), outputs after the model's output keys.
+    ``optimize`` runs onnxscript's graph optimizer after a dynamo export (constant folding,
+    fusion-friendly rewrites; slower export, same numbers).
     """
     if exporter not in _EXPORTERS:
         raise ValueError(f"exporter must be one of {_EXPORTERS}, got {exporter!r}")
@@ -114,6 +117,7 @@ def export_onnx(
                 dynamo=True,
                 dynamic_shapes=shapes if axes else None,
                 external_data=big,
+                optimize=optimize,
                 verbose=False,
                 report=False,
             )

@@ -269,3 +269,20 @@ def test_lean_import():
     code = ("import sys, fermigates.converters as c; assert c.registry.ATTENTION; "
             "assert 'timm' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("family", ["Mistral", "Qwen2", "Qwen3", "Roberta"])
+def test_registered_relatives(family):
+    common = dict(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                  intermediate_size=64, max_position_embeddings=64)
+    if family == "Roberta":
+        model = transformers.RobertaModel(transformers.RobertaConfig(**common)).eval()
+        ids = _ids()
+        _prune_vs_mask(model, lambda m: m(input_ids=ids).last_hidden_state, _random_keep(5),
+                       outside=lambda n: n.replace(".self", ".output.dense"))
+        return
+    cfg = getattr(transformers, f"{family}Config")(num_key_value_heads=2, **common)
+    model = getattr(transformers, f"{family}ForCausalLM")(cfg).eval()
+    ids = _ids()
+    _prune_vs_mask(model, lambda m: m(input_ids=ids).logits, lambda n: torch.tensor([False, True]))
+    assert att.attention_spec(model.model.layers[0].self_attn).num_heads(model.model.layers[0].self_attn) == 2

@@ -106,18 +106,45 @@ def test_squeeze_excitation_couples_gate_with_features():
     assert inner.prunable and roles(inner) == {("reduce", "producer"), ("expand", "consumer")}
 
 
-def test_chunk_and_split_separate_units():
+def test_chunk_couples_positions_of_each_chunk():
     def fn(self, x):
         a, b = self.a(x).chunk(2, dim=-1)
-        c, d = b.split([1, 2], dim=-1)
-        return self.p(a) + self.q(c) + self.r(d)
+        return self.p(a * torch.sigmoid(b))
 
-    m = Lambda(fn, a=nn.Linear(4, 6), p=nn.Linear(3, 2), q=nn.Linear(1, 2), r=nn.Linear(2, 2))
-    graph = build_dependency_graph(m, torch.randn(1, 4))
-    a_groups = [g for g in graph.groups if g.member("a") is not None]
-    rows = sorted(g.member("a").index.reshape(-1).tolist() for g in a_groups)
-    assert rows == [[0, 1, 2], [3], [4, 5]]
-    assert all(g.prunable for g in a_groups)
+    m = Lambda(fn, a=nn.Linear(4, 6), p=nn.Linear(3, 2))
+    x = torch.randn(1, 4)
+    graph = build_dependency_graph(m, x)
+    g = group_of(graph, "a")
+    assert g.prunable and g.member("a").index.tolist() == [[0, 3], [1, 4], [2, 5]]
+    err, result, _ = masked_vs_shrunk(m, graph, {g.id: torch.tensor([True, False, True])}, x)
+    assert err < 1e-6 and result.changes["a"].kept_out.tolist() == [0, 2, 3, 5]
+
+
+@pytest.mark.parametrize("pick", [
+    lambda h: h.split([2, 4], dim=-1)[1],
+    lambda h: h[..., 1:],
+    lambda h: h[..., :-1],
+    lambda h: h.view(1, 2, 3).sum(1),
+    lambda h: h.index_select(-1, torch.tensor([5, 4, 3, 2, 1, 0])),
+    lambda h: h.roll(1, dims=-1),
+])
+def test_size_dependent_structural_ops_pin(pick):
+    width = pick(torch.zeros(1, 6)).shape[-1]
+    m = Lambda(lambda self, x: self.p(pick(self.a(x))), a=nn.Linear(4, 6), p=nn.Linear(width, 2))
+    g = group_of(build_dependency_graph(m, torch.randn(1, 4)), "a")
+    assert not g.prunable and "number of channels" in g.reason
+
+
+def test_size_free_structural_ops_keep_channels():
+    def fn(self, x):
+        h = self.a(x)                                  # (1, 5, 6)
+        h = h.transpose(1, 2).reshape(1, -1, 5).flip(-1)[:, :, 1:].transpose(1, 2)
+        h = torch.cat([h[:, :1], h], dim=1).repeat(1, 2, 1)
+        return self.p(h.flatten(0, 1)[0])
+
+    m = Lambda(fn, a=nn.Linear(4, 6), p=nn.Linear(6, 2))
+    g = group_of(build_dependency_graph(m, torch.randn(1, 5, 4)), "a")
+    assert g.prunable, g.reason
 
 
 def test_unknown_op_pins_with_reason():
@@ -208,7 +235,7 @@ def test_models_and_inputs_of_all_forms():
     x = torch.randn(2, 12)
     for inputs in (x, (x,), {"x": x}):
         graph = build_dependency_graph(m, inputs)
-        assert [g.n_units for g in graph.prunable] == [16, 32]
+        assert [g.n_units for g in graph.prunable] == [16, 16]
     with pytest.raises(TypeError, match="example_inputs"):
         build_dependency_graph(m, 3)
 

@@ -512,3 +512,17 @@ def test_roundtrip_shrink_model(name: str, tmp_path: Path) -> None:
     expected = run(model, inputs)
     save_shrunk(model, tmp_path)
     assert torch.equal(run(load_shrunk(build, tmp_path).eval(), inputs), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_load_keeps_the_models_device(tmp_path: Path) -> None:
+    model = shrink_resnet(timm.create_model("resnet18", pretrained=False, num_classes=10)).eval()
+    save_shrunk(model, tmp_path)
+    target = fresh_resnet().cuda()
+    loaded = load_shrunk(target, tmp_path)
+    assert all(t.is_cuda for t in [*loaded.parameters(), *loaded.buffers()])
+    x = image()
+    torch.testing.assert_close(run(loaded, x.cuda()).cpu(), run(model, x), atol=1e-4, rtol=1e-4)
+    save_shrunk(loaded, tmp_path / "from_cuda")  # saving from the GPU gives the same tensors
+    again = load_shrunk(fresh_resnet, tmp_path / "from_cuda")
+    assert torch.equal(run(again, x), run(model, x))

@@ -19,25 +19,25 @@ from _models import (SmallCNN, SmallMLP, masked_vs_shrunk, n_params, randomize_,
 
 torch.set_num_threads(1)  # 2 cores shared: one thread is an order of magnitude faster here
 
-TIMM_MODELS = {  # name -> (input size, prunable groups at least)
-    "resnet18": (64, 12),
-    "resnet50": (64, 16),
-    "mobilenetv2_100": (64, 30),
-    "mobilenetv3_small_100": (64, 25),
-    "efficientnet_b0": (64, 40),
-    "convnext_atto": (64, 12),
-    "regnetx_002": (64, 18),
+TIMM_MODELS = {  # name -> (input size, prunable groups, pinned groups) with timm 1.0.x
+    "resnet18": (64, 12, 1),  # stem, 4 residual streams, 8 block-internal; pinned: classifier output
+    "resnet50": (64, 37, 1),  # stem, 4 streams, 2 per bottleneck
+    "mobilenetv2_100": (64, 25, 1),
+    "mobilenetv3_small_100": (64, 27, 1),
+    "efficientnet_b0": (64, 40, 1),
+    "convnext_atto": (64, 12, 5),  # MLP hidden per block; pinned: 4 residual streams under LayerNorm
+    "regnetx_002": (64, 18, 1),  # grouped 3x3 convs pass whole groups (units of 8 channels)
 }
 
 
 @pytest.mark.parametrize("name", sorted(TIMM_MODELS))
 def test_timm_shrunk_equals_masked(name):
     timm = pytest.importorskip("timm")
-    size, min_groups = TIMM_MODELS[name]
+    size, n_prunable, n_pinned = TIMM_MODELS[name]
     model = randomize_(timm.create_model(name, pretrained=False).eval(), seed=1)
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     graph = build_dependency_graph(model, x)
-    assert len(graph.prunable) >= min_groups, graph.summary()
+    assert (len(graph.prunable), len(graph.groups) - len(graph.prunable)) == (n_prunable, n_pinned), graph.summary()
     for g in graph.groups:
         assert g.prunable or g.reason
     patterns = [random_keep(graph, frac, seed) for seed, frac in enumerate((0.1, 0.5, 0.9))]
@@ -88,8 +88,9 @@ def test_property_small_mlp(keep):
 # ------------------------------------------------------------------------------------------- behaviour
 def test_changes_record_kept_indices_and_attrs():
     model = copy.deepcopy(MLP)
-    g = next(g for g in MLP_GRAPH.prunable if g.n_units == 32)
-    keep = {g.id: torch.arange(32) % 4 != 0}
+    g = next(g for g in MLP_GRAPH.prunable if g.member("fc1", "producer") is not None)
+    assert g.n_units == 16 and g.member("fc1", "producer").index[1].tolist() == [1, 17]  # chunk(2) pairs rows j, j + 16
+    keep = {g.id: torch.arange(16) % 4 != 0}
     result = shrink_model(model, MLP_GRAPH, keep)
     change = result.changes["fc1"]
     assert change.kept_out.tolist() == [i for i in range(32) if i % 4] and change.kept_in is None
@@ -125,10 +126,11 @@ def test_gated_twins_are_sliced_like_their_base():
     model = copy.deepcopy(MLP)
     model.fc1 = FermiLinear.from_linear(model.fc1)
     model.fc2 = FermiLinear.from_linear(model.fc2)
-    g = next(g for g in MLP_GRAPH.prunable if g.n_units == 32)
-    result = shrink_model(model, MLP_GRAPH, {g.id: torch.arange(32) < 20})
-    assert isinstance(model.fc1, FermiLinear) and model.fc1.weight.shape == (20, 16)
+    g = next(g for g in MLP_GRAPH.prunable if g.member("fc1", "producer") is not None)
+    result = shrink_model(model, MLP_GRAPH, {g.id: torch.arange(16) < 10})
+    assert isinstance(model.fc1, FermiLinear) and model.fc1.weight.shape == (20, 16) and model.fc1.weight.requires_grad
     assert model.fc2.weight.shape == (16, 20) and "fc1" in result.changes
+    assert model.fc2(torch.randn(2, 20)).shape == (2, 16)
 
 
 def test_dtype_and_buffers_follow():
@@ -143,9 +145,9 @@ def test_dtype_and_buffers_follow():
 
 def test_mask_model_zeroes_consumer_columns_only():
     model = copy.deepcopy(MLP)
-    g = next(g for g in MLP_GRAPH.prunable if g.n_units == 32)
-    mask_model(model, MLP_GRAPH, {g.id: torch.arange(32) != 5})
-    assert bool((model.fc2.weight[:, 5] == 0).all()) and bool((model.fc1.weight[5] == MLP.fc1.weight[5]).all())
+    g = next(g for g in MLP_GRAPH.prunable if g.member("fc1", "producer") is not None)
+    mask_model(model, MLP_GRAPH, {g.id: torch.arange(16) != 5})
+    assert bool((model.fc2.weight[:, [5, 21]] == 0).all()) and bool((model.fc1.weight[5] == MLP.fc1.weight[5]).all())
 
 
 # ------------------------------------------------------------------------------------------- MACs

