@@ -1,15 +1,17 @@
-"""Per-family knowledge (attention heads, Linear-like layouts, RMS norms, example inputs).
+"""Per-family knowledge (attention heads, Linear-like layouts, gated twins, RMS norms, example inputs).
 
 Importing this package runs the family files' ``register(...)`` calls; none of them imports timm or
 transformers at import time (classes are named by qualname, see :mod:`.registry`).
 """
 
-from . import registry
-from . import attention
-from . import hf_attention
-from . import hf_layers
-from . import timm_attention
-from . import timm_layers
+from . import (  # noqa: F401  (imported for their register(...) side effects)
+    attention,
+    hf_attention,
+    hf_layers,
+    registry,
+    timm_attention,
+    timm_layers,
+)
 from .attention import (
     AttentionSpec,
     HeadUnits,
@@ -25,9 +27,18 @@ from .attention import (
 from .hf_attention import apply_hf_config_updates, hf_config_updates, layer_widths
 
 __all__ = [
-    "AttentionSpec", "HeadUnits", "LinearLayout", "RMSNormSpec", "attention_spec", "head_units", "kept_heads",
-    "linear_layout", "prune_heads", "slice_linear", "hf_config_updates", "apply_hf_config_updates",
-    "layer_widths", "registry",
+    "AttentionSpec",
+    "HeadUnits",
+    "LinearLayout",
+    "RMSNormSpec",
+    "apply_hf_config_updates",
+    "attention_spec",
+    "head_units",
+    "hf_config_updates",
+    "kept_heads",
+    "layer_widths",
+    "linear_layout",
+    "prune_heads",
+    "registry",
+    "slice_linear",
 ]
-
-from . import hf_layers, timm_layers  # noqa: E402,F401  (gated twins of Conv1D / timm Linear)

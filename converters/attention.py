@@ -20,11 +20,12 @@ slices children through its generic Linear code and calls ``spec.set_heads`` onl
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from . import registry
 
@@ -68,7 +69,7 @@ class RMSNormSpec:
     eps: str = "eps"
     offset: float = 0.0
 
-    def __call__(self, module: nn.Module | None = None) -> "RMSNormSpec":
+    def __call__(self, module: nn.Module | None = None) -> RMSNormSpec:
         return self
 
 
@@ -132,7 +133,7 @@ class AttentionSpec:
     output: int = 0
     unsupported: Callable[[nn.Module], str | None] | None = None
     modes: tuple[UnitMode, ...] = field(default=("group",))
-    select: Callable[[nn.Module], "AttentionSpec"] | None = None
+    select: Callable[[nn.Module], AttentionSpec] | None = None
 
     def __post_init__(self) -> None:
         if self.select is not None:

@@ -16,7 +16,8 @@ reads (transformers 5.23):
   ``head_dim``, the head counts come from the weights; ``num_key_value_groups`` feeds ``repeat_kv`` / SDPA's
   GQA and must stay ``n_q // n_kv``. KV caches (Dynamic and Static) allocate lazily from the key/value
   tensors, so ``generate()`` works after shrinking; the config only matters for a static cache that is
-  initialised eagerly (chunked prefill) and for rebuilding the model, see :func:`hf_config_updates`.
+  initialised eagerly (``prefill_chunk_size``: sized from ``config.per_layer_config``) and for rebuilding the
+  model, see :func:`hf_config_updates` / :func:`apply_hf_config_updates` (call it after shrinking).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from . import registry
 from .attention import CONV1D, AttentionSpec, RMSNormSpec, attention_spec, linear_layout
@@ -236,8 +237,8 @@ def hf_config_updates(model: nn.Module) -> dict[str, Any]:
         return [layer[key] for layer in layers]
 
     q, kv, d = values("num_attention_heads"), values("num_key_value_heads"), values("head_dim")
-    heads_changed = any(n != getattr(config, spec.heads, None) for n in q) or (
-        spec.kv_heads is not None and any(n != getattr(config, spec.kv_heads, None) for n in kv))
+    heads_changed = any(n != _global(config, spec.heads) for n in q) or (
+        spec.kv_heads is not None and any(n != _global(config, spec.kv_heads) for n in kv))
     if heads_changed:
         if spec.heads_native and len(set(zip(q, kv, d))) == 1:
             native.update({spec.heads: q[0], "head_dim": d[0]})
@@ -249,7 +250,7 @@ def hf_config_updates(model: nn.Module) -> dict[str, Any]:
                 native.update(_hf_per_layer_config(q, kv, d))
     if "intermediate_size" in layers[0]:
         widths = values("intermediate_size")
-        current = getattr(config, spec.mlp_field, None)
+        current = _global(config, spec.mlp_field)
         if spec.mlp_field == "n_inner" and current is None:
             current = 4 * config.hidden_size
         if any(w != current for w in widths):
@@ -260,6 +261,12 @@ def hf_config_updates(model: nn.Module) -> dict[str, Any]:
     if per_layer:
         native["fermigates_per_layer"] = per_layer
     return native
+
+
+def _global(config: Any, name: str) -> Any:
+    """``config.<name>``, read without the ambiguity check of a heterogeneous (per-layer) config."""
+    getter = getattr(config, "_getattr_without_heterogeneous_validation", None)
+    return getter(name, None) if getter is not None else getattr(config, name, None)
 
 
 def _hf_per_layer_config(q: list[int], kv: list[int], d: list[int]) -> dict[str, Any]:

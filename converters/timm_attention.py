@@ -15,7 +15,7 @@ import logging
 from dataclasses import replace
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from . import registry
 from .attention import AttentionSpec, RMSNormSpec

@@ -13,13 +13,22 @@ from .bake import convert_from_fermi, disable_gates, hard_gates
 from .config import FermiConfig, load_recipe
 from .convert import ConversionSummary, convert_to_fermi, summary
 from .gates import FermiGate, fermi_probability
+from .io import CheckpointError, CheckpointSummary, from_pretrained, inspect_checkpoint, load_shrunk, save_shrunk
 from .layers import FermiConv1d, FermiConv2d, FermiConv3d, FermiLinear
+from .onnx_export import export_onnx
 from .prune import prune
 from .report import FermiReport, SparsityReport, compute_sparsity, count_parameters
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
+    "CheckpointSummary",
+    "export_onnx",
+    "from_pretrained",
+    "inspect_checkpoint",
+    "load_shrunk",
+    "save_shrunk",
     "AnnealSchedule",
     "ConversionSummary",
     "FermiAnnealer",

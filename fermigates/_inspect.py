@@ -14,49 +14,12 @@ from torch import nn
 from fermigates import _manifest as mf
 
 
-def _linear_like_macs(module: nn.Module, out: Any) -> int | None:
-    """MACs of one call of a Linear, ConvNd or Linear-like (HF ``Conv1D``: ``nx`` inputs) module."""
-    if not isinstance(out, torch.Tensor):
-        return None
-    if isinstance(module, nn.Linear):
-        return out.numel() * module.in_features
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return out.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
-    if isinstance(getattr(module, "nx", None), int) and isinstance(getattr(module, "nf", None), int):
-        return out.numel() * module.nx
-    return None
-
-
 def count_macs(model: nn.Module, example_inputs: Any) -> dict[str, Any]:
-    """Multiply-accumulates of the Linear / Conv layers in one eval-mode forward on ``example_inputs``.
+    """Multiply-accumulates of one eval-mode forward on ``example_inputs``, per module and in total
+    (counted by :func:`fermigates.report_macs.macs_by_module`)."""
+    from fermigates.report_macs import macs_by_module
 
-    Attention score matmuls and element-wise ops are not counted. The model's train/eval flags are restored.
-    """
-    per_module: dict[str, int] = {}
-    hooks = []
-    for path, module in model.named_modules():
-
-        def hook(mod: nn.Module, _inp: Any, out: Any, path: str = path) -> None:
-            macs = _linear_like_macs(mod, out)
-            if macs is not None:
-                per_module[path] = per_module.get(path, 0) + macs
-
-        hooks.append(module.register_forward_hook(hook))
-    flags = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            if isinstance(example_inputs, dict):
-                model(**example_inputs)
-            elif isinstance(example_inputs, tuple):
-                model(*example_inputs)
-            else:
-                model(example_inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-        for m, flag in flags.items():
-            m.training = flag
+    per_module = macs_by_module(model, example_inputs)
     return {"inputs": _describe(example_inputs), "total": sum(per_module.values()), "modules": per_module}
 
 

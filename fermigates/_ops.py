@@ -213,7 +213,17 @@ def concat(tr, name, func, args, kwargs, out) -> None:
 
 
 def setitem(tr, name, func, args, kwargs, out) -> None:
+    """``x[index] = value``: positions take the value's labels; a fixed region along channels pins both."""
     target, index, value = args[0], args[1], args[2]
+    region = torch.zeros(target.shape, dtype=torch.bool)
+    region[index] = True
+    restricted = varying_dims(compress(region.long()))
+    touched = [t for t in (target, value) if isinstance(t, torch.Tensor) and tr.label(t) is not None]
+    for t in touched:
+        if restricted & varying_dims(_align(tr.label(t), target.dim())):
+            for u in touched:
+                tr.uf.pin(tr.label(u), f"{name} at {tr.where()} writes a fixed range of channels")
+            break
     lab = tr.label_full(target)
     if isinstance(value, torch.Tensor):
         lab[index] = tr.label_full(value)

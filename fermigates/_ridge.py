@@ -168,11 +168,16 @@ def _masked_rows(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 class RidgeStats:
-    """Float64 running sums ``XᵀX``, ``XᵀY``, ``ΣY²`` per group; a ones column models the bias."""
+    """Float64 running sums ``XᵀX``, ``XᵀY``, ``ΣY²`` per group; a ones column models the bias.
 
-    def __init__(self, groups: int, p: int, og: int, bias: bool, device: torch.device) -> None:
+    ``batch_dtype``: dtype of each batch's products before they are added to the float64 sums (float64 =
+    exact; float32 halves the cost and is ample once the ridge term bounds the condition number).
+    """
+
+    def __init__(self, groups: int, p: int, og: int, bias: bool, device: torch.device,
+                 batch_dtype: torch.dtype = torch.float64) -> None:
         p1 = p + int(bias)
-        self.bias = bias
+        self.bias, self.batch_dtype = bias, batch_dtype
         self.xtx = torch.zeros(groups, p1, p1, dtype=torch.float64, device=device)
         self.xty = torch.zeros(groups, p1, og, dtype=torch.float64, device=device)
         self.yy = torch.zeros(groups, dtype=torch.float64, device=device)
@@ -185,14 +190,18 @@ class RidgeStats:
                 f"the pruned layer's input gives {x.shape[1]} rows but the reference output gives "
                 f"{y.shape[1]}; do both layers have the same stride/padding and see the same batch?"
             )
-        x = x.to(self.xtx.device, torch.float64)
-        y = y.to(self.xtx.device, torch.float64)
+        x = x.to(self.xtx.device, self.batch_dtype)
+        y = y.to(self.xtx.device, self.batch_dtype)
         if self.bias:
             x = torch.cat([x, x.new_ones(x.shape[0], x.shape[1], 1)], dim=2)
         xt = x.transpose(1, 2)
-        self.xtx.baddbmm_(xt, x)
-        self.xty.baddbmm_(xt, y)
-        self.yy += y.square().sum(dim=(1, 2))
+        if self.batch_dtype == torch.float64:
+            self.xtx.baddbmm_(xt, x)
+            self.xty.baddbmm_(xt, y)
+        else:
+            self.xtx += torch.bmm(xt, x).double()
+            self.xty += torch.bmm(xt, y).double()
+        self.yy += y.double().square().sum(dim=(1, 2))
         self.n += x.shape[1]
 
     def error(self, w: torch.Tensor) -> float:

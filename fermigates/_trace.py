@@ -11,6 +11,7 @@ the functions in between; :mod:`fermigates._labels` holds the union-find.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -235,6 +236,20 @@ class Tracer:
             handler(self, name, func, args, kwargs, out)
         except Exception as err:  # noqa: BLE001 - an op we cannot follow pins its channels
             self._unknown(raw, tracked, out, f"op that could not be followed ({type(err).__name__}: {err})")
+        if args and isinstance(args[0], torch.Tensor) and args[0]._base is not None and len(tracked) > 1 \
+                and raw in ("copy_", "__setitem__"):
+            self._pin_view_write(raw, args[0], tracked)
+
+    def _pin_view_write(self, raw: str, view: torch.Tensor, tracked: list[torch.Tensor]) -> None:
+        """Overwriting a view with other channels changes its base behind the labels' back: pin. (In-place
+        arithmetic needs no care: it joins labels, and the union-find is shared by view and base.)"""
+        base = self.label(view._base)
+        if base is None:
+            return
+        why = f"in-place {raw} into a view at {self.where()}"
+        self.uf.pin(base, why)
+        for t in tracked:
+            self.uf.pin(self.label(t), why)
 
     def _unknown(self, raw: str, tracked: list[torch.Tensor], out: Any, what: str) -> None:
         why = f"{what} {raw} at {self.where()}"
@@ -297,6 +312,7 @@ class Tracer:
 
 
 def _walk(obj: Any):
+    """Every tensor inside a (nested) tensor / tuple / list / dict / dataclass output."""
     if isinstance(obj, torch.Tensor):
         yield obj
     elif isinstance(obj, Mapping):
@@ -305,6 +321,9 @@ def _walk(obj: Any):
     elif isinstance(obj, (list, tuple)):
         for v in obj:
             yield from _walk(v)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            yield from _walk(getattr(obj, f.name, None))
 
 
 def call_model(model: nn.Module, example_inputs: Any) -> Any:

@@ -49,6 +49,7 @@ def calibrate(
     max_batches: int | None = None,
     batch_size: int = 32,
     low_memory: bool = False,
+    precision: str = "auto",
     progress: bool = True,
 ) -> CalibrationReport:
     """Re-fit the weights of pruned layers so they reproduce the dense ``reference``'s outputs.
@@ -68,6 +69,9 @@ def calibrate(
         max_batches: use at most this many batches.
         low_memory: re-run each batch from the start for every layer instead of keeping all batches'
             forwards suspended (slower, memory of one batch).
+        precision: ``"float64"``: each batch's ``XᵀX`` / ``XᵀY`` products in float64; ``"auto"``: in float32
+            (then summed in float64) when the inputs are float32 and ``ridge >= 1e-4``, which halves the
+            cost at no visible loss, else float64.
         progress: show a tqdm bar.
 
     Returns:
@@ -78,6 +82,8 @@ def calibrate(
         raise ValueError("reference must be the dense model before pruning, a different object than model")
     if ridge < 0:
         raise ValueError(f"ridge must be >= 0, got {ridge!r}")
+    if precision not in ("auto", "float64"):
+        raise ValueError(f"precision must be 'auto' or 'float64', got {precision!r}")
     plans = _make_plans(model, reference, targets)
     batches = _batches(data, batch_size, max_batches)
     report = CalibrationReport(ridge=ridge, n_batches=len(batches))
@@ -90,7 +96,7 @@ def calibrate(
     reference.eval()
     start = time.perf_counter()
     try:
-        _Engine(model, reference, plans, batches, ridge, report, low_memory, progress).run()
+        _Engine(model, reference, plans, batches, ridge, report, low_memory, progress, precision).run()
     except BaseException:
         with torch.no_grad():
             for p in plans:
@@ -270,10 +276,11 @@ def _mask(batch: Any) -> torch.Tensor | None:
 class _Engine:
     """Drives the suspendable forwards of both models layer by layer (see module docstring)."""
 
-    def __init__(self, model, reference, plans, batches, ridge, report, low_memory, progress):
+    def __init__(self, model, reference, plans, batches, ridge, report, low_memory, progress, precision):
         self.model, self.reference, self.batches = model, reference, batches
         self.plans = {p.name: p for p in plans}
         self.ridge, self.report, self.low_memory, self.progress = ridge, report, low_memory, progress
+        self.precision = precision
         self.done: set[str] = set()
         self.live: list[co.Coroutine] = []
 
@@ -370,7 +377,9 @@ class _Engine:
             x = plan.features(m.pending[1], mask)
             y = plan.targets(r.pending[1], mask)
             if stats is None:
-                stats = RidgeStats(x.shape[0], x.shape[2], y.shape[2], plan.has_bias, plan.module.weight.device)
+                exact = self.ridge < 1e-4 or x.dtype == torch.float64 or self.precision == "float64"
+                stats = RidgeStats(x.shape[0], x.shape[2], y.shape[2], plan.has_bias, plan.module.weight.device,
+                                   torch.float64 if exact else torch.float32)
             stats.add(x, y)
             del x, y
             if self.low_memory or len(self.done) == len(self.plans) - 1:

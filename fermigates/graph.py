@@ -112,29 +112,7 @@ def build_dependency_graph(model: nn.Module, example_inputs: Any) -> DependencyG
     return its channel groups. The model runs once in eval mode under ``torch.no_grad``; its modes are
     restored. A batch of one is enough and the cheapest."""
     tr = trace(model, example_inputs)
-    uf = tr.uf
-    # unit (component root) -> member key -> channel positions
-    units: dict[int, dict[tuple, list[int]]] = defaultdict(lambda: defaultdict(list))
-    for key, vec in tr.members.items():
-        for k, lab in enumerate(vec.tolist()):
-            if lab >= 0:
-                units[uf.find(lab)][key].append(k)
-    by_sig: dict[tuple, list[int]] = defaultdict(list)
-    for root, members in units.items():
-        sig = tuple(sorted(((key, len(pos)) for key, pos in members.items()), key=_sig_order))
-        by_sig[(sig, uf.pinned(root) is not None)].append(root)
-
-    groups = []
-    for (sig, pinned), roots in by_sig.items():
-        roots.sort(key=lambda r: min(units[r][sig[0][0]]))
-        members = []
-        for key, _ in sig:
-            index = torch.tensor([units[r][key] for r in roots], dtype=torch.long)
-            members.append(GroupMember(key[0], key[1], index, key[2], key[3]))
-        members.sort(key=lambda m: _ROLE_ORDER[m.role])
-        kind = "head" if any(m.role == "attention" for m in members) else "channel"
-        reason = uf.pinned(roots[0]) if pinned else None
-        groups.append(ChannelGroup(-1, kind, len(roots), members, not pinned, reason))
+    groups = _groups_from(tr)
     order = {name: i for i, name in enumerate(n for n, _ in model.named_modules())}
     groups.sort(key=lambda g: (min(order.get(m.module, 1 << 30) for m in g.members), g.members[0].module,
                                int(g.members[0].index.min())))
@@ -145,9 +123,62 @@ def build_dependency_graph(model: nn.Module, example_inputs: Any) -> DependencyG
     return graph
 
 
-def _sig_order(item: tuple) -> tuple:
-    (module, role, param, axis), width = item
-    return module, role, param or "", -1 if axis is None else axis, width
+def _roots(parent: list[int]) -> torch.Tensor:
+    """The union-find root of every label (pointer jumping, vectorised)."""
+    roots = torch.tensor(parent, dtype=torch.long)
+    while True:
+        nxt = roots[roots]
+        if torch.equal(nxt, roots):
+            return roots
+        roots = nxt
+
+
+def _groups_from(tr) -> list[ChannelGroup]:
+    """Units = label components; units touching the same members with the same widths form a group."""
+    uf = tr.uf
+    roots = _roots(uf.parent) if uf.parent else torch.zeros(0, dtype=torch.long)
+    keys = list(tr.members)
+    rs, ks, ps = [], [], []
+    for ki, key in enumerate(keys):
+        vec = tr.members[key]
+        pos = (vec >= 0).nonzero().reshape(-1)
+        rs.append(roots[vec[pos]])
+        ks.append(torch.full_like(pos, ki))
+        ps.append(pos)
+    if not rs:
+        return []
+    r, k, p = torch.cat(rs), torch.cat(ks), torch.cat(ps)
+    order = p.argsort(stable=True)
+    order = order[k[order].argsort(stable=True)]
+    order = order[r[order].argsort(stable=True)]
+    r, k, p = r[order], k[order], p[order].tolist()
+    pairs, counts = torch.unique_consecutive(r * len(keys) + k, return_counts=True)
+    spans: dict[int, dict[int, tuple[int, int]]] = defaultdict(dict)  # root -> key index -> (start, end)
+    start = 0
+    for pair, n in zip(pairs.tolist(), counts.tolist()):
+        root, ki = divmod(pair, len(keys))
+        spans[root][ki] = (start, start + n)
+        start += n
+    pinned = {uf.find(x) for x in uf.reason}
+    by_sig: dict[tuple, list[int]] = defaultdict(list)
+    for root, parts in spans.items():
+        sig = tuple((ki, e - s) for ki, (s, e) in parts.items())  # key indices ascending (sorted above)
+        by_sig[(sig, root in pinned)].append(root)
+
+    groups = []
+    for (sig, is_pinned), members_roots in by_sig.items():
+        k0 = sig[0][0]
+        members_roots.sort(key=lambda root: p[spans[root][k0][0]])
+        members = []
+        for ki, _ in sig:
+            rows = [p[slice(*spans[root][ki])] for root in members_roots]
+            key = keys[ki]
+            members.append(GroupMember(key[0], key[1], torch.tensor(rows, dtype=torch.long), key[2], key[3]))
+        members.sort(key=lambda m: _ROLE_ORDER[m.role])
+        kind = "head" if any(m.role == "attention" for m in members) else "channel"
+        reason = uf.pinned(members_roots[0]) if is_pinned else None
+        groups.append(ChannelGroup(-1, kind, len(members_roots), members, not is_pinned, reason))
+    return groups
 
 
 _ROLE_ORDER = {"producer": 0, "attention": 1, "passthrough": 2, "consumer": 3}

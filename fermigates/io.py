@@ -62,7 +62,11 @@ def save_shrunk(model: nn.Module, directory: str | os.PathLike, *, example_input
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    root = mf.ensure_directory(directory)
+    root = Path(directory)
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(
+            f"cannot save into {str(root)!r}: it is a file, not a directory; pass a directory path"
+        )
     tensors, tied = mf.find_ties(model.state_dict())
     unique_params = {id(p): p.numel() for p in model.parameters()}
     manifest: dict[str, Any] = {
@@ -83,6 +87,7 @@ def save_shrunk(model: nn.Module, directory: str | os.PathLike, *, example_input
 
     from safetensors.torch import save_file
 
+    root = mf.ensure_directory(root)
     # tensors first: the embedded manifest travels with them, so a crash after this replace still leaves a
     # consistent checkpoint (fermigates.json is then stale, and the loader says so and ignores it)
     mf.atomic_write(root / mf.WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
@@ -191,6 +196,13 @@ def _check_fits(
             f"{where} does not fit this {type(model).__name__}: checkpoint tensor "
             f"{unexpected[0]!r} has no place in the model"
         )
+    meta = [n for n, t in model.named_buffers() if t.is_meta and n not in available]
+    if meta:
+        raise CheckpointError(
+            f"buffer {meta[0]!r} of the model is on the meta device and the checkpoint has no tensor for it "
+            "(a non-persistent buffer); pass a model with real buffers, or a factory, which fermigates builds "
+            "with meta parameters but real buffers"
+        )
     return [k for k in expected if k in available]
 
 
@@ -282,8 +294,9 @@ def _apply(
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise CheckpointError(
-            f"{left[0]!r} has no data after loading (it is not in the checkpoint and the "
-            "model was built with meta parameters); load with strict=True or pass a built model"
+            f"{left[0]!r} is still on the meta device after loading: the checkpoint has no tensor for it (a "
+            "non-persistent buffer, or a key skipped by strict=False); pass a model with real buffers, or a "
+            "factory, which fermigates builds with meta parameters but real buffers"
         )
 
 

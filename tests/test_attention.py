@@ -8,11 +8,10 @@ import sys
 
 import pytest
 import torch
-import torch.nn as nn
-
 from fermigates.converters import attention as att
 from fermigates.converters import registry
 from fermigates.converters.hf_attention import apply_hf_config_updates, hf_config_updates
+from torch import nn
 
 transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
@@ -262,7 +261,13 @@ def test_config_updates_gpt2_uniform_mlp():
         att.slice_linear(block.mlp.c_proj, kept_in=torch.arange(40))
     assert hf_config_updates(model) == {"n_inner": 40}
     att.prune_heads(model.transformer.h[0].attn, torch.tensor([True, True, False, True]))
-    assert hf_config_updates(model)["fermigates_per_layer"]["num_attention_heads"] == [3, 4]
+    updates = apply_hf_config_updates(model)
+    assert updates["fermigates_per_layer"]["num_attention_heads"] == [3, 4]
+    # transformers' own per-layer config (sizes eagerly initialised caches); the stock class still builds
+    layers = model.config.per_layer_config
+    assert [(layers[i].num_attention_heads, layers[i].head_dim) for i in range(2)] == [(3, 8), (4, 8)]
+    rebuilt = transformers.GPT2LMHeadModel(copy.deepcopy(model.config))
+    assert rebuilt.transformer.h[0].attn.num_heads == 4  # the skeleton load_shrunk resizes
 
 
 def test_lean_import():
@@ -273,8 +278,8 @@ def test_lean_import():
 
 @pytest.mark.parametrize("family", ["Mistral", "Qwen2", "Qwen3", "Roberta"])
 def test_registered_relatives(family):
-    common = dict(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                  intermediate_size=64, max_position_embeddings=64)
+    common = {"vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
+              "intermediate_size": 64, "max_position_embeddings": 64}
     if family == "Roberta":
         model = transformers.RobertaModel(transformers.RobertaConfig(**common)).eval()
         ids = _ids()

@@ -253,3 +253,60 @@ def test_small_models_shrink_exactly():
         graph = build_dependency_graph(m.eval(), x)
         err, _, _ = masked_vs_shrunk(m, graph, random_keep(graph, 0.5, 0), x)
         assert err < 1e-5
+
+
+def test_dataclass_outputs_are_pinned():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Out:
+        features: torch.Tensor
+
+    m = Lambda(lambda self, x: Out(self.a(x)), a=nn.Linear(4, 6))
+    assert "model output" in group_of(build_dependency_graph(m, torch.randn(1, 4)), "a").reason
+
+
+@pytest.mark.parametrize("write", ["setitem", "view_copy", "view_add"])
+def test_writes_into_a_channel_range_pin(write):
+    def fn(self, x):
+        h = self.a(x)
+        if write == "setitem":
+            h[:, :3] = self.b(x)
+        elif write == "view_copy":
+            h.narrow(1, 0, 3).copy_(self.b(x))
+        else:
+            h[:, :3] += self.b(x)
+        return self.c(h)
+
+    m = Lambda(fn, a=nn.Linear(4, 6), b=nn.Linear(4, 3), c=nn.Linear(6, 2))
+    graph = build_dependency_graph(m, torch.randn(1, 4))
+    assert not group_of(graph, "a").prunable and not group_of(graph, "b").prunable
+
+
+def test_in_place_add_into_a_full_view_joins():
+    def fn(self, x):
+        h = self.a(x)[:, :6]
+        h += self.b(x)
+        return self.c(h)
+
+    m = Lambda(fn, a=nn.Linear(4, 6), b=nn.Linear(4, 6), c=nn.Linear(6, 2))
+    x = torch.randn(1, 4)
+    graph = build_dependency_graph(m, x)
+    g = group_of(graph, "a")
+    assert g.prunable and g.member("b") is not None
+    err, _, _ = masked_vs_shrunk(m, graph, {g.id: torch.arange(6) % 2 == 0}, x)
+    assert err < 1e-6
+
+
+def test_depthwise_multiplier_shrinks_exactly():
+    def fn(self, x):
+        return pooled_head(self, self.c(F.relu(self.dw(self.a(x)))))
+
+    m = Lambda(fn, a=nn.Conv2d(3, 4, 1), dw=nn.Conv2d(4, 8, 3, padding=1, groups=4), c=nn.Conv2d(8, 3, 1),
+               head=head(3))
+    x = torch.randn(1, 3, 5, 5)
+    graph = build_dependency_graph(m, x)
+    g = group_of(graph, "a")
+    assert g.prunable and g.member("dw", "passthrough").width == 2 and g.member("c", "consumer").width == 2
+    err, result, shrunk = masked_vs_shrunk(m, graph, {g.id: torch.tensor([True, False, False, True])}, x)
+    assert err < 1e-6 and (shrunk.dw.in_channels, shrunk.dw.out_channels, shrunk.dw.groups) == (2, 4, 2)

@@ -14,7 +14,6 @@ import importlib.util
 
 import pytest
 import torch
-
 from fermigates.converters import attention as att
 from fermigates.converters.hf_attention import apply_hf_config_updates, hf_config_updates
 
@@ -202,7 +201,7 @@ def test_generate_after_shrink(route, name, uneven):
     ids = _ids(2, 5, seed=3)                      # another prompt length than the example inputs (8)
     mask = torch.ones_like(ids)
     mask[0, :2] = 0                               # left padding
-    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    kwargs = {"attention_mask": mask, "max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
     with torch.no_grad():
         out = model.generate(ids, **kwargs)
         ref = masked.generate(ids, **kwargs)
@@ -229,7 +228,7 @@ def test_bert_padding_and_batch_size(route):
 
 @pytest.mark.parametrize("route", ROUTES)
 def test_config_describes_shrunk_llama(route):
-    model, _, inputs, run = _shrink(route, "llama", seed=0)
+    model, _, _, _ = _shrink(route, "llama", seed=0)
     updates = hf_config_updates(model)
     layers = [l.self_attn for l in model.model.layers]
     per_layer = [(a.q_proj.out_features // a.head_dim, a.k_proj.out_features // a.head_dim) for a in layers]
@@ -240,3 +239,29 @@ def test_config_describes_shrunk_llama(route):
     else:
         assert list(zip(per["num_attention_heads"], per["num_key_value_heads"])) == per_layer
     assert (per["intermediate_size"] if len(set(mlp)) > 1 else [updates["intermediate_size"]] * 2) == mlp
+
+
+@pytest.mark.skipif(not HAVE_GRAPH, reason="no graph/shrink")
+@pytest.mark.parametrize("name", ["gpt2", "llama", "deit_tiny"])
+def test_pipeline_removes_heads(name):
+    """convert_to_fermi (head + channel gates) -> close half the units -> convert_from_fermi shrinks heads."""
+    import fermigates as fg
+    from fermigates.layers import GroupGate
+
+    torch.manual_seed(0)
+    model = MODELS[name][0]()
+    heads_before = _heads(model)
+    fg.convert_to_fermi(model, fg.FermiConfig(granularity=("channel", "head"), target_sparsity=0.5))
+    with torch.no_grad():
+        for gate in [m for m in model.modules() if isinstance(m, GroupGate)]:
+            gate.mu.fill_(float((gate.score() / gate.scale).median()) + 1e-6)
+    report = fg.convert_from_fermi(model, progress=False)
+    assert report.shrunk and all(a < b for a, b in zip(_heads(model), heads_before)), report.not_shrunk
+    if name != "deit_tiny":
+        apply_hf_config_updates(model)
+        ids = _ids(1, 5, seed=5)
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+            chunked = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                                     cache_implementation="static", prefill_chunk_size=2)
+        assert torch.equal(out, chunked)
