@@ -49,7 +49,7 @@ def write_hf_config(model: nn.Module, root: Path, plan: dict[str, dict[str, Any]
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]
     fields = _native_fields(config.to_dict(), plan)
-    try:  # attention head counts: native fields when uniform and rebuildable, else "fermigates_heads"
+    try:  # attention head counts: native fields when uniform and rebuildable, else "fermigates_per_layer"
         from fermigates.converters import hf_config_updates
 
         fields.update(hf_config_updates(model))

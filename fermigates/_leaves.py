@@ -7,10 +7,11 @@ passthrough per-channel axis, attention heads).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ._labels import NONE, along, join_rows
 from ._trace import Tracer, _opaque
@@ -125,13 +126,17 @@ def attention(tr: Tracer, fqn: str, module: nn.Module, args, kwargs, output) -> 
     prefix = f"{fqn}." if fqn else ""
     others = [t for t in _tensors(args, kwargs) if t is not x and tr.label(t) is not None
               and bool((tr.label(t) >= 0).any())]
+    cross = [v for k, v in kwargs.items() if isinstance(v, torch.Tensor) and ("encoder" in k or "key_value" in k)]
+    if cross and x is not None:  # k / v read another sequence: their input columns are not x's channels
+        others.extend(c for c in cross if c is not x)
     for child in [spec.q, spec.k, spec.v, spec.qkv, *spec.q_like]:
         if child is not None and _has(module, child):
             _consume(tr, (prefix + child, "consumer", None, None), x, -1)
     if others:
         why = f"attention {fqn} reads several labeled inputs (cross-attention is not followed)"
         for t in others + ([x] if x is not None else []):
-            tr.uf.pin(tr.label(t), why)
+            if tr.label(t) is not None:
+                tr.uf.pin(tr.label(t), why)
     units = head_units(module, spec, "group")
     labs = tr.produce(prefix + "#heads", units.n_units)
     reason = spec.reason(module)

@@ -8,7 +8,8 @@ channels silently treated as element-wise would make the shrunk model differ fro
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -377,32 +378,14 @@ def value_read(tr, name, func, args, kwargs, out) -> None:
 
 
 # ------------------------------------------------------------------------------------------- tables
-ELEMENTWISE = """add sub mul div true_divide floor_divide rsub remainder fmod pow where maximum minimum clamp clip
-clamp_min clamp_max neg negative positive abs exp exp2 expm1 log log2 log10 log1p sqrt rsqrt sigmoid tanh relu
-relu6 gelu silu hardswish hardsigmoid hardtanh leaky_relu elu selu celu softplus softsign mish erf erfc sin cos
-square reciprocal sign addcmul addcdiv lerp dropout dropout1d dropout2d dropout3d alpha_dropout
-feature_alpha_dropout logical_and logical_or logical_xor logical_not eq ne lt le gt ge masked_fill nan_to_num
-floor ceil round trunc frac logsigmoid threshold tanhshrink softshrink hardshrink rrelu isnan isinf isfinite
-bitwise_and bitwise_or sigmoid_ silu_ mul_ heaviside xlogy copysign hypot atan2 float_power""".split()
-IDENTITY = """to float double half bfloat16 int long bool short type type_as contiguous clone detach cpu cuda
-requires_grad_ data alias identity""".split()
-STRUCTURAL = """view reshape permute transpose swapaxes swapdims movedim moveaxis t T mT H mH flatten unflatten
-squeeze unsqueeze expand expand_as view_as reshape_as broadcast_to repeat repeat_interleave tile narrow select
-__getitem__ index_select gather take_along_dim split split_with_sizes tensor_split hsplit vsplit chunk unbind
-roll flip fliplr flipud rot90 unfold diagonal pixel_shuffle pixel_unshuffle channel_shuffle
-native_channel_shuffle ravel atleast_1d atleast_2d atleast_3d masked_select""".split()
-CONCAT = "cat concat concatenate stack hstack vstack dstack".split()
-REDUCTION = """sum mean amax amin max min prod std var norm logsumexp any all argmax argmin count_nonzero nansum
-nanmean median nanmedian std_mean var_mean""".split()
-SPATIAL = """max_pool1d max_pool2d max_pool3d max_pool1d_with_indices max_pool2d_with_indices
-max_pool3d_with_indices avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d
-adaptive_avg_pool3d adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d
-adaptive_max_pool1d_with_indices adaptive_max_pool2d_with_indices adaptive_max_pool3d_with_indices lp_pool1d
-lp_pool2d lp_pool3d interpolate upsample upsample_nearest upsample_bilinear grid_sample
-fractional_max_pool2d fractional_max_pool3d""".split()
-CREATION = """zeros_like ones_like empty_like full_like rand_like randn_like randint_like new_zeros new_ones
-new_empty new_full new_tensor fill zero uniform normal bernoulli""".split()
-VALUE_READ = "item tolist numpy __bool__ __int__ __float__ __index__ __array__".split()
+ELEMENTWISE = ["add", "sub", "mul", "div", "true_divide", "floor_divide", "rsub", "remainder", "fmod", "pow", "where", "maximum", "minimum", "clamp", "clip", "clamp_min", "clamp_max", "neg", "negative", "positive", "abs", "exp", "exp2", "expm1", "log", "log2", "log10", "log1p", "sqrt", "rsqrt", "sigmoid", "tanh", "relu", "relu6", "gelu", "silu", "hardswish", "hardsigmoid", "hardtanh", "leaky_relu", "elu", "selu", "celu", "softplus", "softsign", "mish", "erf", "erfc", "sin", "cos", "square", "reciprocal", "sign", "addcmul", "addcdiv", "lerp", "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout", "logical_and", "logical_or", "logical_xor", "logical_not", "eq", "ne", "lt", "le", "gt", "ge", "masked_fill", "nan_to_num", "floor", "ceil", "round", "trunc", "frac", "logsigmoid", "threshold", "tanhshrink", "softshrink", "hardshrink", "rrelu", "isnan", "isinf", "isfinite", "bitwise_and", "bitwise_or", "sigmoid_", "silu_", "mul_", "heaviside", "xlogy", "copysign", "hypot", "atan2", "float_power"]
+IDENTITY = ["to", "float", "double", "half", "bfloat16", "int", "long", "bool", "short", "type", "type_as", "contiguous", "clone", "detach", "cpu", "cuda", "requires_grad_", "data", "alias", "identity"]
+STRUCTURAL = ["view", "reshape", "permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t", "T", "mT", "H", "mH", "flatten", "unflatten", "squeeze", "unsqueeze", "expand", "expand_as", "view_as", "reshape_as", "broadcast_to", "repeat", "repeat_interleave", "tile", "narrow", "select", "__getitem__", "index_select", "gather", "take_along_dim", "split", "split_with_sizes", "tensor_split", "hsplit", "vsplit", "chunk", "unbind", "roll", "flip", "fliplr", "flipud", "rot90", "unfold", "diagonal", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "native_channel_shuffle", "ravel", "atleast_1d", "atleast_2d", "atleast_3d", "masked_select"]
+CONCAT = ["cat", "concat", "concatenate", "stack", "hstack", "vstack", "dstack"]
+REDUCTION = ["sum", "mean", "amax", "amin", "max", "min", "prod", "std", "var", "norm", "logsumexp", "any", "all", "argmax", "argmin", "count_nonzero", "nansum", "nanmean", "median", "nanmedian", "std_mean", "var_mean"]
+SPATIAL = ["max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices", "max_pool2d_with_indices", "max_pool3d_with_indices", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d", "adaptive_max_pool1d_with_indices", "adaptive_max_pool2d_with_indices", "adaptive_max_pool3d_with_indices", "lp_pool1d", "lp_pool2d", "lp_pool3d", "interpolate", "upsample", "upsample_nearest", "upsample_bilinear", "grid_sample", "fractional_max_pool2d", "fractional_max_pool3d"]
+CREATION = ["zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "randint_like", "new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "fill", "zero", "uniform", "normal", "bernoulli"]
+VALUE_READ = ["item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__", "__array__"]
 
 HANDLERS: dict[str, Callable] = {}
 for _names, _handler in [
@@ -416,8 +399,7 @@ for _names, _handler in [
         HANDLERS[_name] = _handler
 
 #: structural ops that cannot depend on the number of channels (no commutation check needed)
-SIZE_FREE = set("""permute transpose swapaxes swapdims movedim moveaxis t T mT H mH unsqueeze flip fliplr flipud
-contiguous""".split())
+SIZE_FREE = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t", "T", "mT", "H", "mH", "unsqueeze", "flip", "fliplr", "flipud", "contiguous"}
 
 #: ops on parameters alone through which a parameter's element positions are followed (``gamma.view(1,-1,1,1)``)
 PARAM_FOLLOW = set(STRUCTURAL) | set(IDENTITY)

@@ -17,13 +17,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import _ops
 from ._labels import NONE, UnionFind, along, compress, expand
 from .converters import registry
-from .converters.attention import attention_spec, head_units, linear_layout
+from .converters.attention import attention_spec, linear_layout
 
 _logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def _opaque(module: nn.Module) -> bool:
 
 
 class _Mode(TorchFunctionMode):
-    def __init__(self, tracer: "Tracer") -> None:
+    def __init__(self, tracer: Tracer) -> None:
         super().__init__()
         self.tracer = tracer
 
@@ -305,7 +305,7 @@ class Tracer:
             mods = {o for o, _ in owners}
             if len(mods) > 1:
                 for o in mods:
-                    tied[o] = sorted(mods - {o})[0]
+                    tied[o] = min(mods - {o})
         for key, vec in self.members.items():
             if key[0] in tied:
                 self.uf.pin(vec, f"{key[0]} shares a weight with {tied[key[0]]}")

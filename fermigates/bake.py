@@ -198,6 +198,9 @@ def _shrink_checked(model: nn.Module, graph: Any, keep: dict, example: Any, repo
             warnings.warn(f"fermigates: shrunk model differs from the masked one ({diff:.3g}); shrink undone")
             return {}
     report.shrunk = True
+    from .converters import apply_hf_config_updates
+
+    apply_hf_config_updates(model)  # per-layer head counts etc., so generate() / caches see the new shapes
     report.not_shrunk.extend((f"group {gid}", why) for gid, why in getattr(result, "skipped", []))
     for name, change in result.changes.items():
         report.shapes.append((name, _shape_text(change, before=True), _shape_text(change, before=False)))

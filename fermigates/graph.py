@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ._trace import trace
 
@@ -97,8 +97,8 @@ class DependencyGraph:
         for g in self.groups:
             if not g.prunable:
                 pinned[_reason_kind(g.reason)] += 1
-        lines = [f"{len(self.groups)} groups, {len(self.prunable)} prunable "
-                 f"({sum(g.n_units for g in self.prunable)} units)"]
+        lines = [(f"{len(self.groups)} groups, {len(self.prunable)} prunable "
+                 f"({sum(g.n_units for g in self.prunable)} units)")]
         lines += [f"  pinned x{n}: {why}" for why, n in sorted(pinned.items(), key=lambda kv: -kv[1])]
         return "\n".join(lines)
 

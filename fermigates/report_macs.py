@@ -13,7 +13,7 @@ import math
 from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 from torch.overrides import TorchFunctionMode
 
 _logger = logging.getLogger(__name__)

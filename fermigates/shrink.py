@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .converters import registry
 from .converters.attention import attention_spec, linear_layout, slice_linear
@@ -29,8 +30,15 @@ from .report_macs import count_macs, macs_by_module
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["ModuleChange", "ShrinkResult", "shrink_model", "mask_model", "count_macs", "macs_by_module",
-           "SHRINK_RULES"]
+__all__ = [
+    "SHRINK_RULES",
+    "ModuleChange",
+    "ShrinkResult",
+    "count_macs",
+    "macs_by_module",
+    "mask_model",
+    "shrink_model",
+]
 
 
 @dataclass

@@ -5,8 +5,8 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from fermigates.graph import DependencyGraph
 from fermigates.shrink import ShrinkResult, mask_model, shrink_model
@@ -20,9 +20,7 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if not t.is_floating_point() or t.numel() == 0:
             continue
-        if name.endswith("running_var"):
-            t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
-        elif bool((t == 1).all()):
+        if name.endswith("running_var") or bool((t == 1).all()):
             t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
         elif bool((t == 0).all()) or name.endswith("running_mean") or bool((t.abs() < 1e-5).all()):
             t.copy_(torch.randn(t.shape, generator=gen) * 0.1)

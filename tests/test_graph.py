@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from _models import Lambda, SmallCNN, SmallMLP, masked_vs_shrunk, random_keep
+from torch import nn
 
 from fermigates.graph import build_dependency_graph
-
-from _models import Lambda, SmallCNN, SmallMLP, masked_vs_shrunk, random_keep
 
 torch.set_num_threads(1)  # 2 cores shared: one thread is an order of magnitude faster here
 
@@ -225,7 +224,7 @@ def test_attention_heads_are_units():
     assert roles(heads[0]) == {("attn", "attention"), ("attn.qkv", "producer"), ("attn.proj", "consumer")}
     assert heads[0].member("attn.qkv").width == 12
     keep = {heads[0].id: torch.tensor([True, False, True, False])}
-    err, result, shrunk = masked_vs_shrunk(m, graph, keep, x)
+    err, _result, shrunk = masked_vs_shrunk(m, graph, keep, x)
     assert err < 1e-5 and shrunk.attn.num_heads == 2 and shrunk.attn.qkv.out_features == 24
     assert timm is not None
 
@@ -308,5 +307,5 @@ def test_depthwise_multiplier_shrinks_exactly():
     graph = build_dependency_graph(m, x)
     g = group_of(graph, "a")
     assert g.prunable and g.member("dw", "passthrough").width == 2 and g.member("c", "consumer").width == 2
-    err, result, shrunk = masked_vs_shrunk(m, graph, {g.id: torch.tensor([True, False, False, True])}, x)
+    err, _result, shrunk = masked_vs_shrunk(m, graph, {g.id: torch.tensor([True, False, False, True])}, x)
     assert err < 1e-6 and (shrunk.dw.in_channels, shrunk.dw.out_channels, shrunk.dw.groups) == (2, 4, 2)

@@ -6,16 +6,14 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from _models import SmallCNN, SmallMLP, masked_vs_shrunk, n_params, random_keep, randomize_, whole_group_keep
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from fermigates.graph import build_dependency_graph
 from fermigates.shrink import count_macs, macs_by_module, mask_model, shrink_model
-
-from _models import (SmallCNN, SmallMLP, masked_vs_shrunk, n_params, randomize_, random_keep,
-                     whole_group_keep)
 
 torch.set_num_threads(1)  # 2 cores shared: one thread is an order of magnitude faster here
 
@@ -79,7 +77,7 @@ def test_property_small_cnn(keep):
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(keep=keep_strategy(MLP_GRAPH))
 def test_property_small_mlp(keep):
-    err, result, shrunk = masked_vs_shrunk(MLP, MLP_GRAPH, keep, MLP_X)
+    err, result, _shrunk = masked_vs_shrunk(MLP, MLP_GRAPH, keep, MLP_X)
     assert err < 1e-5
     removed = sum(int((~k).sum()) for k in keep.values())
     assert (result.params_after < result.params_before) == (removed > 0)
@@ -114,7 +112,7 @@ def test_pinned_groups_are_skipped_and_bad_keep_rejected():
 def test_whole_group_removal_keeps_one_zeroed_unit():
     model = copy.deepcopy(CNN)
     g = next(g for g in CNN_GRAPH.prunable if g.member("se_reduce", "producer") is not None)
-    err, result, shrunk = masked_vs_shrunk(CNN, CNN_GRAPH, {g.id: torch.zeros(g.n_units, dtype=torch.bool)}, CNN_X)
+    err, _result, shrunk = masked_vs_shrunk(CNN, CNN_GRAPH, {g.id: torch.zeros(g.n_units, dtype=torch.bool)}, CNN_X)
     assert err < 1e-6 and shrunk.se_reduce.out_channels == 1
     assert bool((shrunk.se_expand.weight == 0).all())
     assert model is not shrunk
