@@ -13,15 +13,27 @@ from .bake import convert_from_fermi, disable_gates, hard_gates
 from .config import FermiConfig, load_recipe
 from .convert import ConversionSummary, convert_to_fermi, summary
 from .gates import FermiGate, fermi_probability
+from .graph import ChannelGroup, DependencyGraph, GroupMember, build_dependency_graph
 from .io import CheckpointError, CheckpointSummary, from_pretrained, inspect_checkpoint, load_shrunk, save_shrunk
 from .layers import FermiConv1d, FermiConv2d, FermiConv3d, FermiLinear
 from .onnx_export import export_onnx
 from .prune import prune
+from .shrink import ModuleChange, ShrinkResult, mask_model, shrink_model
+from .report_macs import count_macs
 from .report import FermiReport, SparsityReport, compute_sparsity, count_parameters
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ChannelGroup",
+    "DependencyGraph",
+    "GroupMember",
+    "ModuleChange",
+    "ShrinkResult",
+    "build_dependency_graph",
+    "count_macs",
+    "mask_model",
+    "shrink_model",
     "CheckpointError",
     "CheckpointSummary",
     "export_onnx",

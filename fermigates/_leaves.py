@@ -104,6 +104,25 @@ def conv(tr: Tracer, fqn: str, module: nn.Module, args, kwargs, output) -> None:
     _rest_none(tr, output, y)
 
 
+def conv_transpose(tr: Tracer, fqn: str, module: nn.Module, args, kwargs, output) -> None:
+    """Transposed conv: weight ``(in, out / groups, *k)``; grouped ones are pinned."""
+    x, y = _input(args, kwargs), _first_out(output)
+    n_sp = len(module.kernel_size)
+    axis = x.dim() - n_sp - 1 if x is not None else 1
+    vec = _consume(tr, (fqn, "consumer", None, None), x, axis)
+    labs = tr.produce(fqn, module.out_channels)
+    tr.record((fqn, "producer", None, None), labs)
+    why = f"{fqn} ({type(module).__name__}) overrides forward" if _opaque(module) else (
+        f"{fqn} is a grouped transposed conv" if module.groups > 1 else None)
+    if why:
+        for v in (labs, vec):
+            if v is not None:
+                tr.uf.pin(v, why)
+    if y is not None:
+        tr.set(y, _at_axis(labs, y.dim(), y.dim() - n_sp - 1))
+    _rest_none(tr, output, y)
+
+
 def embedding(tr: Tracer, fqn: str, module: nn.Module, args, kwargs, output) -> None:
     for t in tr.out_tensors(output):
         tr.set_none(t)
@@ -181,5 +200,5 @@ def _tensors(args, kwargs) -> list[torch.Tensor]:
 
 
 LEAVES: dict[str, Callable] = {
-    "linear": linear, "conv": conv, "embedding": embedding, "rmsnorm": rms_norm, "attention": attention,
+    "linear": linear, "conv": conv, "conv_transpose": conv_transpose, "embedding": embedding, "rmsnorm": rms_norm, "attention": attention,
 }

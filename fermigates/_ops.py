@@ -62,6 +62,19 @@ def _align(label: torch.Tensor, nd: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------- element-wise
+def _drop_broadcast(tr, labeled: list, where: str) -> list[torch.Tensor]:
+    """A labeled operand broadcast along the channels of another (a one-channel spatial gate times a feature
+    map) feeds every one of them: its own channels are pinned instead of joining all the others into one."""
+    vary = set().union(*(varying_dims(lab) for lab, _ in labeled)) if labeled else set()
+    kept = []
+    for lab, shape in labeled:
+        if any(shape[d] == 1 for d in vary):
+            tr.uf.pin(lab, f"{where} broadcasts these channels over other channels")
+        else:
+            kept.append(lab)
+    return kept
+
+
 def elementwise(tr, name, func, args, kwargs, out) -> None:
     outs = tr.out_tensors(out)
     if not outs:
@@ -71,14 +84,15 @@ def elementwise(tr, name, func, args, kwargs, out) -> None:
     for t in tensors_in(args, kwargs):
         lab = tr.label(t)
         if lab is not None and t.dim() <= nd and bool((lab >= 0).any()):
-            labeled.append(_align(lab, nd))
+            labeled.append((_align(lab, nd), (1,) * (nd - t.dim()) + tuple(t.shape)))
         elif t.dim() > 0 and t.numel() > 1:
             others.append(t)
+    where = f"{name} at {tr.where()}"
+    labeled = _drop_broadcast(tr, labeled, where)
     if not labeled:
         for o in outs:
             tr.set_none(o)
         return
-    where = f"{name} at {tr.where()}"
     shape = torch.broadcast_shapes(*[lab.shape for lab in labeled])
     res = labeled[0].expand(shape).clone()
     for lab in labeled[1:]:

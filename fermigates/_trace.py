@@ -32,6 +32,7 @@ MemberKey = tuple  # (module fqn, role, parameter name or None, parameter axis o
 #: subclasses of Linear / Conv whose forward override keeps the channel semantics of the base class
 SAFE_FORWARD = {"timm.layers.linear.Linear", "timm.layers.conv2d_same.Conv2dSame"}
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_TS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 def leaf_kind(module: nn.Module) -> str | None:
@@ -42,6 +43,8 @@ def leaf_kind(module: nn.Module) -> str | None:
         return "linear"
     if isinstance(module, _CONVS):
         return "conv"
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return "conv_transpose"
     if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
         return "embedding"
     if isinstance(module, nn.RMSNorm) or registry.lookup(registry.RMS_NORMS, module) is not None:
@@ -56,7 +59,7 @@ def _opaque(module: nn.Module) -> bool:
     if isinstance(module, GatedMixin) or registry.lookup(registry.LINEAR_LIKE, module) is not None:
         return False
     for base in type(module).__mro__:
-        if base in (nn.Linear, *_CONVS) or registry.qualname(base) in SAFE_FORWARD:
+        if base in (nn.Linear, *_CONVS, *_CONV_TS) or registry.qualname(base) in SAFE_FORWARD:
             return type(module).forward is not base.forward and registry.qualname(base) not in SAFE_FORWARD
         if "forward" in base.__dict__:
             return True

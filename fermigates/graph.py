@@ -10,9 +10,23 @@ mixes channels (layer norm, softmax or a reduction over channels, a matmul, an u
 channels to the model output *pins* them. Runtime capture works on timm and Hugging Face models alike (no FX,
 asserts and data-dependent Python are fine), at the price of seeing only the path the example inputs take.
 
+Structural ops are also checked to *commute with shrinking*: re-applied with the same arguments to the labels
+minus one unit they must give the full result minus that unit. Fixed sizes or indices in the model code
+(``x[:, :k]``, ``split([a, b])``, ``view(B, num_heads, -1)``) fail the check and pin; so, conservatively, does
+a size the code computed from ``x.shape`` (a runtime trace cannot tell the two apart). ``chunk(n)`` couples
+position ``j`` of every chunk into one unit, which keeps the chunks equal after shrinking.
+
 Why pinning is enough: gates live on the consumers' input columns, and the hard-masked model zeroes those
 columns. Removing a unit everywhere computes the same function as that masked model exactly when every path
 of the unit's channels ends in a consumer, which is what a prunable group guarantees.
+
+Other rules: a depthwise / grouped conv passes whole groups through (a unit is one group: ``in/groups`` input
+and ``out/groups`` output channels), so RegNet-style grouped bottlenecks stay prunable; per-channel parameters
+met in element-wise ops (a layer scale ``x * gamma``) become ``passthrough`` members with ``param`` set; a
+module that shares a weight with another (tied embeddings) is pinned; attention modules with a registered
+``AttentionSpec`` are leaves whose heads (or KV groups) are units, cross-attention inputs are pinned; a
+Linear / conv subclass that overrides ``forward`` (``StdConv2d``) is pinned unless it is a gated twin or known
+to be safe.
 
 A *unit* is one component of joined labels; units that touch the same members (with the same widths) form
 one :class:`ChannelGroup`. ``GroupMember.index[u]`` lists the channels unit ``u`` covers on the member's axis.
@@ -31,6 +45,8 @@ from torch import nn
 from ._trace import trace
 
 _logger = logging.getLogger(__name__)
+
+__all__ = ["ChannelGroup", "DependencyGraph", "GroupMember", "build_dependency_graph"]
 
 
 @dataclass

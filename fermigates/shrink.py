@@ -99,7 +99,9 @@ def _zero_columns(module: nn.Module, cols: torch.Tensor) -> None:
 
 def _in_axis(module: nn.Module) -> int:
     layout = linear_layout(module)
-    return layout.in_dim if layout is not None else 1
+    if layout is not None:
+        return layout.in_dim
+    return 0 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 1
 
 
 @torch.no_grad()
@@ -229,6 +231,19 @@ def _shrink_conv(module: nn.Module, slots: dict, change: ModuleChange) -> None:
     change.kept_in, change.kept_out = kept_in, kept_out
 
 
+def _shrink_conv_transpose(module: nn.Module, slots: dict, change: ModuleChange) -> None:
+    kept_in = _complement(slots["in"], module.in_channels) if "in" in slots else None
+    kept_out = _complement(slots["out"], module.out_channels) if "out" in slots else None
+    if kept_in is not None:
+        _slice_attr(module, "weight", 0, kept_in)
+        module.in_channels = int(kept_in.numel())
+    if kept_out is not None:
+        _slice_attr(module, "weight", 1, kept_out)
+        _slice_attr(module, "bias", 0, kept_out)
+        module.out_channels = int(kept_out.numel())
+    change.kept_in, change.kept_out = kept_in, kept_out
+
+
 def _shrink_norm(module: nn.Module, slots: dict, change: ModuleChange) -> None:
     kept = _complement(slots["chan"], module.num_features)
     for name in ("weight", "bias", "running_mean", "running_var"):
@@ -240,6 +255,7 @@ def _shrink_norm(module: nn.Module, slots: dict, change: ModuleChange) -> None:
 #: class -> rule(module, slots, change); slots maps "out"/"in"/"chan" to removed indices
 SHRINK_RULES: dict[type, Callable[[nn.Module, dict, ModuleChange], None]] = {
     nn.Linear: _shrink_linear,
+    nn.modules.conv._ConvTransposeNd: _shrink_conv_transpose,
     nn.modules.conv._ConvNd: _shrink_conv,
     nn.modules.batchnorm._NormBase: _shrink_norm,
 }

@@ -10,8 +10,6 @@ from torch import nn
 
 from fermigates.graph import build_dependency_graph
 
-torch.set_num_threads(1)  # 2 cores shared: one thread is an order of magnitude faster here
-
 
 def group_of(graph, module: str, role: str = "producer"):
     hits = [g for g in graph.groups if g.member(module, role) is not None]
@@ -309,3 +307,29 @@ def test_depthwise_multiplier_shrinks_exactly():
     assert g.prunable and g.member("dw", "passthrough").width == 2 and g.member("c", "consumer").width == 2
     err, _result, shrunk = masked_vs_shrunk(m, graph, {g.id: torch.tensor([True, False, False, True])}, x)
     assert err < 1e-6 and (shrunk.dw.in_channels, shrunk.dw.out_channels, shrunk.dw.groups) == (2, 4, 2)
+
+
+def test_transposed_conv_consumes_and_produces():
+    def fn(self, x):
+        return pooled_head(self, self.c(F.relu(self.up(F.relu(self.a(x))))))
+
+    m = Lambda(fn, a=nn.Conv2d(3, 6, 1), up=nn.ConvTranspose2d(6, 4, 2, stride=2), c=nn.Conv2d(4, 3, 1),
+               head=head(3))
+    x = torch.randn(1, 3, 4, 4)
+    graph = build_dependency_graph(m, x)
+    ga, gu = group_of(graph, "a"), group_of(graph, "up")
+    assert ga.prunable and gu.prunable and ("up", "consumer") in roles(ga)
+    keep = {ga.id: torch.arange(6) % 2 == 0, gu.id: torch.tensor([True, False, True, True])}
+    err, _, shrunk = masked_vs_shrunk(m, graph, keep, x)
+    assert err < 1e-6 and (shrunk.up.in_channels, shrunk.up.out_channels) == (3, 3)
+
+
+def test_one_channel_gate_broadcast_over_channels_is_pinned_alone():
+    def fn(self, x):
+        h = self.a(x)
+        return pooled_head(self, self.c(h * torch.sigmoid(self.gate(h))))
+
+    m = Lambda(fn, a=nn.Conv2d(3, 6, 1), gate=nn.Conv2d(6, 1, 3, padding=1), c=nn.Conv2d(6, 4, 1), head=head(4))
+    graph = build_dependency_graph(m, torch.randn(1, 3, 5, 5))
+    assert group_of(graph, "a").n_units == 6 and group_of(graph, "a").prunable
+    assert "broadcasts" in group_of(graph, "gate").reason

@@ -15,8 +15,6 @@ from torch import nn
 from fermigates.graph import build_dependency_graph
 from fermigates.shrink import count_macs, macs_by_module, mask_model, shrink_model
 
-torch.set_num_threads(1)  # 2 cores shared: one thread is an order of magnitude faster here
-
 TIMM_MODELS = {  # name -> (input size, prunable groups, pinned groups) with timm 1.0.x
     "resnet18": (64, 12, 1),  # stem, 4 residual streams, 8 block-internal; pinned: classifier output
     "resnet50": (64, 37, 1),  # stem, 4 streams, 2 per bottleneck
