@@ -22,6 +22,7 @@ import torch.nn as nn
 from torch.optim import Optimizer
 
 from .convert import fermi_state, gate_scores, soft_probabilities
+from .config import check_sparsity
 from .gates import check_temperature, kth_quantile
 
 TEMPERATURE_SCHEDULES = ("linear", "exponential", "cosine")
@@ -64,7 +65,7 @@ class AnnealSchedule:
     total_steps: int
     temperature: tuple[float, float] = (1.0, 0.01)
     schedule: str = "exponential"
-    target_sparsity: float = 0.5
+    target_sparsity: float | dict[str, float] = 0.5
     sparsity_schedule: str = "cubic"
     initial_sparsity: float = 0.0
     ramp: float = 0.75
@@ -81,9 +82,9 @@ class AnnealSchedule:
         )
         temperature_at(0.0, *self.temperature, self.schedule)
         sparsity_at(0.0, 0.0, self.sparsity_schedule)
-        for name in ("target_sparsity", "initial_sparsity"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        check_sparsity(self.target_sparsity)
+        if not 0.0 <= self.initial_sparsity < 1.0:
+            raise ValueError(f"initial_sparsity must be in [0, 1), got {self.initial_sparsity!r}")
         if not 0.0 < self.ramp <= 1.0:
             raise ValueError(f"ramp must be in (0, 1], got {self.ramp!r}")
         if not 0.0 <= self.tolerance < 1.0:
@@ -92,9 +93,18 @@ class AnnealSchedule:
     def temperature_at(self, step: int) -> float:
         return temperature_at(step / self.total_steps, *self.temperature, self.schedule)
 
-    def sparsity_at(self, step: int) -> float:
+    def final_sparsity(self, kind: str | None = None) -> float:
+        """The target of gates of ``kind`` ("weight", "channel", "head"); the largest one if None."""
+        if not isinstance(self.target_sparsity, dict):
+            return float(self.target_sparsity)
+        if kind is None:
+            return max(self.target_sparsity.values(), default=0.0)
+        return float(self.target_sparsity.get(kind, 0.0))
+
+    def sparsity_at(self, step: int, kind: str | None = None) -> float:
         progress = step / (self.ramp * self.total_steps)
-        return sparsity_at(progress, self.target_sparsity, self.sparsity_schedule, self.initial_sparsity)
+        final = self.final_sparsity(kind)
+        return sparsity_at(progress, final, self.sparsity_schedule, min(self.initial_sparsity, final))
 
     def band_at(self, step: int) -> float:
         progress = min(step / (self.ramp * self.total_steps), 1.0)
@@ -103,10 +113,10 @@ class AnnealSchedule:
     @torch.no_grad()
     def apply(self, model: nn.Module, step: int) -> None:
         """Set ``T`` and clamp ``mu`` of every gate of ``model`` for ``step``."""
-        temperature = self.temperature_at(step)
-        target, band = self.sparsity_at(step), self.band_at(step)
+        temperature, band = self.temperature_at(step), self.band_at(step)
         for gate, scores in gate_scores(model):
             gate.set_temperature(temperature)
+            target = self.sparsity_at(step, getattr(gate, "kind", "weight"))
             if band > 0:
                 probe = _probe(gate, scores)
                 lo = kth_quantile(probe, target - band) if target - band > 0 else -math.inf
@@ -228,7 +238,7 @@ class FermiAnnealer(Optimizer):
 
     @property
     def target_sparsity(self) -> float:
-        """The scheduled sparsity at the current step."""
+        """The scheduled sparsity at the current step (of the most pruned granularity)."""
         return self.schedule.sparsity_at(self.step_count)
 
     def sparsity_loss(self) -> torch.Tensor:
@@ -237,9 +247,9 @@ class FermiAnnealer(Optimizer):
         ``sparsity_weight * sum_g n_g * relu(mean(P_g) - (1 - s(t))) / sum_g n_g``; it pushes ``mu`` up and the
         scores of units near the threshold down, so units leave smoothly instead of being cut.
         """
-        target_density = 1.0 - self.target_sparsity
         total, count = None, 0
-        for p in soft_probabilities(self.model):
+        for gate, p in soft_probabilities(self.model):
+            target_density = 1.0 - self.schedule.sparsity_at(self.step_count, getattr(gate, "kind", "weight"))
             excess = torch.relu(p.float().mean() - target_density) * p.numel()
             total = excess if total is None else total + excess
             count += p.numel()
@@ -271,5 +281,5 @@ class FermiAnnealer(Optimizer):
         s = self.schedule
         return (
             f"FermiAnnealer({type(self.optimizer).__name__}, step {self.step_count}/{s.total_steps}, "
-            f"T={self.temperature:.4g}, target sparsity {self.target_sparsity:.3f} -> {s.target_sparsity})"
+            f"T={self.temperature:.4g}, target sparsity {self.target_sparsity:.3f} -> {s.target_sparsity!r})"
         )

@@ -15,6 +15,16 @@ GRANULARITIES = ("weight", "channel", "head")
 CONFIG_VERSION = 1
 
 
+def check_sparsity(value: Any, granularities: tuple[str, ...] = GRANULARITIES) -> None:
+    """``value`` is a fraction in [0, 1) or a dict of them keyed by granularity."""
+    items = value.items() if isinstance(value, dict) else [(None, value)]
+    for key, fraction in items:
+        if key is not None and key not in granularities:
+            raise ValueError(f"target_sparsity keys must be among the granularities {granularities}, got {key!r}")
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction < 1.0:
+            raise ValueError(f"target_sparsity must be in [0, 1) (or a dict of such per granularity), got {value!r}")
+
+
 def _help(text: str, **kwargs: Any) -> Any:
     return field(metadata={"help": text}, **kwargs)
 
@@ -28,8 +38,10 @@ class FermiConfig:
         "graph) or 'head' (attention heads); a tuple such as ('channel', 'head') gates both.",
         default="weight",
     )
-    target_sparsity: float = _help(
-        "Fraction of gated units to remove at the end of annealing (0 <= s < 1).", default=0.5
+    target_sparsity: float | dict[str, float] = _help(
+        "Fraction of gated units to remove at the end of annealing (0 <= s < 1), or one per granularity, "
+        "e.g. {'channel': 0.5, 'head': 0.25}.",
+        default=0.5,
     )
     temperature: float = _help(
         "Initial temperature of every gate, in units of the layer's mean score (the annealer then sets it).",
@@ -71,8 +83,7 @@ class FermiConfig:
                 raise ValueError(f"granularity must be one of {GRANULARITIES} (or a tuple of them), got {g!r}")
         if "weight" in self.granularities and len(self.granularities) > 1:
             raise ValueError("granularity 'weight' cannot be combined with structured granularities")
-        if not 0.0 <= float(self.target_sparsity) < 1.0:
-            raise ValueError(f"target_sparsity must be in [0, 1), got {self.target_sparsity!r}")
+        check_sparsity(self.target_sparsity, self.granularities)
         check_temperature(self.temperature)
         if self.mu_init != "open" and not (
             isinstance(self.mu_init, (int, float)) and not isinstance(self.mu_init, bool) and 0 <= self.mu_init < 1

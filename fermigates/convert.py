@@ -296,9 +296,9 @@ def gate_scores(model: nn.Module) -> list[tuple[Any, torch.Tensor]]:
     return out
 
 
-def soft_probabilities(model: nn.Module) -> list[torch.Tensor]:
-    """The soft retention probability of every unit, per gate, with gradients to weights and ``mu``."""
+def soft_probabilities(model: nn.Module) -> list[tuple[Any, torch.Tensor]]:
+    """``(gate, soft retention probability of its units)``, with gradients to weights and ``mu``."""
     return [
-        gate(owner.weight.abs()) if owner is not None else gate.probability()
+        (gate, gate(owner.weight.abs()) if owner is not None else gate.probability())
         for gate, owner in _distinct_gates(model)
     ]

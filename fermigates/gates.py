@@ -52,6 +52,8 @@ class FermiGate(nn.Module):
         self.register_buffer("scale", torch.tensor(float(scale) if scale > 0 else 1.0))
         #: when False the gate passes everything (P = 1): used to run the dense reference network
         self.enabled = True
+        #: which granularity the gate serves ("weight", "channel", "head"): picks its sparsity target
+        self.kind = "weight"
         #: when True the gate applies its hard decision (P in {0, 1}) instead of the soft probability
         self.hard = False
 

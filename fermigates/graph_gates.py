@@ -75,6 +75,7 @@ def attach_group_gates(
         init = FermiGate.for_scores(probe.score().detach(), config.temperature, config.mu_init)
         gate = GroupGate(group.n_units, init.scale.item(), init.mu.item(), config.temperature, producers)
         gate.group_id = group.id
+        gate.kind = group.kind
         gate.label = _describe(group)
         gate.to(producers[0][0].weight.device)
         first = True

@@ -49,3 +49,16 @@ def test_head_granularity_alone_gates_attention_heads():
     for layer in model.encoder.layer:
         assert layer.attention.self.num_attention_heads == 2
         assert layer.attention.output.dense.in_features == 2 * layer.attention.self.attention_head_size
+
+
+def test_per_granularity_targets_remove_half_the_neurons_and_a_quarter_of_the_heads():
+    model, inputs = build("hf", "bert")
+    config = fg.FermiConfig(granularity=("channel", "head"), target_sparsity={"channel": 0.5, "head": 0.25})
+    fg.convert_to_fermi(model, config, example_inputs={k: v[:1] for k, v in inputs.items()})
+    opt = fg.FermiAnnealer(torch.optim.SGD(model.parameters(), lr=0.0), model, total_steps=2)
+    opt.step()
+    opt.step()
+    fg.convert_from_fermi(model)
+    for layer in model.encoder.layer:
+        assert layer.attention.self.num_attention_heads == 3
+        assert layer.intermediate.dense.out_features == 32
