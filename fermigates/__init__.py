@@ -9,6 +9,7 @@ Public API::
 
 from . import converters  # noqa: F401  (registers the family converters; imports no timm/transformers)
 from .anneal import AnnealSchedule, FermiAnnealer, sparsity_at, temperature_at
+from .calibrate import CalibrationError, CalibrationReport, calibrate
 from .bake import convert_from_fermi, disable_gates, hard_gates
 from .config import FermiConfig, load_recipe
 from .convert import ConversionSummary, convert_to_fermi, summary
@@ -25,6 +26,9 @@ from .report import FermiReport, SparsityReport, compute_sparsity, count_paramet
 __version__ = "0.1.0"
 
 __all__ = [
+    "CalibrationError",
+    "CalibrationReport",
+    "calibrate",
     "ChannelGroup",
     "DependencyGraph",
     "GroupMember",

@@ -17,9 +17,17 @@ def test_readme_setup_is_what_ci_runs():
         assert command.replace("python -m pip", "pip") in ci
 
 
-def test_readme_quickstart_runs():
+def test_readme_code_runs(tmp_path, monkeypatch):
     blocks = _python_blocks()
-    assert blocks, "README has no python block"
+    assert len(blocks) >= 3, "README lost a python block"
     quickstart = blocks[0]
     assert len(quickstart.strip().splitlines()) <= 16
-    exec(compile(quickstart, str(README), "exec"), {})
+    monkeypatch.chdir(tmp_path)  # the save/load block writes out/
+    namespace: dict = {}
+    for block in blocks:  # quickstart, save/load, one-shot: one session, as a reader would run them
+        namespace.setdefault("calibration_batches", None)
+        if "calibration_batches" in block:
+            namespace["calibration_batches"] = [namespace["x"]]
+        exec(compile(block, str(README), "exec"), namespace)
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert namespace["report"].params_after <= namespace["report"].params_before
