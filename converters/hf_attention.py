@@ -278,6 +278,9 @@ def _hf_per_layer_config(q: list[int], kv: list[int], d: list[int]) -> dict[str,
 def apply_hf_config_updates(model: nn.Module) -> dict[str, Any]:
     """Write :func:`hf_config_updates` into ``model.config`` (shared by all its submodules); returns them."""
     updates = hf_config_updates(model)
+    for module in model.modules():  # MLPs that keep their width as an attribute (LlamaMLP, MistralMLP, ...)
+        if isinstance(getattr(module, "intermediate_size", None), int) and hasattr(module, "up_proj"):
+            module.intermediate_size = _out_features(module.up_proj)
     for key, value in updates.items():  # the access flag first: per_layer_config makes globals ambiguous
         setattr(model.config, key, value)
     if updates:

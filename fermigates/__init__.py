@@ -19,6 +19,7 @@ from .io import CheckpointError, CheckpointSummary, from_pretrained, inspect_che
 from .layers import FermiConv1d, FermiConv2d, FermiConv3d, FermiLinear
 from .onnx_export import export_onnx
 from .prune import prune
+from .refine import RefineResult, refine_gates
 from .shrink import ModuleChange, ShrinkResult, mask_model, shrink_model
 from .report_macs import count_macs
 from .report import FermiReport, SparsityReport, compute_sparsity, count_parameters
@@ -65,6 +66,8 @@ __all__ = [
     "hard_gates",
     "load_recipe",
     "prune",
+    "refine_gates",
+    "RefineResult",
     "sparsity_at",
     "summary",
     "temperature_at",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ._ridge import LayerPlan
+from ._ridge import LayerPlan, weight_2d
 
 
 @dataclass
@@ -35,10 +35,11 @@ class LayerCalibration:
                   seconds: float) -> "LayerCalibration":
         m, r = plan.module, plan.reference
         conv = plan.is_conv
-        in_ref = r.in_channels if conv else r.in_features
-        out_ref = r.weight.shape[0]
-        in_kept = len(plan.sel_in) if plan.sel_in is not None else (m.in_channels if conv else m.in_features)
-        out_kept = len(plan.sel_out) if plan.sel_out is not None else m.weight.shape[0]
+        mw, rw = weight_2d(m), weight_2d(r)
+        in_ref = r.in_channels if conv else rw.shape[1]
+        out_ref = rw.shape[0]
+        in_kept = len(plan.sel_in) if plan.sel_in is not None else (m.in_channels if conv else mw.shape[1])
+        out_kept = len(plan.sel_out) if plan.sel_out is not None else mw.shape[0]
         return cls(plan.name, type(m).__name__, in_kept, in_ref, out_kept, out_ref, plan.groups, rows,
                    before, after, solver, seconds)
 

@@ -24,6 +24,26 @@ CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 SUPPORTED = (nn.Linear, *CONVS)
 
 
+def transposed(module: nn.Module) -> bool:
+    """A registered Linear-like layer whose weight is stored ``(in, out)`` (transformers' ``Conv1D``)."""
+    if isinstance(module, SUPPORTED):
+        return False
+    from .converters.registry import LINEAR_LIKE, lookup
+
+    layout = lookup(LINEAR_LIKE, module)
+    return layout is not None and layout.out_dim == 1
+
+
+def is_supported(module: nn.Module) -> bool:
+    """Layers :func:`fermigates.calibrate` can re-fit: Linear, Conv1d/2d/3d and Linear-like ``(in, out)`` ones."""
+    return isinstance(module, SUPPORTED) or transposed(module)
+
+
+def weight_2d(module: nn.Module) -> torch.Tensor:
+    """The weight as ``(out, in, *kernel)`` (a view: writing into it writes the layer)."""
+    return module.weight.T if transposed(module) else module.weight
+
+
 def _explicit_padding(conv: nn.Module) -> list[tuple[int, int]]:
     """(left, right) padding per spatial dim, resolving ``padding='same'|'valid'`` like torch does."""
     nd = len(conv.kernel_size)
@@ -119,7 +139,7 @@ class LayerPlan:
 
     # -- weights ----------------------------------------------------------------------------------------
     def _block(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        w, b = self.module.weight.detach(), None if self.module.bias is None else self.module.bias.detach()
+        w, b = weight_2d(self.module).detach(), None if self.module.bias is None else self.module.bias.detach()
         if self.sel_out is not None:
             w = w.index_select(0, self.sel_out.to(w.device))
             b = None if b is None else b.index_select(0, self.sel_out.to(w.device))
@@ -139,7 +159,7 @@ class LayerPlan:
     @torch.no_grad()
     def write(self, sol: torch.Tensor) -> None:
         """Write a solution shaped like :meth:`current` into the layer in place (in the layer's dtype)."""
-        weight, bias = self.module.weight, self.module.bias
+        weight, bias = weight_2d(self.module), self.module.bias
         w, _ = self._block()
         p = w[0].numel()
         new_w = sol[:, :p, :].transpose(1, 2).reshape(w.shape).to(weight.dtype)

@@ -117,6 +117,7 @@ def convert_from_fermi(
     shrink: bool = True,
     calibration_data: Any = None,
     ridge: float = 1e-2,
+    calibrate_layers: str = "pruned",
     example_inputs: Any = None,
     progress: bool = True,
 ) -> FermiReport:
@@ -126,9 +127,12 @@ def convert_from_fermi(
     produces or consumes them, and the shrunk model is checked against the hard-masked one on the example
     inputs (if they differ, the shrink is undone and the report says why). With ``calibration_data`` the
     layers that lost inputs are re-fitted in closed form (ridge regression toward the dense model's outputs)
-    and the result is written into their own weights. The model is modified in place; the report says what
-    changed.
+    and the result is written into their own weights; ``calibrate_layers="all"`` re-fits every Linear / Conv
+    of the shrunk model (except shared / tied weights) in network order, so later layers also absorb the
+    drift of their inputs. The model is modified in place; the report says what changed.
     """
+    if calibrate_layers not in ("pruned", "all"):
+        raise ValueError(f"calibrate_layers must be 'pruned' or 'all', got {calibrate_layers!r}")
     state = fermi_state(model)
     if calibration_data is not None and not state.config.structured:
         raise ValueError(
@@ -162,7 +166,7 @@ def convert_from_fermi(
         from .calibrate import calibrate
 
         # unshrunk: calibrate finds the hard-masked layers itself (whole input columns zeroed)
-        targets = _calibration_targets(model, twins, changes) if changes else None
+        targets = _calibration_targets(model, twins, changes, calibrate_layers) if changes else None
         report.calibration = calibrate(
             model, calibration_data, reference=reference, targets=targets, ridge=ridge, progress=progress
         )
@@ -214,13 +218,23 @@ def _shape_text(change: Any, before: bool) -> str:
     return ", ".join(f"{k}={v}" for k, v in attrs.items())
 
 
-def _calibration_targets(model: nn.Module, twins: dict[str, nn.Module], changes: dict) -> dict:
-    """Layers to re-fit: consumers that lost input channels, or (unstructured) layers with masked weights."""
-    return {
-        name: (ch.kept_in, ch.kept_out)
-        for name, ch in changes.items()
-        if ch.kept_in is not None and name in twins
-    }
+def _calibration_targets(model: nn.Module, twins: dict[str, nn.Module], changes: dict, scope: str) -> dict:
+    """Layers to re-fit: the consumers that lost input channels; with ``scope="all"`` every Linear / Conv
+    whose weight is its own (tied or shared weights would change elsewhere too)."""
+    targets = {name: (ch.kept_in, ch.kept_out) for name, ch in changes.items()
+               if ch.kept_in is not None and name in twins}
+    if scope == "all":
+        from ._ridge import is_supported
+
+        owners: dict[int, int] = {}
+        for module in model.modules():
+            for p in module.parameters(recurse=False):
+                owners[id(p)] = owners.get(id(p), 0) + 1
+        for name, module in model.named_modules():
+            if is_supported(module) and name not in targets and owners.get(id(module.weight)) == 1:
+                ch = changes.get(name)
+                targets[name] = (ch.kept_in, ch.kept_out) if ch is not None else (None, None)
+    return targets
 
 
 def _count_macs(model: nn.Module, example: Any) -> int | None:

@@ -25,7 +25,7 @@ from torch import nn
 
 from . import _coroutine as co
 from ._calib_report import CalibrationReport, LayerCalibration
-from ._ridge import SUPPORTED, LayerPlan, RidgeStats, ridge_solve
+from ._ridge import SUPPORTED, LayerPlan, RidgeStats, is_supported, ridge_solve, weight_2d
 
 _logger = logging.getLogger(__name__)
 
@@ -117,8 +117,9 @@ def _params(m: nn.Module) -> list[torch.Tensor]:
 
 def _expected_shape(ref: nn.Module, kept_in: torch.Tensor | None, kept_out: torch.Tensor | None,
                     groups: int) -> tuple[int, int]:
-    n_out = ref.weight.shape[0] if kept_out is None else len(kept_out)
-    n_in = (ref.weight.shape[1] * ref.groups if isinstance(ref, SUPPORTED[1:]) else ref.weight.shape[1])
+    w = weight_2d(ref)
+    n_out = w.shape[0] if kept_out is None else len(kept_out)
+    n_in = (w.shape[1] * ref.groups if isinstance(ref, SUPPORTED[1:]) else w.shape[1])
     n_in = n_in if kept_in is None else len(kept_in)
     return n_out, n_in // groups
 
@@ -139,8 +140,8 @@ def _check_index(name: str, what: str, idx: Any, size: int) -> torch.Tensor | No
 
 def _make_plans(model: nn.Module, reference: nn.Module, targets: Targets | None) -> list[LayerPlan]:
     mods, refs = dict(model.named_modules()), dict(reference.named_modules())
-    layers = {n for n, m in mods.items() if isinstance(m, SUPPORTED)}
-    ref_layers = {n for n, m in refs.items() if isinstance(m, SUPPORTED)}
+    layers = {n for n, m in mods.items() if is_supported(m)}
+    ref_layers = {n for n, m in refs.items() if is_supported(m)}
     if layers != ref_layers:
         missing, extra = sorted(layers - ref_layers)[:5], sorted(ref_layers - layers)[:5]
         raise ValueError(
@@ -161,14 +162,15 @@ def _make_plans(model: nn.Module, reference: nn.Module, targets: Targets | None)
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
             raise ValueError(f"targets[{name!r}] must be a (kept_in, kept_out) pair, got {pair!r}")
         is_conv = isinstance(m, SUPPORTED[1:])
-        n_in_ref = r.in_channels if is_conv else r.in_features
+        mw, rw = weight_2d(m), weight_2d(r)
+        n_in_ref = r.in_channels if is_conv else rw.shape[1]
         kept_in = _check_index(name, "kept_in", pair[0], n_in_ref)
-        kept_out = _check_index(name, "kept_out", pair[1], r.weight.shape[0])
+        kept_out = _check_index(name, "kept_out", pair[1], rw.shape[0])
         want = _expected_shape(r, kept_in, kept_out, m.groups if is_conv else 1)
-        if tuple(m.weight.shape[:2]) != want or m.weight.shape[2:] != r.weight.shape[2:]:
+        if tuple(mw.shape[:2]) != want or mw.shape[2:] != rw.shape[2:]:
             raise ValueError(
-                f"layer {name!r} has weight shape {tuple(m.weight.shape)}, but the reference's "
-                f"{tuple(r.weight.shape)} with kept_in/kept_out of sizes "
+                f"layer {name!r} has weight shape (out, in) {tuple(mw.shape)}, but the reference's "
+                f"{tuple(rw.shape)} with kept_in/kept_out of sizes "
                 f"{None if kept_in is None else len(kept_in)}/{None if kept_out is None else len(kept_out)} "
                 f"gives {want} in the first two dims"
             )
@@ -185,7 +187,7 @@ def _infer_plans(mods: dict[str, nn.Module], refs: dict[str, nn.Module]) -> list
     """Hard-masked layers: weight == reference's with whole input columns and/or output rows zeroed."""
     plans = []
     for name, m in mods.items():
-        if not isinstance(m, SUPPORTED):
+        if not is_supported(m):
             continue
         r = refs[name]
         if m.weight.shape != r.weight.shape:
@@ -194,7 +196,7 @@ def _infer_plans(mods: dict[str, nn.Module], refs: dict[str, nn.Module]) -> list
                 "channels were kept cannot be inferred from shapes; pass targets={fqn: (kept_in, kept_out)} "
                 "(e.g. from shrink_model's ShrinkResult.changes) or use fermigates.convert_from_fermi"
             )
-        w, rw = m.weight.detach(), r.weight.detach().to(m.weight.device, m.weight.dtype)
+        w, rw = weight_2d(m).detach(), weight_2d(r).detach().to(m.weight.device, m.weight.dtype)
         if torch.equal(w, rw):
             continue
         zero = w == 0

@@ -56,6 +56,8 @@ class FermiGate(nn.Module):
         self.kind = "weight"
         #: when True the gate applies its hard decision (P in {0, 1}) instead of the soft probability
         self.hard = False
+        #: optional per-unit offsets of the Fermi level (see :meth:`add_unit_levels`)
+        self.register_parameter("mu_offset", None)
 
     @classmethod
     def for_scores(
@@ -74,8 +76,22 @@ class FermiGate(nn.Module):
             raise ValueError(f"mu_init must be 'open' or a percentile in [0, 1), got {init!r}")
         return cls(score.numel(), scale, mu, temperature)
 
+    def add_unit_levels(self) -> nn.Parameter:
+        """Give every unit its own Fermi level ``mu + mu_offset[u]`` (offsets start at 0: nothing changes).
+
+        With frozen weights the scores are fixed, so a single ``mu`` can only move the threshold; per-unit
+        levels let gate-only training (:func:`fermigates.refine_gates`) choose *which* units stay.
+        """
+        if self.mu_offset is None:
+            self.mu_offset = nn.Parameter(torch.zeros(self.n_units, device=self.mu.device))
+        return self.mu_offset
+
     def normalised(self, score: torch.Tensor) -> torch.Tensor:
-        return score / self.scale.to(score.dtype)
+        """The score in the units ``mu`` is compared with: ``score / scale`` (minus the unit's offset)."""
+        out = score / self.scale.to(score.dtype)
+        if self.mu_offset is not None:
+            out = out - self.mu_offset.to(out.dtype)
+        return out
 
     def forward(self, score: torch.Tensor) -> torch.Tensor:
         """Soft retention probability of each unit."""

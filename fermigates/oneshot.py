@@ -1,8 +1,13 @@
 """One-shot channel selection (no training budget): which input channels of a consumer to keep.
 
-``score_j = ||W[:, j]||₂ · rms(x_j)`` — the consumer's column norm times the channel's activation RMS on
-calibration data (the structured form of Wanda's |w|·||x||); with no data, the column norm alone. The
-dropped channels' contribution is then largely recovered by :func:`fermigates.calibrate`.
+Two selectors for a consumer ``nn.Linear``:
+
+* :func:`oneshot_channel_scores` + :func:`select_channels`: ``score_j = ||W[:, j]||₂ · rms(x_j)``, the column
+  norm times the channel's activation RMS (the structured form of Wanda's |w|·||x||); no data: the norm.
+* :func:`select_channels_obs`: greedy Optimal-Brain-Surgeon removal of whole input columns with the input
+  Gram matrix ``XᵀX`` (:func:`input_gram`): each step drops the column whose removal, after the best
+  least-squares compensation by the remaining ones, costs least. It chooses what :func:`fermigates.calibrate`
+  can best recover afterwards.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from torch import nn
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["oneshot_channel_scores", "select_channels", "input_channel_rms"]
+__all__ = ["oneshot_channel_scores", "select_channels", "input_channel_rms", "input_gram", "select_channels_obs"]
 
 
 def oneshot_channel_scores(consumer: nn.Module, *, input_rms: torch.Tensor | None = None) -> torch.Tensor:
@@ -87,3 +92,69 @@ def input_channel_rms(model: nn.Module, data: Iterable[Any], names: list[str],
         for h in handles:
             h.remove()
     return {n: (sums[n] / max(counts[n], 1)).sqrt().float() for n in names if n in sums}
+
+
+@torch.no_grad()
+def input_gram(model: nn.Module, data: Iterable[Any], names: list[str],
+               max_batches: int | None = None) -> dict[str, torch.Tensor]:
+    """Float64 Gram ``[X, 1]ᵀ[X, 1]`` of the named Linear layers' inputs (padding rows excluded)."""
+    from ._ridge import _masked_rows
+    from .calibrate import _call, _mask
+
+    mods = dict(model.named_modules())
+    bad = [n for n in names if not isinstance(mods.get(n), nn.Linear)]
+    if bad:
+        raise ValueError(f"names must be nn.Linear modules of model, got {bad}")
+    grams: dict[str, torch.Tensor] = {}
+    state: dict[str, Any] = {}
+
+    def hook(name: str):
+        def fn(mod, args):
+            x = _masked_rows(args[0].detach(), state.get("mask")).double()
+            x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+            grams[name] = grams.get(name, 0) + x.T @ x
+        return fn
+
+    handles = [mods[n].register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        for batch in itertools.islice(data, max_batches):
+            state["mask"] = _mask(batch)
+            _call(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return grams
+
+
+@torch.no_grad()
+def select_channels_obs(consumer: nn.Linear, gram: torch.Tensor, keep: float | int,
+                        ridge: float = 1e-2) -> torch.Tensor:
+    """Input channels of ``consumer`` to keep, by greedy OBS removal (see module docstring).
+
+    ``gram``: ``(in + 1, in + 1)`` from :func:`input_gram` (last row/column: the bias' ones column, never
+    removed). Cost of removing column ``j``: ``||w_j||² / [H⁻¹]_jj`` with ``H = gram + λI``; after each removal
+    ``H⁻¹`` and ``W`` are updated in closed form. ``O(in² · removed)``.
+    """
+    n = consumer.in_features
+    if gram.shape != (n + 1, n + 1):
+        raise ValueError(f"gram must have shape {(n + 1, n + 1)} (input_gram's), got {tuple(gram.shape)}")
+    k = select_channels(torch.zeros(n), keep).numel()
+    h = gram.double().clone()
+    h.diagonal()[:n] += ridge * h.diagonal()[:n].mean()
+    hinv = torch.linalg.inv(h)
+    w = consumer.weight.detach().double()
+    w = torch.cat([w, consumer.bias.detach().double()[:, None] if consumer.bias is not None
+                   else w.new_zeros(w.shape[0], 1)], dim=1)
+    alive = torch.ones(n + 1, dtype=torch.bool)
+    for _ in range(n - k):
+        d = hinv.diagonal()[:n].clamp_min(1e-30)
+        cost = w[:, :n].square().sum(0) / d
+        cost[~alive[:n]] = float("inf")
+        j = int(cost.argmin())
+        w -= w[:, j:j + 1] * (hinv[j] / hinv[j, j])[None, :]
+        hinv -= torch.outer(hinv[:, j], hinv[j]) / hinv[j, j]
+        alive[j] = False
+        w[:, j] = 0
+        hinv[j, :] = 0
+        hinv[:, j] = 0
+    return alive[:n].nonzero().flatten()

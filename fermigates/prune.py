@@ -11,7 +11,8 @@ import torch.nn as nn
 from .anneal import AnnealSchedule
 from .bake import call_model, convert_from_fermi
 from .config import FermiConfig
-from .convert import convert_to_fermi
+from .convert import _STATE_ATTR, _swap, convert_to_fermi, gated_modules
+from .refine import refine_gates
 from .report import FermiReport
 
 
@@ -47,6 +48,8 @@ def prune(
     example_inputs: Any = None,
     ridge: float = 1e-2,
     shrink: bool = True,
+    refine_steps: int = 0,
+    calibrate_layers: str = "pruned",
     progress: bool = True,
 ) -> FermiReport:
     """Prune ``model`` in place with no training budget, and return the report.
@@ -56,6 +59,11 @@ def prune(
     the model is shrunk, and the layers that lost inputs are re-fitted by ridge regression on
     ``calibration_data`` toward the dense model's outputs. Default config: channels and heads.
     ``example_inputs`` default to the first sample of ``calibration_data``.
+
+    ``refine_steps > 0`` first runs :func:`fermigates.refine_gates` for that many steps on
+    ``calibration_data``: with the weights frozen, the gates learn which units to keep (the same share).
+    ``calibrate_layers="all"`` re-fits every layer, not only those that lost inputs (see
+    :func:`convert_from_fermi`).
     """
     config = config or FermiConfig(granularity=("channel", "head"))
     if target_sparsity is not None:
@@ -71,10 +79,27 @@ def prune(
     except Exception as err:
         model.train(was_training)
         raise ValueError(f"the model rejects the first calibration batch: {type(err).__name__}: {err}") from err
+    if not isinstance(refine_steps, int) or isinstance(refine_steps, bool) or refine_steps < 0:
+        raise ValueError(f"refine_steps must be an int >= 0, got {refine_steps!r}")
     convert_to_fermi(model, config, example_inputs=example)
     AnnealSchedule(total_steps=1, temperature=(1e-4, 1e-4), target_sparsity=config.target_sparsity,
                    sparsity_schedule="constant", tolerance=0.0).apply(model, 1)
+    if refine_steps:
+        try:
+            refine_gates(model, calibration_data, steps=refine_steps, target_sparsity=config.target_sparsity,
+                         progress=progress)
+        except BaseException:
+            _unconvert(model)
+            model.train(was_training)
+            raise
     report = convert_from_fermi(model, shrink=shrink, calibration_data=calibration_data, ridge=ridge,
-                                example_inputs=example, progress=progress)
+                                calibrate_layers=calibrate_layers, example_inputs=example, progress=progress)
     model.train(was_training)
     return report
+
+
+def _unconvert(model: nn.Module) -> None:
+    """Put the original modules back (the twins share their Parameters; nothing was baked yet)."""
+    keep_all = torch.ones((), dtype=torch.bool)
+    _swap(model, {id(t): t.to_plain(keep_all) for t in gated_modules(model).values()})
+    delattr(model, _STATE_ATTR)

@@ -276,3 +276,37 @@ def test_oneshot_selection():
     assert 0 in select_channels(oneshot_channel_scores(lin, input_rms=rms), 1).tolist()
     with pytest.raises(ValueError, match="keep"):
         select_channels(scores, 1.5)
+
+
+def test_transformers_conv1d_known_optimum():
+    """GPT-2's ``Conv1D`` stores its weight (in, out): calibrated through the registered layout."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    mix = torch.randn(2, 6, dtype=D)
+
+    class Ref(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = Conv1D(5, 8).to(D)
+
+        def forward(self, free):
+            return self.layer(torch.cat([free, free @ mix.T], dim=-1))
+
+    class Pruned(nn.Module):
+        def __init__(self, ref):
+            super().__init__()
+            self.layer = Conv1D(5, 6).to(D)
+            with torch.no_grad():
+                self.layer.weight.copy_(ref.layer.weight[:6])
+                self.layer.bias.copy_(ref.layer.bias)
+
+        def forward(self, free):
+            return self.layer(free)
+
+    ref = Ref()
+    model = Pruned(ref)
+    x = torch.randn(4, 50, 6, dtype=D)
+    rep = calibrate(model, x, reference=ref, targets={"layer": (torch.arange(6), None)}, ridge=0.0, progress=False)
+    assert rep["layer"].err_before > 1e-3
+    assert torch.allclose(model(x), ref(x), atol=1e-6, rtol=0)

@@ -238,6 +238,8 @@ def test_config_describes_shrunk_llama(route):
     else:
         assert list(zip(per["num_attention_heads"], per["num_key_value_heads"])) == per_layer
     assert (per["intermediate_size"] if len(set(mlp)) > 1 else [updates["intermediate_size"]] * 2) == mlp
+    apply_hf_config_updates(model)  # what convert_from_fermi runs after a shrink: per-module widths too
+    assert [l.mlp.intermediate_size for l in model.model.layers] == mlp
 
 
 @pytest.mark.skipif(not HAVE_GRAPH, reason="no graph/shrink")
