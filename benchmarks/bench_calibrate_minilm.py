@@ -36,8 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import PeakRSS, write_results  # noqa: E402
 
 from fermigates.calibrate import calibrate  # noqa: E402
-from fermigates.oneshot import (  # noqa: E402
-    input_channel_rms, input_gram, oneshot_channel_scores, select_channels, select_channels_obs)
+from fermigates.oneshot import input_channel_rms, oneshot_channel_scores, select_channels  # noqa: E402
 
 STDLIB = """abc argparse ast asyncio base64 bisect calendar codecs collections colorsys configparser contextlib
 copy csv dataclasses datetime decimal difflib dis doctest email enum fnmatch fractions ftplib functools gettext
@@ -117,12 +116,6 @@ def select_activation(model, keep, calib):
     rms = input_channel_rms(model, calib, _names(model))
     return {i: select_channels(oneshot_channel_scores(model.get_submodule(n), input_rms=rms[n]), keep)
             for i, n in enumerate(_names(model))}
-
-
-def select_obs(model, keep, calib):
-    """Greedy OBS column removal with the dense model's input Gram of output.dense."""
-    grams = input_gram(model, calib, _names(model))
-    return {i: select_channels_obs(model.get_submodule(n), grams[n], keep) for i, n in enumerate(_names(model))}
 
 
 SELECTORS = {"magnitude": select_magnitude, "activation": select_activation}
@@ -239,6 +232,9 @@ def main() -> None:
                           steps=args.refine_steps))
     rows.append(fermi_row(dense, calib, evals, ref_emb, args, "fermi gates, refine_gates(init='obs', steps=0)",
                           steps=0, init="obs"))
+    rows.append(fermi_row(dense, calib, evals, ref_emb, args,
+                          f"fermi gates, refine_gates(init='obs', steps={args.refine_steps}, T=(0.02, 1e-3))",
+                          steps=args.refine_steps, init="obs", temperature=(0.02, 1e-3)))
     rows.append({"selection": "Torch-Pruning (reported)", "removed": args.ratio, "cos": 0.69, "nn_agree": 0.43})
     write_results("calibrate_minilm", rows, columns=COLUMNS, meta={
         "model": "all-MiniLM-L6-v2", "calib_sentences": args.calib, "eval_sentences": args.eval,

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .converters.registry import LINEAR_LIKE, lookup
+
 _logger = logging.getLogger(__name__)
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -28,8 +30,6 @@ def transposed(module: nn.Module) -> bool:
     """A registered Linear-like layer whose weight is stored ``(in, out)`` (transformers' ``Conv1D``)."""
     if isinstance(module, SUPPORTED):
         return False
-    from .converters.registry import LINEAR_LIKE, lookup
-
     layout = lookup(LINEAR_LIKE, module)
     return layout is not None and layout.out_dim == 1
 

@@ -104,6 +104,20 @@ def hard_gates(model: nn.Module) -> Iterator[nn.Module]:
             g.hard = h
 
 
+@contextlib.contextmanager
+def gates_open(model: nn.Module) -> Iterator[nn.Module]:
+    """Within this context every gate of ``model`` passes everything (P = 1): the dense function."""
+    gates = list(_all_gates(model))
+    previous = [g.enabled for g in gates]
+    for g in gates:
+        g.enabled = False
+    try:
+        yield model
+    finally:
+        for g, e in zip(gates, previous):
+            g.enabled = e
+
+
 def disable_gates(model: nn.Module) -> None:
     """Open every gate of a converted model (P = 1): it then computes the dense function."""
     for gate in _all_gates(model):

@@ -255,17 +255,21 @@ def _to(x: Any, device: torch.device) -> Any:
     return x.to(device) if isinstance(x, torch.Tensor) else x
 
 
-def _call(model: nn.Module, batch: Any) -> None:
+def _feed(model: nn.Module, batch: Any) -> Any:
+    """Run ``model`` on one batch (tensor, ``(inputs, ...)`` or keyword mapping; labels dropped) on its device."""
     device = _device(model)
+    if isinstance(batch, torch.Tensor):
+        return model(batch.to(device))
+    if isinstance(batch, Mapping):
+        return model(**{k: _to(v, device) for k, v in batch.items() if k not in _DROP_KEYS})
+    if isinstance(batch, (tuple, list)) and batch:
+        return model(_to(batch[0], device))
+    raise ValueError(f"cannot feed a batch of type {type(batch)!r} to the model")
+
+
+def _call(model: nn.Module, batch: Any) -> None:
     with torch.no_grad():
-        if isinstance(batch, torch.Tensor):
-            model(batch.to(device))
-        elif isinstance(batch, Mapping):
-            model(**{k: _to(v, device) for k, v in batch.items() if k not in _DROP_KEYS})
-        elif isinstance(batch, (tuple, list)) and batch:
-            model(_to(batch[0], device))
-        else:
-            raise ValueError(f"cannot feed a batch of type {type(batch)!r} to the model")
+        _feed(model, batch)
 
 
 def _mask(batch: Any) -> torch.Tensor | None:

@@ -56,12 +56,27 @@ def select_channels(scores: torch.Tensor, keep: float | int) -> torch.Tensor:
     return scores.topk(k).indices.sort().values
 
 
+def _stream(model: nn.Module, data: Iterable[Any], hooks: dict[str, Any], state: dict[str, Any],
+            max_batches: int | None) -> None:
+    """Run ``data`` through ``model`` with forward pre-hooks on the named modules; ``state["mask"]`` holds
+    the current batch's attention mask (or None) for the hooks."""
+    from .calibrate import _call, _mask
+
+    mods = dict(model.named_modules())
+    handles = [mods[n].register_forward_pre_hook(fn) for n, fn in hooks.items()]
+    try:
+        for batch in itertools.islice(data, max_batches):
+            state["mask"] = _mask(batch)
+            _call(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def input_channel_rms(model: nn.Module, data: Iterable[Any], names: list[str],
                       max_batches: int | None = None) -> dict[str, torch.Tensor]:
     """Per-input-channel RMS of the named layers' inputs over ``data`` (batches as :func:`calibrate` takes)."""
-    from .calibrate import _call, _mask
-
     mods = dict(model.named_modules())
     missing = [n for n in names if n not in mods]
     if missing:
@@ -83,14 +98,7 @@ def input_channel_rms(model: nn.Module, data: Iterable[Any], names: list[str],
             counts[name] += x.shape[0]
         return fn
 
-    handles = [mods[n].register_forward_pre_hook(hook(n)) for n in names]
-    try:
-        for batch in itertools.islice(data, max_batches):
-            state["mask"] = _mask(batch)
-            _call(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    _stream(model, data, {n: hook(n) for n in names}, state, max_batches)
     return {n: (sums[n] / max(counts[n], 1)).sqrt().float() for n in names if n in sums}
 
 
@@ -99,7 +107,6 @@ def input_gram(model: nn.Module, data: Iterable[Any], names: list[str],
                max_batches: int | None = None) -> dict[str, torch.Tensor]:
     """Float64 Gram ``[X, 1]ᵀ[X, 1]`` of the named Linear layers' inputs (padding rows excluded)."""
     from ._ridge import _masked_rows
-    from .calibrate import _call, _mask
 
     mods = dict(model.named_modules())
     bad = [n for n in names if not isinstance(mods.get(n), nn.Linear)]
@@ -115,14 +122,7 @@ def input_gram(model: nn.Module, data: Iterable[Any], names: list[str],
             grams[name] = grams.get(name, 0) + x.T @ x
         return fn
 
-    handles = [mods[n].register_forward_pre_hook(hook(n)) for n in names]
-    try:
-        for batch in itertools.islice(data, max_batches):
-            state["mask"] = _mask(batch)
-            _call(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    _stream(model, data, {n: hook(n) for n in names}, state, max_batches)
     return grams
 
 

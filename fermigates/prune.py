@@ -70,6 +70,10 @@ def prune(
         config = dataclasses.replace(config, target_sparsity=target_sparsity)
     if not config.structured:
         raise ValueError("prune() is structured pruning: use granularity 'channel' and/or 'head'")
+    if not isinstance(refine_steps, int) or isinstance(refine_steps, bool) or refine_steps < 0:
+        raise ValueError(f"refine_steps must be an int >= 0, got {refine_steps!r}")
+    if calibrate_layers not in ("pruned", "all"):
+        raise ValueError(f"calibrate_layers must be 'pruned' or 'all', got {calibrate_layers!r}")
     first = _first_batch(calibration_data)
     example = first if example_inputs is None else example_inputs
     was_training = model.training
@@ -79,8 +83,6 @@ def prune(
     except Exception as err:
         model.train(was_training)
         raise ValueError(f"the model rejects the first calibration batch: {type(err).__name__}: {err}") from err
-    if not isinstance(refine_steps, int) or isinstance(refine_steps, bool) or refine_steps < 0:
-        raise ValueError(f"refine_steps must be an int >= 0, got {refine_steps!r}")
     convert_to_fermi(model, config, example_inputs=example)
     AnnealSchedule(total_steps=1, temperature=(1e-4, 1e-4), target_sparsity=config.target_sparsity,
                    sparsity_schedule="constant", tolerance=0.0).apply(model, 1)

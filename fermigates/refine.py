@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,8 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .anneal import AnnealSchedule, _pin_to_quantile
-from .bake import call_model, output_tensors
+from .bake import gates_open, hard_gates, output_tensors
+from .calibrate import _batches, _feed, _mask
 from .convert import _distinct_gates, fermi_state, gated_modules
 
 __all__ = ["refine_gates", "RefineResult"]
@@ -43,36 +45,12 @@ class RefineResult:
                 f"{self.changed}/{self.units} unit decisions changed from the score ranking")
 
 
-def _batches(data: Any) -> list[Any]:
-    if isinstance(data, torch.Tensor):
-        if data.shape[0] == 0:
-            raise ValueError("data is an empty tensor")
-        return list(data.split(32))
-    try:
-        batches = list(data)
-    except TypeError:
-        raise TypeError(f"data must be a tensor, a DataLoader or an iterable of batches, got {type(data).__name__}") from None
-    if not batches:
-        raise ValueError("data is empty: give at least one batch")
-    out = []
-    for b in batches:
-        if isinstance(b, dict):
-            out.append({k: v for k, v in b.items() if k not in ("labels", "label")})
-        elif isinstance(b, (tuple, list)):
-            out.append(b[0])
-        else:
-            out.append(b)
-    return out
-
-
 def _row_mask(batch: Any, out: torch.Tensor) -> torch.Tensor | None:
     """Attention mask broadcastable to ``out`` (padding excluded from the loss), when the batch has one."""
-    if not isinstance(batch, dict) or not isinstance(batch.get("attention_mask"), torch.Tensor):
+    mask = _mask(batch)
+    if mask is None or out.dim() < 2 or tuple(mask.shape) != tuple(out.shape[: mask.dim()]):
         return None
-    mask = batch["attention_mask"]
-    if out.dim() < 2 or tuple(mask.shape) != tuple(out.shape[: mask.dim()]):
-        return None
-    return mask.to(out.dtype).reshape(*mask.shape, *([1] * (out.dim() - mask.dim())))
+    return mask.to(out.device, out.dtype).reshape(*mask.shape, *([1] * (out.dim() - mask.dim())))
 
 
 def _relative_error(out: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -121,11 +99,11 @@ def refine_gates(
     if not gates:
         raise ValueError("model has no channel or head gates to refine: convert it with granularity 'channel' "
                          "and/or 'head'")
-    target = state.config.target_sparsity if target_sparsity is None else target_sparsity
-    schedule = AnnealSchedule(max(steps, 1), tuple(temperature), "exponential", target, "constant", tolerance=0.0)
     if match not in ("layers", "output"):
         raise ValueError(f"match must be 'layers' or 'output', got {match!r}")
-    batches = _batches(data)
+    target = state.config.target_sparsity if target_sparsity is None else target_sparsity
+    schedule = AnnealSchedule(max(steps, 1), tuple(temperature), "exponential", target, "constant", tolerance=0.0)
+    batches = _batches(data, batch_size=32, max_batches=None)
     consumers = [m for m in gated_modules(model).values() if m._slots] if match == "layers" else []
     seen: list[torch.Tensor] = []
 
@@ -134,7 +112,7 @@ def refine_gates(
 
     def run(batch: Any) -> list[torch.Tensor]:
         seen.clear()
-        outs = output_tensors(call_model(model, batch))
+        outs = output_tensors(_feed(model, batch))
         return outs + list(seen)
 
     def error(outs: list[torch.Tensor], refs: list[torch.Tensor], batch: Any) -> torch.Tensor:
@@ -149,28 +127,25 @@ def refine_gates(
                 _pin_to_quantile(g, g.normalised(g.score()), schedule.sparsity_at(step, g.kind))
 
     def hard_error() -> float:
-        with torch.no_grad(), _hard(gates):
+        with torch.no_grad(), hard_gates(model):
             return sum(float(error(run(b), r, b)) for b, r in zip(batches, refs)) / len(batches)
 
     was_training = model.training
     frozen = [(p, p.requires_grad) for p in model.parameters()]
-    saved = [(g, g.enabled, g.mu_offset, g.mu.detach().clone(), g.temperature.clone()) for g in gates]
+    saved = [(g, g.mu_offset, g.mu.detach().clone(), g.temperature.clone()) for g in gates]
     handles = [m.register_forward_hook(record) for m in consumers]
     try:
         model.eval()
-        with torch.no_grad():
-            for g in gates:
-                g.enabled = False
+        with torch.no_grad(), gates_open(model):
             refs = [[t.detach() for t in run(b)] for b in batches]
-            for g, enabled, *_ in saved:
-                g.enabled = enabled
         pin(max(steps, 1))
         baseline = [g.keep_units().clone() for g in gates]
         loss_start = hard_error()
         for p, _ in frozen:
             p.requires_grad_(False)
-        if init == "obs":
-            _obs_levels(model, gates, batches, schedule)
+        if init == "obs" and not _obs_levels(model, gates, batches, schedule):
+            warnings.warn("refine_gates(init='obs'): no gate feeds exactly one nn.Linear column per unit; "
+                          "starting from the score ranking", stacklevel=2)
         offsets = [g.add_unit_levels().requires_grad_(True) for g in gates]
         opt = torch.optim.Adam(offsets, lr=lr)
         pin(0)
@@ -190,8 +165,8 @@ def refine_gates(
         loss_end = hard_error()
     except BaseException:
         with torch.no_grad():
-            for g, enabled, offset, mu, temperature in saved:
-                g.enabled, g.mu_offset = enabled, offset
+            for g, offset, mu, temperature in saved:
+                g.mu_offset = offset
                 g.mu.copy_(mu)
                 g.temperature.copy_(temperature)
         raise
@@ -226,14 +201,8 @@ def _obs_levels(model: nn.Module, gates: list, batches: list, schedule: AnnealSc
             chosen[name] = (g, module, slot, removed)
     if not chosen:
         return 0
-    enabled = [(g, g.enabled) for g, _ in _distinct_gates(model)]
-    for g, _ in enabled:
-        g.enabled = False
-    try:
+    with gates_open(model):
         grams = input_gram(model, batches, list(chosen))
-    finally:
-        for g, e in enabled:
-            g.enabled = e
     for name, (g, module, slot, removed) in chosen.items():
         kept_cols = select_channels_obs(module, grams[name], g.n_units - removed)
         unit_of = torch.empty(module.in_features, dtype=torch.long)
@@ -244,17 +213,3 @@ def _obs_levels(model: nn.Module, gates: list, batches: list, schedule: AnnealSc
         wanted = keep.float() + 0.01 * base / base.max().clamp_min(1e-30)  # score order breaks ties
         g.add_unit_levels().copy_((base - wanted).to(g.mu.device))
     return len(chosen)
-
-
-class _hard:
-    def __init__(self, gates: list) -> None:
-        self.gates = gates
-
-    def __enter__(self) -> None:
-        self.previous = [g.hard for g in self.gates]
-        for g in self.gates:
-            g.hard = True
-
-    def __exit__(self, *exc: Any) -> None:
-        for g, h in zip(self.gates, self.previous):
-            g.hard = h

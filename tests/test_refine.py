@@ -153,5 +153,10 @@ def test_calibrating_all_layers_refits_more_and_never_touches_tied_weights():
     model, inputs = hf_model("llama")
     report = fg.prune(model, [inputs, inputs], target_sparsity=0.5, calibrate_layers="all", progress=False)
     assert len(report.calibration) > 2 * 2  # every projection of both blocks, not just the two down_proj
-    with pytest.raises(ValueError, match="calibrate_layers"):
-        fg.prune(hf_model("llama")[0], [inputs], calibrate_layers="every", progress=False)
+    model = hf_model("llama")[0]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for bad in ({"calibrate_layers": "every"}, {"refine_steps": -1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            fg.prune(model, [inputs], progress=False, **bad)
+        assert not any(type(m).__name__.startswith("Fermi") for m in model.modules())
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
