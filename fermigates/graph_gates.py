@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch.nn as nn
@@ -18,6 +19,17 @@ def _describe(group) -> str:
     producers = [m.module for m in group.members if m.role == "producer"]
     shown = ", ".join(producers[:3]) + (f" +{len(producers) - 3}" if len(producers) > 3 else "")
     return f"{group.kind} group {group.id} ({group.n_units} units; {shown or 'no producer'})"
+
+
+def _unit_step(group, round_to: int) -> int:
+    """Units per rounding step so that every member's kept width is a multiple of ``round_to`` channels: a
+    unit can span several channels (a group of a grouped conv, position ``j`` of every chunk), and different
+    members may see it with different widths."""
+    step = 1
+    for member in group.members:
+        if member.role != "attention":
+            step = math.lcm(step, round_to // math.gcd(round_to, member.width))
+    return step
 
 
 def attach_group_gates(
@@ -76,6 +88,8 @@ def attach_group_gates(
         gate = GroupGate(group.n_units, init.scale.item(), init.mu.item(), config.temperature, producers)
         gate.group_id = group.id
         gate.kind = group.kind
+        if group.kind == "channel" and config.round_to > 1:
+            gate.round_to = _unit_step(group, config.round_to)
         gate.label = _describe(group)
         gate.to(producers[0][0].weight.device)
         first = True

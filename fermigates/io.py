@@ -24,6 +24,7 @@ from fermigates import _manifest as mf
 from fermigates._inspect import CheckpointSummary, count_macs, inspect_checkpoint
 from fermigates._manifest import CheckpointError
 from fermigates.converters.registry import qualname
+from fermigates.fold import FOLDED_ATTR
 from fermigates.onnx_export import export_onnx
 
 _logger = logging.getLogger(__name__)
@@ -62,6 +63,12 @@ def save_shrunk(model: nn.Module, directory: str | os.PathLike, *, example_input
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if getattr(model, FOLDED_ATTR, None):
+        raise ValueError(
+            "save_shrunk() got a model whose batch norms were folded (fold_batchnorm): its modules no longer "
+            "match the stock architecture, so the checkpoint could not be loaded into a fresh model. Save "
+            "before folding, and fold after load_shrunk() (it is a deployment step, like model.eval())"
+        )
     root = Path(directory)
     if root.exists() and not root.is_dir():
         raise NotADirectoryError(
