@@ -14,7 +14,7 @@ from torch import nn
 from fermigates import _manifest as mf
 
 
-def count_macs(model: nn.Module, example_inputs: Any) -> dict[str, Any]:
+def macs_record(model: nn.Module, example_inputs: Any) -> dict[str, Any]:
     """Multiply-accumulates of one eval-mode forward on ``example_inputs``, per module and in total
     (counted by :func:`fermigates.report_macs.macs_by_module`)."""
     from fermigates.report_macs import macs_by_module

@@ -317,13 +317,19 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def ensure_directory(directory: str | os.PathLike) -> Path:
-    """Create ``directory`` (and parents); refuse a path that is an existing file."""
+def check_directory(directory: str | os.PathLike) -> Path:
+    """``directory`` as a Path; refuse a path that is an existing file (before anything is written)."""
     root = Path(directory)
     if root.exists() and not root.is_dir():
         raise NotADirectoryError(
             f"cannot save into {str(root)!r}: it is a file, not a directory; pass a directory path"
         )
+    return root
+
+
+def ensure_directory(directory: str | os.PathLike) -> Path:
+    """Create ``directory`` (and parents); refuse a path that is an existing file."""
+    root = check_directory(directory)
     root.mkdir(parents=True, exist_ok=True)
     return root
 

@@ -59,8 +59,12 @@ def _opaque(module: nn.Module) -> bool:
     if isinstance(module, GatedMixin) or registry.lookup(registry.LINEAR_LIKE, module) is not None:
         return False
     for base in type(module).__mro__:
-        if base in (nn.Linear, *_CONVS, *_CONV_TS) or registry.qualname(base) in SAFE_FORWARD:
-            return type(module).forward is not base.forward and registry.qualname(base) not in SAFE_FORWARD
+        if registry.qualname(base) in SAFE_FORWARD:
+            return False
+        if base in (nn.Linear, *_CONVS, *_CONV_TS):
+            cls = type(module)
+            conv_forward = getattr(base, "_conv_forward", None)  # where Conv{1,2,3}d apply their weight
+            return cls.forward is not base.forward or (conv_forward is not None and cls._conv_forward is not conv_forward)
         if "forward" in base.__dict__:
             return True
     return False

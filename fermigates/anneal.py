@@ -116,7 +116,7 @@ class AnnealSchedule:
         temperature, band = self.temperature_at(step), self.band_at(step)
         for gate, scores in gate_scores(model):
             gate.set_temperature(temperature)
-            target = self.sparsity_at(step, getattr(gate, "kind", "weight"))
+            target = self.sparsity_at(step, gate.kind)
             if band > 0:
                 probe = _probe(gate, scores)
                 lo = kth_quantile(probe, target - band) if target - band > 0 else -math.inf
@@ -136,7 +136,7 @@ def _probe(gate: nn.Module, scores: torch.Tensor) -> torch.Tensor:
     if n <= PROBE_SIZE:
         return scores
     index = getattr(gate, "_probe_index", None)
-    if index is None or index.numel() != PROBE_SIZE or int(index.max()) >= n:
+    if index is None:  # a gate's unit count never changes while it is converted
         generator = torch.Generator().manual_seed(n)  # deterministic: a resumed run draws the same sample
         index = torch.randperm(n, generator=generator)[:PROBE_SIZE].to(scores.device)
         gate._probe_index = index
@@ -149,9 +149,6 @@ def _pin_to_quantile(gate: nn.Module, scores: torch.Tensor, target: float) -> No
     n = scores.numel()
     k = min(int(math.floor(target * n)), n - 1)
     mu = gate.mu.float()
-    if k == 0:
-        gate.mu.clamp_(max=float(scores.min()))
-        return
     below = int((scores < mu).sum())
     if below == k or (below < k and int((scores <= mu).sum()) > k):  # exact, or mu sits on tied scores
         return
@@ -249,7 +246,7 @@ class FermiAnnealer(Optimizer):
         """
         total, count = None, 0
         for gate, p in soft_probabilities(self.model):
-            target_density = 1.0 - self.schedule.sparsity_at(self.step_count, getattr(gate, "kind", "weight"))
+            target_density = 1.0 - self.schedule.sparsity_at(self.step_count, gate.kind)
             excess = torch.relu(p.float().mean() - target_density) * p.numel()
             total = excess if total is None else total + excess
             count += p.numel()

@@ -90,32 +90,28 @@ def _all_gates(model: nn.Module):
 
 
 @contextlib.contextmanager
-def hard_gates(model: nn.Module) -> Iterator[nn.Module]:
+def _gates_set(model: nn.Module, attr: str, value: bool) -> Iterator[nn.Module]:
+    gates = list(_all_gates(model))
+    previous = [getattr(g, attr) for g in gates]
+    for g in gates:
+        setattr(g, attr, value)
+    try:
+        yield model
+    finally:
+        for g, v in zip(gates, previous):
+            setattr(g, attr, v)
+
+
+def hard_gates(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
     """Within this context the gates of ``model`` apply their hard decisions (``P >= 0.5`` -> 1, else 0):
     the model computes what ``convert_from_fermi(model, shrink=False)`` would bake."""
-    gates = list(_all_gates(fermi_state(model) and model))
-    previous = [g.hard for g in gates]
-    for g in gates:
-        g.hard = True
-    try:
-        yield model
-    finally:
-        for g, h in zip(gates, previous):
-            g.hard = h
+    fermi_state(model)  # a clear error for a model that was never converted
+    return _gates_set(model, "hard", True)
 
 
-@contextlib.contextmanager
-def gates_open(model: nn.Module) -> Iterator[nn.Module]:
+def gates_open(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
     """Within this context every gate of ``model`` passes everything (P = 1): the dense function."""
-    gates = list(_all_gates(model))
-    previous = [g.enabled for g in gates]
-    for g in gates:
-        g.enabled = False
-    try:
-        yield model
-    finally:
-        for g, e in zip(gates, previous):
-            g.enabled = e
+    return _gates_set(model, "enabled", False)
 
 
 def disable_gates(model: nn.Module) -> None:
@@ -180,6 +176,9 @@ def convert_from_fermi(
         from .calibrate import calibrate
 
         # unshrunk: calibrate finds the hard-masked layers itself (whole input columns zeroed)
+        if calibrate_layers == "all" and not changes:
+            warnings.warn("fermigates: calibrate_layers='all' applies to a shrunk model; nothing was shrunk, so "
+                          "only the hard-masked layers are calibrated", stacklevel=2)
         targets = _calibration_targets(model, twins, changes, calibrate_layers) if changes else None
         report.calibration = calibrate(
             model, calibration_data, reference=reference, targets=targets, ridge=ridge, progress=progress

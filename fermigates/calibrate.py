@@ -230,19 +230,20 @@ def _infer_plans(mods: dict[str, nn.Module], refs: dict[str, nn.Module]) -> list
 
 
 # -- data -----------------------------------------------------------------------------------------------------
-def _batches(data: Any, batch_size: int, max_batches: int | None) -> list[Any]:
+def _batches(data: Any, batch_size: int, max_batches: int | None, name: str = "data") -> list[Any]:
+    """``data`` (a tensor, a DataLoader or an iterable of batches) as a list of batches, read once."""
     if isinstance(data, torch.Tensor):
-        if data.dim() == 0:
-            raise ValueError("data must have a batch dimension, got a 0-d tensor")
+        if data.dim() == 0 or data.shape[0] == 0:
+            raise ValueError(f"{name} is an empty tensor: give at least one sample (a batch dimension first)")
         batches = list(data.split(batch_size))
     elif isinstance(data, (Mapping, str, bytes)) or not isinstance(data, Iterable):
-        raise ValueError(f"data must be a DataLoader, an iterable of batches or a tensor, got {type(data)!r}")
+        raise TypeError(f"{name} must be a DataLoader, an iterable of batches or a tensor, got {type(data).__name__}")
     else:
         batches = list(data)
     if max_batches is not None:
         batches = batches[:max_batches]
     if not batches:
-        raise ValueError("calibration data is empty: data yielded no batch (check the DataLoader / max_batches)")
+        raise ValueError(f"{name} is empty: it yielded no batch (check the DataLoader / max_batches)")
     return batches
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from importlib import resources
+
+from .config import bundled_recipes
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -15,18 +16,16 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _recipes(args: argparse.Namespace) -> int:
-    folder = resources.files("fermigates.recipes")
+    recipes = bundled_recipes()
     if args.name:
-        path = folder / f"{args.name}.yaml"
-        if not path.is_file():
-            print(f"no bundled recipe {args.name!r}", file=sys.stderr)
+        if args.name not in recipes:
+            print(f"no bundled recipe {args.name!r}; bundled: {sorted(recipes)}", file=sys.stderr)
             return 2
-        print(path.read_text(), end="")
+        print(recipes[args.name].read_text(), end="")
         return 0
-    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
-        if entry.name.endswith(".yaml"):
-            first = entry.read_text().splitlines()[0].lstrip("# ")
-            print(f"{entry.name[:-5]:20s} {first}")
+    for name, entry in recipes.items():
+        first = entry.read_text().splitlines()[0].lstrip("# ")
+        print(f"{name:20s} {first}")
     return 0
 
 

@@ -145,6 +145,14 @@ class FermiConfig:
         return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(FermiConfig)}
 
 
+def bundled_recipes() -> dict[str, Any]:
+    """The recipes shipped with fermigates: ``{name: resource}`` (``importlib.resources`` traversables)."""
+    from importlib import resources
+
+    folder = resources.files("fermigates.recipes")
+    return {p.name[:-5]: p for p in sorted(folder.iterdir(), key=lambda p: p.name) if p.name.endswith(".yaml")}
+
+
 def load_recipe(name_or_path: str | Path) -> dict[str, Any]:
     """A YAML recipe (a bundled one by name, e.g. ``"channel50"``, or a file path) with ``config`` parsed
     into a ``FermiConfig``; the other sections (``anneal``, ``convert_from_fermi``) stay plain dicts."""
@@ -152,11 +160,10 @@ def load_recipe(name_or_path: str | Path) -> dict[str, Any]:
     if path.suffix in (".yaml", ".yml") and path.exists():
         text = path.read_text()
     else:
-        from importlib import resources
-
-        bundled = resources.files("fermigates.recipes") / f"{name_or_path}.yaml"
-        if not bundled.is_file():
-            names = sorted(p.name[:-5] for p in resources.files("fermigates.recipes").iterdir() if p.name.endswith(".yaml"))
+        recipes = bundled_recipes()
+        bundled = recipes.get(str(name_or_path))
+        if bundled is None:
+            names = sorted(recipes)
             raise FileNotFoundError(f"no recipe file {str(name_or_path)!r} and no bundled recipe of that name; bundled: {names}")
         text = bundled.read_text()
     data = yaml.safe_load(text) or {}

@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
-from ._trace import _opaque
+from ._trace import _CONVS, _opaque, _walk
 from .bake import SHRINK_RTOL, _restore, _snapshot, call_model, max_relative_diff, output_tensors
 from .converters import registry
 
@@ -38,7 +38,6 @@ __all__ = ["BatchNormFold", "fold_batchnorm"]
 #: set on a model whose batch norms were folded (``save_shrunk`` checks it)
 FOLDED_ATTR = "_fermigates_folded_bn"
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
@@ -59,8 +58,6 @@ class BatchNormFold:
 
 def _replacement(norm: nn.Module) -> nn.Module | None:
     """What stands in for ``norm`` once its affine map is folded (``None``: unknown subclass)."""
-    if type(norm) in _PLAIN_BN:
-        return nn.Identity()
     make = registry.BN_FOLD.get(registry.qualname(type(norm)))  # exact class: a subclass may do more
     if make is not None:
         return make(norm)
@@ -77,13 +74,7 @@ def _affine_producer(module: nn.Module) -> bool:
 
     if isinstance(module, GatedMixin) or not isinstance(module, (nn.Linear, *_CONVS)):
         return False
-    if parametrize.is_parametrized(module) or _opaque(module):
-        return False
-    if isinstance(module, _CONVS):
-        base = next(b for b in type(module).__mro__ if b in _CONVS)
-        if type(module)._conv_forward is not base._conv_forward:
-            return registry.qualname(type(module)) in {"timm.layers.conv2d_same.Conv2dSame"}
-    return True
+    return not (parametrize.is_parametrized(module) or _opaque(module))
 
 
 class _UseCounter(TorchFunctionMode):
@@ -96,28 +87,14 @@ class _UseCounter(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if self.inside_norm == 0 and _has_tensor(out):
-            for arg in _flat(args, kwargs or {}):
-                if isinstance(arg, torch.Tensor):
-                    self.uses[id(arg)] = self.uses.get(id(arg), 0) + 1
+        if self.inside_norm == 0 and next(_walk(out), None) is not None:
+            for arg in _walk((args, kwargs or {})):
+                self.uses[id(arg)] = self.uses.get(id(arg), 0) + 1
         return out
 
 
-def _flat(*items: Any):
-    for item in items:
-        if isinstance(item, (list, tuple)):
-            yield from _flat(*item)
-        elif isinstance(item, dict):
-            yield from _flat(*item.values())
-        else:
-            yield item
-
-
-def _has_tensor(out: Any) -> bool:
-    return any(isinstance(t, torch.Tensor) for t in _flat(out))
-
-
-def _find_pairs(model: nn.Module, example_inputs: Any, report: BatchNormFold) -> list[tuple[str, str, nn.Module]]:
+def _find_pairs(model: nn.Module, example_inputs: Any, report: BatchNormFold) -> tuple[list, list[torch.Tensor]]:
+    """``(norm, producer, replacement)`` for each foldable pair, and the model's outputs on the run."""
     modules = dict(model.named_modules())
     norms = {n: m for n, m in modules.items() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     producers = {n: m for n, m in modules.items() if isinstance(m, (nn.Linear, *_CONVS))}
@@ -157,9 +134,8 @@ def _find_pairs(model: nn.Module, example_inputs: Any, report: BatchNormFold) ->
     try:
         with torch.no_grad(), counter:
             out = call_model(model, example_inputs)
-        for t in _flat(out if not hasattr(out, "to_tuple") else out.to_tuple()):
-            if isinstance(t, torch.Tensor):
-                counter.uses[id(t)] = counter.uses.get(id(t), 0) + 1
+        for t in _walk(out):
+            counter.uses[id(t)] = counter.uses.get(id(t), 0) + 1
     finally:
         for h in handles:
             h.remove()
@@ -208,7 +184,7 @@ def _find_pairs(model: nn.Module, example_inputs: Any, report: BatchNormFold) ->
                 taken.add(producer)
         if why is not None:
             report.skipped[name] = why
-    return pairs
+    return pairs, output_tensors(out)
 
 
 def _fold_into(producer: nn.Module, norm: nn.Module) -> None:
@@ -245,10 +221,9 @@ def fold_batchnorm(model: nn.Module, example_inputs: Any) -> BatchNormFold:
         raise ValueError("example_inputs are required: the pairs are found by running the model once")
     model.eval()
     report = BatchNormFold()
-    pairs = _find_pairs(model, example_inputs, report)
+    pairs, before = _find_pairs(model, example_inputs, report)
     if not pairs:
         return report
-    before = output_tensors(call_model(model, example_inputs))
     snapshot = _snapshot(model)
     try:
         for norm_name, producer_name, replacement in pairs:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from fermigates import _manifest as mf
-from fermigates._inspect import CheckpointSummary, count_macs, inspect_checkpoint
+from fermigates._inspect import CheckpointSummary, inspect_checkpoint, macs_record
 from fermigates._manifest import CheckpointError
 from fermigates.converters.registry import qualname
 from fermigates.fold import FOLDED_ATTR
@@ -69,11 +69,7 @@ def save_shrunk(model: nn.Module, directory: str | os.PathLike, *, example_input
             "match the stock architecture, so the checkpoint could not be loaded into a fresh model. Save "
             "before folding, and fold after load_shrunk() (it is a deployment step, like model.eval())"
         )
-    root = Path(directory)
-    if root.exists() and not root.is_dir():
-        raise NotADirectoryError(
-            f"cannot save into {str(root)!r}: it is a file, not a directory; pass a directory path"
-        )
+    root = mf.check_directory(directory)
     tensors, tied = mf.find_ties(model.state_dict())
     unique_params = {id(p): p.numel() for p in model.parameters()}
     manifest: dict[str, Any] = {
@@ -131,11 +127,11 @@ def _macs_for(model: nn.Module, example_inputs: Any, source: dict[str, Any]) -> 
             _logger.info("no MACs recorded: example_inputs='auto' needs a timm model with an input_size")
             return None
         try:
-            return count_macs(model, torch.zeros(1, *source["input_size"]))
+            return macs_record(model, torch.zeros(1, *source["input_size"]))
         except Exception as err:  # noqa: BLE001 - e.g. a ViT built for another img_size: MACs are optional
             _logger.info("no MACs recorded: the model does not run on its pretrained_cfg input (%s)", err)
             return None
-    return None if example_inputs is None else count_macs(model, example_inputs)
+    return None if example_inputs is None else macs_record(model, example_inputs)
 
 
 # --------------------------------------------------------------------------------------------------- load

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -10,27 +11,17 @@ import torch.nn as nn
 
 from .anneal import AnnealSchedule
 from .bake import call_model, convert_from_fermi
+from .calibrate import _DROP_KEYS, _batches
 from .config import FermiConfig
 from .convert import _STATE_ATTR, _swap, convert_to_fermi, gated_modules
 from .refine import refine_gates
 from .report import FermiReport
 
 
-def _first_batch(data: Any) -> Any:
-    if isinstance(data, torch.Tensor):
-        if data.shape[0] == 0:
-            raise ValueError("calibration_data is an empty tensor")
-        return data[:1]
-    try:
-        batch = next(iter(data))
-    except StopIteration:
-        raise ValueError("calibration_data is empty: give at least one batch") from None
-    except TypeError:
-        raise TypeError(
-            f"calibration_data must be a tensor, a DataLoader or an iterable of batches, got {type(data).__name__}"
-        ) from None
-    if isinstance(batch, dict):
-        return {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "labels"}
+def _first_sample(batch: Any) -> Any:
+    """The first sample of a calibration batch, as the example inputs (labels dropped)."""
+    if isinstance(batch, Mapping):
+        return {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k not in _DROP_KEYS}
     if isinstance(batch, (tuple, list)):
         batch = batch[0]
     if not isinstance(batch, torch.Tensor):
@@ -74,7 +65,8 @@ def prune(
         raise ValueError(f"refine_steps must be an int >= 0, got {refine_steps!r}")
     if calibrate_layers not in ("pruned", "all"):
         raise ValueError(f"calibrate_layers must be 'pruned' or 'all', got {calibrate_layers!r}")
-    first = _first_batch(calibration_data)
+    batches = _batches(calibration_data, 32, None, name="calibration_data")  # read once: a generator is used up
+    first = _first_sample(batches[0])
     example = first if example_inputs is None else example_inputs
     was_training = model.training
     model.eval()
@@ -86,16 +78,18 @@ def prune(
     convert_to_fermi(model, config, example_inputs=example)
     AnnealSchedule(total_steps=1, temperature=(1e-4, 1e-4), target_sparsity=config.target_sparsity,
                    sparsity_schedule="constant", tolerance=0.0).apply(model, 1)
+    refined = None
     if refine_steps:
         try:
-            refine_gates(model, calibration_data, steps=refine_steps, target_sparsity=config.target_sparsity,
+            refined = refine_gates(model, batches, steps=refine_steps, target_sparsity=config.target_sparsity,
                          progress=progress)
         except BaseException:
             _unconvert(model)
             model.train(was_training)
             raise
-    report = convert_from_fermi(model, shrink=shrink, calibration_data=calibration_data, ridge=ridge,
+    report = convert_from_fermi(model, shrink=shrink, calibration_data=batches, ridge=ridge,
                                 calibrate_layers=calibrate_layers, example_inputs=example, progress=progress)
+    report.refine = refined
     model.train(was_training)
     return report
 

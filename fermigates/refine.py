@@ -120,11 +120,14 @@ def refine_gates(
             raise RuntimeError("the model returned a different number of outputs than in the dense pass")
         return sum(_relative_error(o, r, _row_mask(batch, o)) for o, r in zip(outs, refs)) / len(outs)
 
+    with torch.no_grad():
+        scores = [g.score() for g in gates]  # the weights are frozen: the scores cannot change
+
     def pin(step: int) -> None:
         with torch.no_grad():
-            for g in gates:
+            for g, score in zip(gates, scores):
                 g.set_temperature(schedule.temperature_at(step))
-                _pin_to_quantile(g, g.normalised(g.score()), schedule.sparsity_at(step, g.kind))
+                _pin_to_quantile(g, g.normalised(score), schedule.sparsity_at(step, g.kind))
 
     def hard_error() -> float:
         with torch.no_grad(), hard_gates(model):

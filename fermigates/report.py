@@ -141,6 +141,7 @@ class FermiReport:
     not_shrunk: list[tuple[str, str]] = field(default_factory=list)  # (what, why)
     max_abs_diff: float | None = None  # shrunk vs hard-masked outputs on the example inputs
     calibration: Any = None
+    refine: Any = None  # RefineResult when prune(..., refine_steps > 0) refined the gates first
 
     def __str__(self) -> str:
         lines = ["fermigates report", "=" * 17]

@@ -134,9 +134,6 @@ def test_attention_mask_excludes_padding():
     mask[:, 7:] = 0
     padded = x.clone()
     padded[:, 7:] = 1e3 * torch.randn(4, 3, 6, dtype=D)  # garbage in padding positions
-    with torch.no_grad():
-        ref_pad = copy.deepcopy(ref)
-        ref_pad.proj.weight.add_(1.0)  # reference disagrees wildly on padding rows if they were used
 
     def run(batches, reference):
         m = copy.deepcopy(model)

@@ -27,6 +27,17 @@ def test_one_shot_prune_recovers_a_redundant_layer_exactly():
         torch.testing.assert_close(model(data), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("refine_steps", [0, 2])
+def test_prune_reads_a_generator_once(refine_steps):
+    # a generator can be iterated once: example inputs, refinement and calibration must share one reading
+    model = _redundant_mlp()
+    batches = list(torch.randn(512, 6).split(128))
+    report = fg.prune(model, (b for b in batches), target_sparsity=0.5, refine_steps=refine_steps, progress=False)
+    assert report.calibration.n_batches == len(batches)
+    assert model[0].out_features == 8
+    assert (report.refine is not None) == bool(refine_steps)  # the refinement's losses reach the user
+
+
 def test_one_shot_without_calibration_error_is_what_calibration_fixes():
     model, data = _redundant_mlp(), torch.randn(256, 6)
     with torch.no_grad():

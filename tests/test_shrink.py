@@ -16,9 +16,9 @@ from fermigates.graph import build_dependency_graph
 from fermigates.shrink import count_macs, macs_by_module, mask_model, shrink_model
 
 TIMM_MODELS = {  # name -> (input size, prunable groups, pinned groups) with timm 1.0.x
-    "resnet18": (64, 12, 1),  # stem, 4 residual streams, 8 block-internal; pinned: classifier output
+    "resnet18": (64, 12, 1),  # 4 residual streams (the stem feeds the first), 8 block-internal; pinned: pooled output
     "resnet50": (64, 37, 1),  # stem, 4 streams, 2 per bottleneck
-    "mobilenetv2_100": (64, 25, 1),
+    "mobilenetv2_100": (64, 25, 1),  # stem, first block, 16 expansions, 6 residual streams, head
     "mobilenetv3_small_100": (64, 27, 1),
     "efficientnet_b0": (64, 40, 1),
     "convnext_atto": (64, 12, 5),  # MLP hidden per block; pinned: 4 residual streams under LayerNorm

@@ -181,7 +181,9 @@ def test_shrunk_equals_masked(route, name):
     model, masked, inputs, run = _shrink(route, name, seed=0)
     before = sum(p.numel() for p in masked.parameters())
     assert sum(p.numel() for p in model.parameters()) < before
-    assert all(a < b for a, b in zip(_heads(model), _heads(masked))), (_heads(model), _heads(masked))
+    heads, heads_masked = _heads(model), _heads(masked)
+    assert heads and len(heads) == len(heads_masked), (heads, heads_masked)
+    assert all(a < b for a, b in zip(heads, heads_masked)), (heads, heads_masked)
     with torch.no_grad():
         _assert_close(run(model, inputs), run(masked, inputs))
 
@@ -257,7 +259,9 @@ def test_pipeline_removes_heads(name):
         for gate in [m for m in model.modules() if isinstance(m, GroupGate)]:
             gate.mu.fill_(float((gate.score() / gate.scale).median()) + 1e-6)
     report = fg.convert_from_fermi(model, progress=False)
-    assert report.shrunk and all(a < b for a, b in zip(_heads(model), heads_before)), report.not_shrunk
+    heads = _heads(model)
+    assert heads and len(heads) == len(heads_before), (heads, heads_before)
+    assert report.shrunk and all(a < b for a, b in zip(heads, heads_before)), report.not_shrunk
     if name != "deit_tiny":
         apply_hf_config_updates(model)
         ids = _ids(1, 5, seed=5)
