@@ -25,7 +25,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import PeakRSS, write_results  # noqa: E402
 
-from fermigates.calibrate import calibrate  # noqa: E402
+from fermigates.calibration.engine import calibrate  # noqa: E402
 
 DATA = Path("/usr/share/datasets/fashion-mnist")
 

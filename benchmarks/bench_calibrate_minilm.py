@@ -35,8 +35,8 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import PeakRSS, write_results  # noqa: E402
 
-from fermigates.calibrate import calibrate  # noqa: E402
-from fermigates.oneshot import input_channel_rms, oneshot_channel_scores, select_channels  # noqa: E402
+from fermigates.calibration.engine import calibrate  # noqa: E402
+from fermigates.calibration.selection import input_channel_rms, oneshot_channel_scores, select_channels  # noqa: E402
 
 STDLIB = """abc argparse ast asyncio base64 bisect calendar codecs collections colorsys configparser contextlib
 copy csv dataclasses datetime decimal difflib dis doctest email enum fnmatch fractions ftplib functools gettext

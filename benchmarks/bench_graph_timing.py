@@ -153,8 +153,8 @@ def random_keep(graph: Any, seed: int = 0) -> dict[int, torch.Tensor]:
 # ------------------------------------------------------------------------------------------------ cases
 def run_case(case: str, quick: bool, llama_dtype: str, profile: bool) -> dict[str, Any]:
     import fermigates as fg
-    from fermigates.graph import build_dependency_graph
-    from fermigates.shrink import shrink_model
+    from fermigates.surgery.graph import build_dependency_graph
+    from fermigates.surgery.shrink import shrink_model
 
     (model, inputs, dtype), build_stats = measured(lambda: build(case, quick, llama_dtype))
     size_mib = model_bytes(model) / MIB
@@ -162,7 +162,7 @@ def run_case(case: str, quick: bool, llama_dtype: str, profile: bool) -> dict[st
                            "params": n_params(model), "model MiB": size_mib, "build s": build_stats["s"]}
     phases: dict[str, dict[str, Any]] = {}
     if case == "bert-base-convert":
-        from fermigates.anneal import AnnealSchedule
+        from fermigates.methods.fermi.anneal import AnnealSchedule
 
         cfg = fg.FermiConfig(granularity=("channel", "head"), target_sparsity=0.5)
         _, phases["convert_to_fermi"] = measured(

@@ -27,7 +27,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fermigates.io import export_onnx, inspect_checkpoint, load_shrunk, save_shrunk
+from fermigates.io.checkpoint import export_onnx, inspect_checkpoint, load_shrunk, save_shrunk
 
 
 def weights_file() -> Path:

@@ -71,8 +71,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import write_results  # noqa: E402
 
 import fermigates as fg  # noqa: E402
-from fermigates.anneal import AnnealSchedule  # noqa: E402
-from fermigates.report_macs import count_macs  # noqa: E402
+from fermigates.methods.fermi.anneal import AnnealSchedule  # noqa: E402
+from fermigates.surgery.macs import count_macs  # noqa: E402
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)

@@ -19,7 +19,7 @@ CONV1D_NAME = "transformers.pytorch_utils.Conv1D"
 
 @functools.lru_cache(maxsize=None)
 def _conv1d_twin_class(base: type) -> type:
-    from fermigates.layers import GatedMixin
+    from fermigates.methods.fermi.layers import GatedMixin
 
     class FermiConv1D(GatedMixin, base):
         """transformers ``Conv1D`` (weight stored as (in, out)) with Fermi-gated weights."""
@@ -38,7 +38,7 @@ def _conv1d_twin_class(base: type) -> type:
 
 
 def _conv1d_twin(module: nn.Module) -> nn.Module:
-    from fermigates.layers import make_twin
+    from fermigates.methods.fermi.layers import make_twin
 
     return make_twin(module, _conv1d_twin_class(type(module)))
 
@@ -63,8 +63,8 @@ def fermi_trainer_callback(
     """
     from transformers import TrainerCallback
 
-    from fermigates.anneal import AnnealSchedule
-    from fermigates.convert import fermi_state
+    from fermigates.methods.fermi.anneal import AnnealSchedule
+    from fermigates.state import fermi_state
 
     config = fermi_state(model).config
     sparsity = config.target_sparsity if target_sparsity is None else target_sparsity

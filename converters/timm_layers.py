@@ -10,7 +10,7 @@ from . import registry
 
 
 def _linear_twin(module: nn.Module) -> nn.Module:
-    from fermigates.layers import FermiLinear, make_twin
+    from fermigates.methods.fermi.layers import FermiLinear, make_twin
 
     return make_twin(module, FermiLinear)
 

@@ -8,21 +8,30 @@ Public API::
 """
 
 from . import converters  # noqa: F401  (registers the family converters; imports no timm/transformers)
-from .anneal import AnnealSchedule, FermiAnnealer, sparsity_at, temperature_at
-from .calibrate import CalibrationError, CalibrationReport, calibrate
-from .bake import convert_from_fermi, disable_gates, hard_gates
+from .methods.fermi.anneal import AnnealSchedule, FermiAnnealer, sparsity_at, temperature_at
+from .calibration.engine import CalibrationError, CalibrationReport, calibrate
+from .bake import convert_from_fermi
+from .methods.fermi.model import disable_gates, hard_gates
 from .config import FermiConfig, load_recipe
-from .convert import ConversionSummary, convert_to_fermi, summary
-from .fold import BatchNormFold, fold_batchnorm
-from .gates import FermiGate, fermi_probability
-from .graph import ChannelGroup, DependencyGraph, GroupMember, build_dependency_graph
-from .io import CheckpointError, CheckpointSummary, from_pretrained, inspect_checkpoint, load_shrunk, save_shrunk
-from .layers import FermiConv1d, FermiConv2d, FermiConv3d, FermiLinear
-from .onnx_export import export_onnx
+from .state import ConversionSummary, summary
+from .convert import convert_to_fermi
+from .surgery.fold import BatchNormFold, fold_batchnorm
+from .methods.fermi.gates import FermiGate, fermi_probability
+from .surgery.graph import ChannelGroup, DependencyGraph, GroupMember, build_dependency_graph
+from .io.checkpoint import (
+    CheckpointError,
+    CheckpointSummary,
+    from_pretrained,
+    inspect_checkpoint,
+    load_shrunk,
+    save_shrunk,
+)
+from .methods.fermi.layers import FermiConv1d, FermiConv2d, FermiConv3d, FermiLinear
+from .io.onnx import export_onnx
 from .prune import prune
-from .refine import RefineResult, refine_gates
-from .shrink import ModuleChange, ShrinkResult, mask_model, shrink_model
-from .report_macs import count_macs
+from .methods.fermi.refine import RefineResult, refine_gates
+from .surgery.shrink import ModuleChange, ShrinkResult, mask_model, shrink_model
+from .surgery.macs import count_macs
 from .report import FermiReport, SparsityReport, compute_sparsity, count_parameters
 
 __version__ = "0.1.0"

@@ -2,122 +2,22 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import warnings
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-from .convert import _STATE_ATTR, _swap, fermi_state, gated_modules
-from .layers import GroupGate, _copy_module_dict
+from .state import _STATE_ATTR, fermi_state
+from .convert import _swap
+from .methods.fermi.model import gated_modules
+from .methods.fermi.model import _group_keep, disable_gates
+from .surgery.verify import SHRINK_RTOL, _restore, _snapshot, call_model, max_relative_diff, output_tensors
 from .report import FermiReport, compute_sparsity, count_parameters
 
 _logger = logging.getLogger(__name__)
-
-#: shrunk and hard-masked outputs may differ by float reassociation only: relative to the output's scale
-SHRINK_RTOL = 1e-4
-
-
-def call_model(model: nn.Module, inputs: Any) -> Any:
-    """Run ``model`` on example inputs given as a tensor, a tuple of positional args or a dict of kwargs."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
-def output_tensors(out: Any) -> list[torch.Tensor]:
-    """The floating-point tensors of a model output (tensor, tuple, dict or HF ModelOutput), in order."""
-    if isinstance(out, torch.Tensor):
-        return [out] if out.is_floating_point() else []
-    if isinstance(out, dict) or hasattr(out, "to_tuple"):
-        items: Iterable[Any] = out.values()
-    elif isinstance(out, (tuple, list)):
-        items = out
-    else:
-        return []
-    return [t for item in items for t in output_tensors(item)]
-
-
-def max_relative_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    """Largest ``|a - b| / max(1, max|a|)`` over paired tensors; inf when the structures differ."""
-    if len(a) != len(b):
-        return float("inf")
-    worst = 0.0
-    for x, y in zip(a, b):
-        if x.shape != y.shape:
-            return float("inf")
-        scale = max(1.0, float(x.abs().max())) if x.numel() else 1.0
-        worst = max(worst, float((x.float() - y.float()).abs().max()) / scale if x.numel() else 0.0)
-    return worst
-
-
-def _snapshot(model: nn.Module) -> list[tuple[Any, dict]]:
-    """References to every module's state (and an HF config's), enough to undo a shrink."""
-    snap: list[tuple[Any, dict]] = [(m, _copy_module_dict(m)) for m in model.modules()]
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "__dict__"):
-        snap.append((config, copy.deepcopy(config.__dict__)))
-    return snap
-
-
-def _restore(snapshot: list[tuple[Any, dict]]) -> None:
-    for obj, state in snapshot:
-        obj.__dict__.clear()
-        obj.__dict__.update(state)
-
-
-def _group_keep(model: nn.Module) -> dict[int, torch.Tensor]:
-    keep: dict[int, torch.Tensor] = {}
-    for module in gated_modules(model).values():
-        for slot in module._slots:
-            gate: GroupGate = slot.gate
-            if gate.group_id is not None and gate.group_id not in keep:
-                keep[gate.group_id] = gate.keep_units().cpu()
-    return keep
-
-
-def _all_gates(model: nn.Module):
-    for module in gated_modules(model).values():
-        if module.weight_gate is not None:
-            yield module.weight_gate
-        for slot in module._slots:
-            yield slot.gate
-
-
-@contextlib.contextmanager
-def _gates_set(model: nn.Module, attr: str, value: bool) -> Iterator[nn.Module]:
-    gates = list(_all_gates(model))
-    previous = [getattr(g, attr) for g in gates]
-    for g in gates:
-        setattr(g, attr, value)
-    try:
-        yield model
-    finally:
-        for g, v in zip(gates, previous):
-            setattr(g, attr, v)
-
-
-def hard_gates(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
-    """Within this context the gates of ``model`` apply their hard decisions (``P >= 0.5`` -> 1, else 0):
-    the model computes what ``convert_from_fermi(model, shrink=False)`` would bake."""
-    fermi_state(model)  # a clear error for a model that was never converted
-    return _gates_set(model, "hard", True)
-
-
-def gates_open(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
-    """Within this context every gate of ``model`` passes everything (P = 1): the dense function."""
-    return _gates_set(model, "enabled", False)
-
-
-def disable_gates(model: nn.Module) -> None:
-    """Open every gate of a converted model (P = 1): it then computes the dense function."""
-    for gate in _all_gates(model):
-        gate.enabled = False
 
 
 @torch.no_grad()
@@ -173,7 +73,7 @@ def convert_from_fermi(
         changes = _shrink_checked(model, state.graph, keep, example, report)
 
     if reference is not None:
-        from .calibrate import calibrate
+        from .calibration.engine import calibrate
 
         # unshrunk: calibrate finds the hard-masked layers itself (whole input columns zeroed)
         if calibrate_layers == "all" and not changes:
@@ -193,7 +93,7 @@ def convert_from_fermi(
 
 
 def _shrink_checked(model: nn.Module, graph: Any, keep: dict, example: Any, report: FermiReport) -> dict:
-    from .shrink import shrink_model
+    from .surgery.shrink import shrink_model
 
     masked = output_tensors(call_model(model, example)) if example is not None else None
     snapshot = _snapshot(model)
@@ -237,7 +137,7 @@ def _calibration_targets(model: nn.Module, twins: dict[str, nn.Module], changes:
     targets = {name: (ch.kept_in, ch.kept_out) for name, ch in changes.items()
                if ch.kept_in is not None and name in twins}
     if scope == "all":
-        from ._ridge import is_supported
+        from .calibration.ridge import is_supported
 
         owners: dict[int, int] = {}
         for module in model.modules():
@@ -254,7 +154,7 @@ def _count_macs(model: nn.Module, example: Any) -> int | None:
     if example is None:
         return None
     try:
-        from .shrink import count_macs
+        from .surgery.shrink import count_macs
     except ImportError:
         return None
     try:

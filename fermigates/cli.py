@@ -9,7 +9,7 @@ from .config import bundled_recipes
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .io import inspect_checkpoint
+    from .io.checkpoint import inspect_checkpoint
 
     print(inspect_checkpoint(args.directory))
     return 0

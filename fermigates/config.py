@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from .gates import check_temperature
+from .methods.fermi.gates import check_temperature
 
 GRANULARITIES = ("weight", "channel", "head")
 CONFIG_VERSION = 1

@@ -4,66 +4,18 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-import torch
 import torch.nn as nn
 
 from .config import FermiConfig
+from .state import _STATE_ATTR, ConversionSummary, FermiState
 from .converters.registry import EXAMPLE_INPUTS
-from .layers import GatedMixin, is_gated, twin_factory
+from .methods.fermi.layers import is_gated, twin_factory
 
 _logger = logging.getLogger(__name__)
 
 FilterFn = Callable[[nn.Module, str], bool]
-_STATE_ATTR = "_fermigates"
-
-
-@dataclass
-class ConversionSummary:
-    """What ``convert_to_fermi`` did: gated modules, gates, units, and what it left alone and why."""
-
-    granularity: tuple[str, ...]
-    modules: list[str] = field(default_factory=list)
-    n_gates: int = 0
-    n_units: int = 0
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-
-    def __str__(self) -> str:
-        lines = [
-            f"fermigates: gated {len(self.modules)} modules with {self.n_gates} gates over {self.n_units:,} "
-            f"units (granularity={'+'.join(self.granularity)})"
-        ]
-        for name, why in self.skipped[:20]:
-            lines.append(f"  not gated: {name}: {why}")
-        if len(self.skipped) > 20:
-            lines.append(f"  ... and {len(self.skipped) - 20} more not gated")
-        return "\n".join(lines)
-
-
-@dataclass
-class FermiState:
-    """Bookkeeping kept on a converted model (a plain attribute, never in its state dict)."""
-
-    config: FermiConfig
-    summary: ConversionSummary
-    graph: Any = None
-    example_inputs: Any = None
-
-
-def fermi_state(model: nn.Module) -> FermiState:
-    state = getattr(model, _STATE_ATTR, None)
-    if state is None:
-        raise ValueError(
-            f"{type(model).__name__} has no Fermi gates: call fermigates.convert_to_fermi(model, ...) first"
-        )
-    return state
-
-
-def summary(model: nn.Module) -> ConversionSummary:
-    """The summary recorded by ``convert_to_fermi``."""
-    return fermi_state(model).summary
 
 
 # -- target selection ---------------------------------------------------------------------------------
@@ -226,7 +178,7 @@ def convert_to_fermi(
     twins: dict[str, nn.Module] = {}
 
     if config.structured:
-        from .graph_gates import attach_group_gates
+        from .methods.fermi.group_gates import attach_group_gates
 
         if example_inputs is None:
             example_inputs = default_example_inputs(model)
@@ -259,46 +211,11 @@ def convert_to_fermi(
     return model
 
 
-def gated_modules(model: nn.Module) -> dict[str, GatedMixin]:
-    return {n: m for n, m in model.named_modules() if is_gated(m)}
 
 
-def all_gates(model: nn.Module) -> list:
-    """Every distinct gate of a converted model (weight gates and group gates)."""
-    seen: dict[int, Any] = {}
-    for module in gated_modules(model).values():
-        if module.weight_gate is not None:
-            seen.setdefault(id(module.weight_gate), module.weight_gate)
-        for slot in module._slots:
-            seen.setdefault(id(slot.gate), slot.gate)
-    return list(seen.values())
 
 
-def _distinct_gates(model: nn.Module):
-    """``(gate, weight-owning module or None)`` for every distinct gate, in module order."""
-    seen: set[int] = set()
-    for module in gated_modules(model).values():
-        if module.weight_gate is not None and id(module.weight_gate) not in seen:
-            seen.add(id(module.weight_gate))
-            yield module.weight_gate, module
-        for slot in module._slots:
-            if id(slot.gate) not in seen:
-                seen.add(id(slot.gate))
-                yield slot.gate, None
 
 
-def gate_scores(model: nn.Module) -> list[tuple[Any, torch.Tensor]]:
-    """``(gate, normalised unit scores)`` for every gate: what each gate's ``mu`` is compared with."""
-    out = []
-    for gate, owner in _distinct_gates(model):
-        score = owner.weight.detach().abs().float().flatten() if owner is not None else gate.score().detach()
-        out.append((gate, gate.normalised(score)))
-    return out
 
 
-def soft_probabilities(model: nn.Module) -> list[tuple[Any, torch.Tensor]]:
-    """``(gate, soft retention probability of its units)``, with gradients to weights and ``mu``."""
-    return [
-        (gate, gate(owner.weight.abs()) if owner is not None else gate.probability())
-        for gate, owner in _distinct_gates(model)
-    ]

@@ -9,12 +9,15 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .anneal import AnnealSchedule
-from .bake import call_model, convert_from_fermi
-from .calibrate import _DROP_KEYS, _batches
+from .methods.fermi.anneal import AnnealSchedule
+from .surgery.verify import call_model
+from .bake import convert_from_fermi
+from .calibration.engine import _DROP_KEYS, _batches
 from .config import FermiConfig
-from .convert import _STATE_ATTR, _swap, convert_to_fermi, gated_modules
-from .refine import refine_gates
+from .state import _STATE_ATTR
+from .convert import _swap, convert_to_fermi
+from .methods.fermi.model import gated_modules
+from .methods.fermi.refine import refine_gates
 from .report import FermiReport
 
 

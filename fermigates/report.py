@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from .converters.registry import LINEAR_LIKE, lookup
-from .layers import is_gated
+from .methods.fermi.layers import is_gated
 
 
 def _fmt_count(n: float | int | None) -> str:

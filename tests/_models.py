@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fermigates.graph import DependencyGraph
-from fermigates.shrink import ShrinkResult, mask_model, shrink_model
+from fermigates.surgery.graph import DependencyGraph
+from fermigates.surgery.shrink import ShrinkResult, mask_model, shrink_model
 
 
 @torch.no_grad()

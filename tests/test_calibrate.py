@@ -1,4 +1,4 @@
-"""fermigates.calibrate: known optima, conv/depthwise/no-bias layers, masks, engines, and error cases."""
+"""fermigates.calibration: known optima, conv/depthwise/no-bias layers, masks, engines, and error cases."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from fermigates.calibrate import CalibrationError, calibrate
-from fermigates.oneshot import input_channel_rms, oneshot_channel_scores, select_channels
+from fermigates.calibration.engine import CalibrationError, calibrate
+from fermigates.calibration.selection import input_channel_rms, oneshot_channel_scores, select_channels
 
 D = torch.float64
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 import fermigates as fg
-from fermigates.layers import is_gated
+from fermigates.methods.fermi.layers import is_gated
 
 from _family_models import FAMILIES, build, run
 

@@ -19,7 +19,7 @@ from _models import Lambda, SmallCNN, rel_diff
 from torch import nn
 
 import fermigates as fg
-from fermigates.fold import FOLDED_ATTR
+from fermigates.surgery.fold import FOLDED_ATTR
 
 timm = pytest.importorskip("timm")
 
@@ -344,7 +344,7 @@ def test_failed_output_check_undoes_everything(monkeypatch):
     x = image(1)
     expected = run(model, x)
     before, norms = state_of(model), n_norms(model)
-    monkeypatch.setattr("fermigates.fold.max_relative_diff", lambda a, b: 1.0)
+    monkeypatch.setattr("fermigates.surgery.fold.max_relative_diff", lambda a, b: 1.0)
     with pytest.raises(RuntimeError, match="restored"):
         fg.fold_batchnorm(model, x)
     assert_unchanged(model, before)
@@ -355,7 +355,7 @@ def test_failed_output_check_undoes_everything(monkeypatch):
 
 
 def test_error_in_the_middle_of_folding_undoes_everything(monkeypatch):
-    from fermigates import fold
+    from fermigates.surgery import fold
 
     model = randomize_bn_(timm.create_model("resnet18", pretrained=False, num_classes=10).eval())
     x = image(1)

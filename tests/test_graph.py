@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from _models import Lambda, SmallCNN, SmallMLP, masked_vs_shrunk, random_keep
 from torch import nn
 
-from fermigates.graph import build_dependency_graph
+from fermigates.surgery.graph import build_dependency_graph
 
 
 def group_of(graph, module: str, role: str = "producer"):

@@ -16,8 +16,14 @@ import pytest
 import torch
 from torch import nn
 
-from fermigates import _manifest as mf
-from fermigates.io import CheckpointError, from_pretrained, inspect_checkpoint, load_shrunk, save_shrunk
+from fermigates.io import manifest as mf
+from fermigates.io.checkpoint import (
+    CheckpointError,
+    from_pretrained,
+    inspect_checkpoint,
+    load_shrunk,
+    save_shrunk,
+)
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
@@ -227,7 +233,7 @@ def test_roundtrip_bitwise(name: str, tmp_path: Path, caplog) -> None:
     save_shrunk(model, tmp_path)
     # half the cases load into a stock model the user built, half through a factory (meta parameters)
     target = build() if name in ("resnet18", "vit_tiny", "gpt2") else build
-    with caplog.at_level(logging.INFO, logger="fermigates.io"):
+    with caplog.at_level(logging.INFO, logger="fermigates.io.checkpoint"):
         loaded = load_shrunk(target, tmp_path).eval()
     assert "building it normally" not in caplog.text  # the factory ran with meta parameters
     if isinstance(target, nn.Module):
@@ -490,15 +496,15 @@ def test_crash_between_tensors_and_manifest_loads_new(tmp_path: Path, monkeypatc
     with pytest.raises(OSError, match="simulated"):
         save_shrunk(new, tmp_path)
     monkeypatch.undo()
-    with caplog.at_level(logging.WARNING, logger="fermigates._manifest"):
+    with caplog.at_level(logging.WARNING, logger="fermigates.io.manifest"):
         loaded = load_shrunk(_stock(), tmp_path)
     assert torch.equal(loaded(x), new(x)) and "interrupted save" in caplog.text
 
 
 @pytest.mark.parametrize("name", ["resnet18", "bert"])
 def test_roundtrip_shrink_model(name: str, tmp_path: Path) -> None:
-    from fermigates import graph as graph_mod
-    from fermigates import shrink
+    from fermigates.surgery import graph as graph_mod
+    from fermigates.surgery import shrink
     build, _, make_inputs = CASES[name]
     torch.manual_seed(0)
     model = build().eval()

@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 
 from fermigates import FermiConv1d, FermiConv2d, FermiConv3d, FermiLinear
-from fermigates.layers import is_gated, twin_factory
+from fermigates.methods.fermi.layers import is_gated, twin_factory
 
 CONVS = [
     nn.Conv1d(4, 6, 3),

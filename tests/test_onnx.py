@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from fermigates.onnx_export import export_onnx
+from fermigates.io.onnx import export_onnx
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")

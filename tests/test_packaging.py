@@ -33,7 +33,11 @@ def test_wheel_ships_converters_and_recipes_inside_the_namespace(tmp_path):
     assert "fermigates/converters/registry.py" in names
     assert "fermigates/converters/hf_layers.py" in names
     assert any(n.startswith("fermigates/recipes/") and n.endswith(".yaml") for n in names)
-    assert "fermigates/gates.py" in names
+    # every source module ships (a subpackage missing from pyproject's package list would be dropped)
+    sources = {f"fermigates/{p.relative_to(ROOT / 'fermigates').as_posix()}"
+               for p in (ROOT / "fermigates").rglob("*.py")}
+    assert "fermigates/methods/fermi/gates.py" in sources
+    assert sources <= set(names), sorted(sources - set(names))
     assert not any(n.startswith(("converters/", "recipes/", "tests/", "benchmarks/")) for n in names)
 
 
@@ -44,3 +48,16 @@ def test_bundled_recipes_load():
         recipe = fg.load_recipe(name)
         assert isinstance(recipe["config"], fg.FermiConfig)
     assert fg.load_recipe("channel50")["config"].granularity == "channel"
+
+
+def test_shared_subsystems_do_not_import_a_method():
+    """surgery / calibration / io serve every method: none of them imports one at module level."""
+    import ast
+
+    offenders = []
+    for sub in ("surgery", "calibration", "io"):
+        for path in (ROOT / "fermigates" / sub).rglob("*.py"):
+            for node in ast.parse(path.read_text()).body:
+                if isinstance(node, ast.ImportFrom) and "methods" in (node.module or ""):
+                    offenders.append(f"{path.relative_to(ROOT)}: from {node.module}")
+    assert not offenders, offenders

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fermigates as fg
-from fermigates.gates import FermiGate
-from fermigates.layers import GroupGate
+from fermigates.methods.fermi.gates import FermiGate
+from fermigates.methods.fermi.layers import GroupGate
 
 timm = pytest.importorskip("timm")
 

@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from fermigates.graph import build_dependency_graph
-from fermigates.shrink import count_macs, macs_by_module, mask_model, shrink_model
+from fermigates.surgery.graph import build_dependency_graph
+from fermigates.surgery.shrink import count_macs, macs_by_module, mask_model, shrink_model
 
 TIMM_MODELS = {  # name -> (input size, prunable groups, pinned groups) with timm 1.0.x
     "resnet18": (64, 12, 1),  # 4 residual streams (the stem feeds the first), 8 block-internal; pinned: pooled output
@@ -117,7 +117,7 @@ def test_whole_group_removal_keeps_one_zeroed_unit():
 
 
 def test_gated_twins_are_sliced_like_their_base():
-    from fermigates.layers import FermiLinear
+    from fermigates.methods.fermi.layers import FermiLinear
 
     model = copy.deepcopy(MLP)
     model.fc1 = FermiLinear.from_linear(model.fc1)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fermigates as fg
-from fermigates.layers import is_gated
+from fermigates.methods.fermi.layers import is_gated
 
 from _family_models import FAMILIES, build, run
 

@@ -10,7 +10,6 @@ still runs with padding and another batch size.
 from __future__ import annotations
 
 import copy
-import importlib.util
 
 import pytest
 import torch
@@ -20,7 +19,6 @@ from fermigates.converters.hf_attention import apply_hf_config_updates, hf_confi
 transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
 
-HAVE_GRAPH = all(importlib.util.find_spec(f"fermigates.{m}") is not None for m in ("graph", "shrink"))
 RTOL = 1e-4
 
 
@@ -135,9 +133,9 @@ def _shrink_by_hand(model, seed, uneven=False):
 
 # ------------------------------------------------------------------------------------------ graph route
 def _shrink_with_graph(model, inputs, seed, uneven=False):
-    from fermigates.graph import build_dependency_graph
-    from fermigates.layers import weight_axes
-    from fermigates.shrink import shrink_model
+    from fermigates.surgery.graph import build_dependency_graph
+    from fermigates.methods.fermi.layers import weight_axes
+    from fermigates.surgery.shrink import shrink_model
 
     graph = build_dependency_graph(model, inputs)
     gen = torch.Generator().manual_seed(seed)
@@ -172,7 +170,7 @@ def _shrink(route, name, seed, uneven=False):
     return model, masked, inputs, run
 
 
-ROUTES = ["helpers", pytest.param("graph", marks=pytest.mark.skipif(not HAVE_GRAPH, reason="no graph/shrink"))]
+ROUTES = ["helpers", "graph"]
 
 
 @pytest.mark.parametrize("route", ROUTES)
@@ -188,14 +186,11 @@ def test_shrunk_equals_masked(route, name):
         _assert_close(run(model, inputs), run(masked, inputs))
 
 
-_GRAPH = pytest.mark.skipif(not HAVE_GRAPH, reason="no graph/shrink")
-
-
 @pytest.mark.parametrize("route,name,uneven", [
     ("helpers", "llama", True),
-    pytest.param("graph", "gpt2", True, marks=_GRAPH),
-    pytest.param("graph", "llama", False, marks=_GRAPH),
-    pytest.param("graph", "llama", True, marks=_GRAPH),
+    ("graph", "gpt2", True),
+    ("graph", "llama", False),
+    ("graph", "llama", True),
 ])
 def test_generate_after_shrink(route, name, uneven):
     model, masked, _, _ = _shrink(route, name, seed=1, uneven=uneven)
@@ -244,12 +239,11 @@ def test_config_describes_shrunk_llama(route):
     assert [l.mlp.intermediate_size for l in model.model.layers] == mlp
 
 
-@pytest.mark.skipif(not HAVE_GRAPH, reason="no graph/shrink")
 @pytest.mark.parametrize("name", ["gpt2", "llama", "deit_tiny"])
 def test_pipeline_removes_heads(name):
     """convert_to_fermi (head + channel gates) -> close half the units -> convert_from_fermi shrinks heads."""
     import fermigates as fg
-    from fermigates.layers import GroupGate
+    from fermigates.methods.fermi.layers import GroupGate
 
     torch.manual_seed(0)
     model = MODELS[name][0]()

@@ -20,12 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from fermigates import _manifest as mf
-from fermigates._inspect import CheckpointSummary, inspect_checkpoint, macs_record
-from fermigates._manifest import CheckpointError
+from fermigates.io import manifest as mf
+from fermigates.io.inspect import CheckpointSummary, inspect_checkpoint, macs_record
+from fermigates.io.manifest import CheckpointError
 from fermigates.converters.registry import qualname
-from fermigates.fold import FOLDED_ATTR
-from fermigates.onnx_export import export_onnx
+from fermigates.surgery.fold import FOLDED_ATTR
+from fermigates.io.onnx import export_onnx
 
 _logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def save_shrunk(model: nn.Module, directory: str | os.PathLike, *, example_input
     mf.atomic_write(root / mf.WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     mf.atomic_write_text(root / mf.MANIFEST_NAME, text + "\n")
     if _is_hf(model):
-        from fermigates._hf_io import write_hf_config
+        from fermigates.io.hf import write_hf_config
 
         write_hf_config(model, root, manifest["modules"])
     else:
@@ -354,7 +354,7 @@ def from_pretrained(
     The class is ``model_class`` or the config's ``architectures[0]`` looked up in ``transformers``; it is
     built from ``config.json`` on the meta device, resized to the manifest, loaded, and put in eval mode.
     """
-    from fermigates._hf_io import hf_factory
+    from fermigates.io.hf import hf_factory
 
     root = Path(directory)
     mf.read_checkpoint(root)  # clear errors for a missing / damaged folder before importing transformers

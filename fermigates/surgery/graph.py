@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._trace import trace
+from .trace import trace
 
 _logger = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
-from ._trace import _CONVS, _opaque, _walk
-from .bake import SHRINK_RTOL, _restore, _snapshot, call_model, max_relative_diff, output_tensors
-from .converters import registry
+from .trace import _CONVS, _opaque, _walk
+from .verify import SHRINK_RTOL, _restore, _snapshot, call_model, max_relative_diff, output_tensors
+from ..converters import registry
 
 __all__ = ["BatchNormFold", "fold_batchnorm"]
 
@@ -70,7 +70,7 @@ def _replacement(norm: nn.Module) -> nn.Module | None:
 
 
 def _affine_producer(module: nn.Module) -> bool:
-    from .layers import GatedMixin
+    from ..methods.fermi.layers import GatedMixin
 
     if isinstance(module, GatedMixin) or not isinstance(module, (nn.Linear, *_CONVS)):
         return False
@@ -211,7 +211,7 @@ def fold_batchnorm(model: nn.Module, example_inputs: Any) -> BatchNormFold:
     if they did, everything is undone and a ``RuntimeError`` says so. The model is left in eval mode.
     Returns what was folded and why the other norms were kept.
     """
-    from .convert import _STATE_ATTR
+    from ..state import _STATE_ATTR
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

@@ -60,7 +60,7 @@ def _stream(model: nn.Module, data: Iterable[Any], hooks: dict[str, Any], state:
             max_batches: int | None) -> None:
     """Run ``data`` through ``model`` with forward pre-hooks on the named modules; ``state["mask"]`` holds
     the current batch's attention mask (or None) for the hooks."""
-    from .calibrate import _call, _mask
+    from .engine import _call, _mask
 
     mods = dict(model.named_modules())
     handles = [mods[n].register_forward_pre_hook(fn) for n, fn in hooks.items()]
@@ -106,7 +106,7 @@ def input_channel_rms(model: nn.Module, data: Iterable[Any], names: list[str],
 def input_gram(model: nn.Module, data: Iterable[Any], names: list[str],
                max_batches: int | None = None) -> dict[str, torch.Tensor]:
     """Float64 Gram ``[X, 1]ᵀ[X, 1]`` of the named Linear layers' inputs (padding rows excluded)."""
-    from ._ridge import _masked_rows
+    from .ridge import _masked_rows
 
     mods = dict(model.named_modules())
     bad = [n for n in names if not isinstance(mods.get(n), nn.Linear)]

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fermigates._manifest import _fsync_dir
+from fermigates.io.manifest import _fsync_dir
 
 _logger = logging.getLogger(__name__)
 

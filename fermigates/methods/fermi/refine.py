@@ -20,9 +20,11 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .anneal import AnnealSchedule, _pin_to_quantile
-from .bake import gates_open, hard_gates, output_tensors
-from .calibrate import _batches, _feed, _mask
-from .convert import _distinct_gates, fermi_state, gated_modules
+from .model import gates_open, hard_gates
+from ...surgery.verify import output_tensors
+from ...calibration.engine import _batches, _feed, _mask
+from .model import _distinct_gates, gated_modules
+from ...state import fermi_state
 
 __all__ = ["refine_gates", "RefineResult"]
 
@@ -186,7 +188,7 @@ def refine_gates(
 @torch.no_grad()
 def _obs_levels(model: nn.Module, gates: list, batches: list, schedule: AnnealSchedule) -> int:
     """Per-unit levels that put the units greedy OBS keeps above the threshold; returns how many gates."""
-    from .oneshot import input_gram, select_channels_obs
+    from ...calibration.selection import input_gram, select_channels_obs
 
     uses: dict[int, list] = {}
     for name, module in gated_modules(model).items():

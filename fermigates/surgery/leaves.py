@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._labels import NONE, along, join_rows
-from ._trace import Tracer, _opaque
-from .converters.attention import attention_spec, head_units, linear_layout
+from .labels import NONE, along, join_rows
+from .trace import Tracer, _opaque
+from ..converters.attention import attention_spec, head_units, linear_layout
 
 
 def _input(args: Any, kwargs: dict, keys=("input", "x", "hidden_states")) -> torch.Tensor | None:

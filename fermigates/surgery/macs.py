@@ -105,7 +105,7 @@ class _MacMode(TorchFunctionMode):
 
 def macs_by_module(model: nn.Module, example_inputs: Any) -> dict[str, int]:
     """MACs per innermost module (its fqn; ``""`` for calls made by the root) for one forward pass."""
-    from ._trace import call_model
+    from .trace import call_model
 
     stack: list[str] = []
     handles = []

@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .converters.registry import TWINS, lookup, qualname, register
+from ...converters.registry import TWINS, lookup, qualname, register
+from ...surgery.verify import _copy_module_dict
 from .gates import FermiGate
 
 _GATE_ATTRS = ("weight_gate", "_slots", "_plain_cls", "_in_axis", "_out_axis")
@@ -158,11 +159,6 @@ class GatedMixin:
         return ", ".join(parts)
 
 
-def _copy_module_dict(module: nn.Module) -> dict:
-    """A shallow copy of a module's ``__dict__`` whose containers (params, buffers, hooks) are new dicts."""
-    return {k: (type(v)(v) if isinstance(v, dict) else v) for k, v in module.__dict__.items()}
-
-
 def make_twin(module: nn.Module, twin_cls: type) -> nn.Module:
     """A ``twin_cls`` instance that shares ``module``'s parameters, buffers and attributes."""
     twin = twin_cls.__new__(twin_cls)
@@ -239,7 +235,7 @@ def is_gated(module: nn.Module) -> bool:
 
 def weight_axes(module: nn.Module) -> tuple[int, int]:
     """``(in_axis, out_axis)`` of the module's weight: where its input and output channels lie."""
-    from .converters.registry import LINEAR_LIKE
+    from ...converters.registry import LINEAR_LIKE
 
     layout = lookup(LINEAR_LIKE, module)
     if layout is not None:

@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .converters import registry
-from .converters.attention import attention_spec, linear_layout, slice_linear
+from ..converters import registry
+from ..converters.attention import attention_spec, linear_layout, slice_linear
 from .graph import ChannelGroup, DependencyGraph
-from .report_macs import count_macs, macs_by_module
+from .macs import count_macs, macs_by_module
 
 _logger = logging.getLogger(__name__)
 

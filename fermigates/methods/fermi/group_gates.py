@@ -11,8 +11,8 @@ from .gates import FermiGate
 from .layers import GroupGate, twin_factory, weight_axes
 
 if TYPE_CHECKING:
-    from .config import FermiConfig
-    from .convert import FermiState
+    from ...config import FermiConfig
+    from ...state import FermiState
 
 
 def _describe(group) -> str:
@@ -40,7 +40,7 @@ def attach_group_gates(
     state: "FermiState",
 ) -> None:
     """Build the graph, create a gate per prunable group and twins for its consumers (model untouched)."""
-    from .graph import build_dependency_graph
+    from ...surgery.graph import build_dependency_graph
 
     graph = build_dependency_graph(model, state.example_inputs)
     state.graph = graph

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from fermigates import _manifest as mf
+from fermigates.io import manifest as mf
 
 _logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .converters.registry import LINEAR_LIKE, lookup
+from ..converters.registry import LINEAR_LIKE, lookup
 
 _logger = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _coroutine as co
-from ._calib_report import CalibrationReport, LayerCalibration
-from ._ridge import SUPPORTED, LayerPlan, RidgeStats, is_supported, ridge_solve, weight_2d
+from . import stream as co
+from .report import CalibrationReport, LayerCalibration
+from .ridge import SUPPORTED, LayerPlan, RidgeStats, is_supported, ridge_solve, weight_2d
 
 _logger = logging.getLogger(__name__)
 

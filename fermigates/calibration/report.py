@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ._ridge import LayerPlan, weight_2d
+from .ridge import LayerPlan, weight_2d
 
 
 @dataclass

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from . import _ops
-from ._labels import NONE, UnionFind, along, compress, expand
-from .converters import registry
-from .converters.attention import attention_spec, linear_layout
+from . import ops as _ops
+from .labels import NONE, UnionFind, along, compress, expand
+from ..converters import registry
+from ..converters.attention import attention_spec, linear_layout
 
 _logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def leaf_kind(module: nn.Module) -> str | None:
 
 def _opaque(module: nn.Module) -> bool:
     """True when a Linear / Conv subclass overrides forward in a way we cannot vouch for (e.g. StdConv2d)."""
-    from .layers import GatedMixin
+    from ..methods.fermi.layers import GatedMixin
 
     if isinstance(module, GatedMixin) or registry.lookup(registry.LINEAR_LIKE, module) is not None:
         return False
@@ -293,7 +293,7 @@ class Tracer:
             if self.depth == 0:
                 self.quiet += 1
                 try:
-                    from ._leaves import LEAVES
+                    from .leaves import LEAVES
 
                     LEAVES[kind](self, self.stack[-1], module, args, kwargs, output)
                 finally:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ._labels import NONE, along, compress, expand, varying_dims
+from .labels import NONE, along, compress, expand, varying_dims
 
 _DUNDER = {
     "add": "add", "sub": "sub", "mul": "mul", "truediv": "div", "div": "div", "floordiv": "floor_divide",

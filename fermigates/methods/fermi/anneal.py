@@ -21,8 +21,9 @@ import torch
 import torch.nn as nn
 from torch.optim import Optimizer
 
-from .convert import fermi_state, gate_scores, soft_probabilities
-from .config import check_sparsity
+from ...state import fermi_state
+from .model import gate_scores, soft_probabilities
+from ...config import check_sparsity
 from .gates import check_temperature, kth_quantile
 
 TEMPERATURE_SCHEDULES = ("linear", "exponential", "cosine")
