@@ -152,6 +152,22 @@ def hf_example_inputs(model: nn.Module, batch: int = 2, seq_len: int = 8) -> dic
     return None
 
 
+def hf_fixed_input_width(model: nn.Module) -> dict[str, str]:
+    """Classification heads of a transformers model (``classifier``, ``score`` and what lies under them):
+    their input width is ``hidden_size`` in the config, so pruning the pooler (or a head's own dense layer)
+    that feeds them would give a width no config can describe."""
+    config = getattr(model, "config", None)
+    if not hasattr(config, "to_json_string") or not type(model).__module__.startswith("transformers."):
+        return {}
+    heads = ("classifier", "score")
+    return {
+        name: "classification head of a transformers model: the config fixes its input width (hidden_size)"
+        for name, module in model.named_modules()
+        if name in heads or name.startswith(tuple(h + "." for h in heads))
+        if isinstance(module, nn.Linear)
+    }
+
+
 # ------------------------------------------------------------------------------------------------ config
 @dataclass(frozen=True)
 class _ConfigFields:
@@ -301,3 +317,4 @@ registry.register(registry.ATTENTION, LLAMA_LIKE, LLAMA_SPEC)
 registry.register(registry.SHAPE_ATTRS, LLAMA_LIKE, ("head_dim", "num_key_value_groups"))
 registry.register(registry.RMS_NORMS, RMS_NORM_NAMES, RMSNormSpec(weight="weight", eps="variance_epsilon"))
 registry.EXAMPLE_INPUTS.append(hf_example_inputs)
+registry.FIXED_INPUT_WIDTH.append(hf_fixed_input_width)

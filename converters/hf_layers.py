@@ -46,47 +46,8 @@ def _conv1d_twin(module: nn.Module) -> nn.Module:
 registry.register(registry.TWINS, CONV1D_NAME, _conv1d_twin)
 
 
-def fermi_trainer_callback(
-    model: nn.Module,
-    temperature: tuple[float, float] = (1.0, 0.01),
-    schedule: str = "exponential",
-    target_sparsity: float | None = None,
-    sparsity_schedule: str = "cubic",
-    total_steps: int | None = None,
-    **schedule_kwargs: Any,
-):
-    """A ``transformers.TrainerCallback`` that anneals the gates of ``model`` after every optimizer step.
+def fermi_trainer_callback(model: nn.Module, *args: Any, **kwargs: Any):
+    """Moved: :func:`fermigates.fermi_trainer_callback` (kept here for old imports)."""
+    from fermigates.methods.fermi.trainer import fermi_trainer_callback as callback
 
-    It does what ``FermiAnnealer`` does around the optimizer: sets ``T`` and steers ``mu`` from the step
-    count. ``total_steps`` defaults to the Trainer's ``max_steps``. Pass it as
-    ``Trainer(..., callbacks=[fermi_trainer_callback(model)])``.
-    """
-    from transformers import TrainerCallback
-
-    from fermigates.methods.fermi.anneal import AnnealSchedule
-    from fermigates.state import fermi_state
-
-    config = fermi_state(model).config
-    sparsity = config.target_sparsity if target_sparsity is None else target_sparsity
-
-    class FermiCallback(TrainerCallback):
-        def __init__(self) -> None:
-            self.schedule: AnnealSchedule | None = None
-
-        def _ensure(self, state) -> AnnealSchedule:
-            if self.schedule is None:
-                steps = total_steps or state.max_steps
-                if not steps or steps < 1:
-                    raise ValueError("fermi_trainer_callback needs total_steps (the Trainer's max_steps is unknown)")
-                self.schedule = AnnealSchedule(
-                    int(steps), tuple(temperature), schedule, sparsity, sparsity_schedule, **schedule_kwargs
-                )
-            return self.schedule
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self._ensure(state).apply(model, state.global_step)
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self._ensure(state).apply(model, state.global_step)
-
-    return FermiCallback()
+    return callback(model, *args, **kwargs)

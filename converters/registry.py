@@ -27,6 +27,9 @@ RMS_NORMS: dict[str, Any] = {}
 #: batch-norm class qualname (exact class) -> callable(norm) -> the module that replaces it once its affine
 #: map is folded into the preceding layer (``fermigates.fold_batchnorm``), e.g. timm's norm + activation
 BN_FOLD: dict[str, Callable[[nn.Module], nn.Module]] = {}
+#: callables(model) -> {module name: reason} of layers whose *input* width the model's config fixes (e.g. a
+#: Hugging Face classifier reading the pooler: ``hidden_size``); structured gating leaves what they read whole
+FIXED_INPUT_WIDTH: list[Callable[[nn.Module], dict[str, str]]] = []
 #: ordered list of callables(model) -> example inputs or None (first non-None wins)
 EXAMPLE_INPUTS: list[Callable[[nn.Module], Any]] = []
 

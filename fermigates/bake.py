@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -12,12 +13,17 @@ import torch.nn as nn
 
 from .state import _STATE_ATTR, fermi_state
 from .convert import _swap
-from .methods.fermi.model import gated_modules
-from .methods.fermi.model import _group_keep, disable_gates
+from .calibration.engine import _batches, _feed, calibrate, check_batches_finite
+from .methods.fermi.model import _group_keep, all_gates, disable_gates, gated_modules, hard_gates, soft_probabilities
 from .surgery.verify import SHRINK_RTOL, _restore, _snapshot, call_model, max_relative_diff, output_tensors
 from .report import FermiReport, compute_sparsity, count_parameters
 
 _logger = logging.getLogger(__name__)
+
+
+#: a baked model farther than this from the trained one (relative, on the example inputs) gets a warning
+TRAINED_GAP_WARN = 1e-3
+REFERENCES = ("auto", "trained", "dense")
 
 
 @torch.no_grad()
@@ -26,6 +32,7 @@ def convert_from_fermi(
     *,
     shrink: bool = True,
     calibration_data: Any = None,
+    reference: str | nn.Module = "auto",
     ridge: float = 1e-2,
     calibrate_layers: str = "pruned",
     example_inputs: Any = None,
@@ -36,34 +43,127 @@ def convert_from_fermi(
     With structured gates and ``shrink=True`` the removed channels / heads are cut out of every layer that
     produces or consumes them, and the shrunk model is checked against the hard-masked one on the example
     inputs (if they differ, the shrink is undone and the report says why). With ``calibration_data`` the
-    layers that lost inputs are re-fitted in closed form (ridge regression toward the dense model's outputs)
+    layers that lost inputs are re-fitted in closed form (ridge regression toward ``reference``'s outputs)
     and the result is written into their own weights; ``calibrate_layers="all"`` re-fits every Linear / Conv
     of the shrunk model (except shared / tied weights) in network order, so later layers also absorb the
-    drift of their inputs. The model is modified in place; the report says what changed.
+    drift of their inputs.
+
+    ``reference``: ``"trained"`` fits toward the model as it was trained (its gates as they are now), and the
+    calibration is undone if it does not bring the baked model closer to it; ``"dense"`` toward the model with
+    every gate open (the original network: right when the weights were never trained, as in one-shot pruning
+    or after :func:`fermigates.refine_gates`); ``"auto"`` (default) is ``"trained"`` when a gated weight
+    changed since conversion (an optimizer step) and ``"dense"`` otherwise; or any ``nn.Module`` with the same
+    layer names.
+
+    A transaction: data and gates are checked first (empty, NaN / inf, batches the model rejects), and on any
+    error the model is left converted, exactly as it was. The report's ``kept`` holds the kept input / output
+    indices of every shrunk layer; ``trained_vs_baked`` how far the baked model is from the trained one.
     """
     if calibrate_layers not in ("pruned", "all"):
         raise ValueError(f"calibrate_layers must be 'pruned' or 'all', got {calibrate_layers!r}")
+    if not (isinstance(reference, nn.Module) or reference in REFERENCES):
+        raise ValueError(f"reference must be one of {REFERENCES} or an nn.Module, got {reference!r}")
+    if reference is model:
+        raise ValueError("reference must be another module than model (a copy of it before pruning)")
     state = fermi_state(model)
+    if getattr(state.config, "method", "fermi") != "fermi":  # weight-level methods bake by themselves
+        from .methods.registry import get_method
+
+        return get_method(state.config.method).bake(model, calibration_data=calibration_data,
+                                                    example_inputs=example_inputs)
     if calibration_data is not None and not state.config.structured:
         raise ValueError(
             "calibration_data needs structured gates (granularity 'channel' or 'head'): calibration re-fits the "
             "layers that lost input channels; unstructured (granularity='weight') masks are baked without it"
         )
+    check_gates_finite(model)
+    if reference == "auto":
+        reference = "trained" if state.weights_changed(model) else "dense"
+    example = example_inputs if example_inputs is not None else state.example_inputs
+    batches = None
+    if calibration_data is not None:
+        batches = _batches(calibration_data, 32, None, name="calibration_data")
+        check_batches_finite(batches, "calibration_data")
     was_training = model.training
     model.eval()
-    example = example_inputs if example_inputs is not None else state.example_inputs
+    try:
+        if batches is not None:
+            try:
+                _feed(model, batches[0])
+            except Exception as err:
+                raise ValueError("the model rejects calibration_data batch 0 (nothing was baked): "
+                                 f"{type(err).__name__}: {err}") from err
+        trained_vs_baked = _trained_gap(model, example)
+        ref_module, ref_name = _reference(model, reference, batches)
+        snapshot = _snapshot(model)
+        zeroed: list = []
+        try:
+            report = _bake(model, state, example, batches, ref_module, ref_name, ridge, calibrate_layers, shrink,
+                           progress, zeroed)
+        except BaseException:
+            for weight, where, values in reversed(zeroed):
+                weight.data[where] = values
+            _restore(snapshot)
+            raise
+    finally:
+        model.train(was_training)
+    report.trained_vs_baked = trained_vs_baked
+    return report
+
+
+def check_gates_finite(model: nn.Module) -> None:
+    """Raise ``ValueError`` naming the first gate whose Fermi level (or unit offsets) is NaN / inf."""
+    for gate in all_gates(model):
+        for p in (gate.mu, gate.mu_offset):
+            if p is not None and not bool(torch.isfinite(p).all()):
+                name = getattr(gate, "label", None) or f"{gate.kind} gate ({gate.n_units} units)"
+                raise ValueError(f"the Fermi level of {name} is NaN/inf (a NaN loss step?): nothing was baked; "
+                                 "restore the model from a checkpoint taken before the NaN")
+
+
+def _trained_gap(model: nn.Module, example: Any) -> float | None:
+    """How far the hard (baked) outputs are from the outputs as trained; refuses non-finite hard outputs."""
+    if example is None:
+        return None
+    trained = output_tensors(call_model(model, example))
+    with hard_gates(model):
+        hard = output_tensors(call_model(model, example))
+    if not all(bool(torch.isfinite(t).all()) for t in hard):
+        raise ValueError("the hard-gated model gives NaN/inf outputs on the example inputs: nothing was baked")
+    gap = max_relative_diff(trained, hard)
+    if gap > TRAINED_GAP_WARN:
+        undecided = sum(int(((p > 0.01) & (p < 0.99)).sum()) for _, p in soft_probabilities(model))
+        warnings.warn(
+            f"fermigates: the baked model differs from the trained one by {gap:.3g} (relative, on the example "
+            f"inputs; {undecided} units still undecided, 0.01 < P < 0.99): train the last part of the run with "
+            "decided gates (FermiAnnealer's hard phase, hard_after=...) so that the model you train is the one "
+            "you bake", stacklevel=3)
+    return gap
+
+
+def _reference(model: nn.Module, reference: Any, batches: list | None) -> tuple[nn.Module | None, str | None]:
+    if batches is None:
+        return None, None
+    if isinstance(reference, nn.Module):
+        return reference, "module"
+    ref = copy.deepcopy(model)
+    if reference == "dense":
+        disable_gates(ref)
+    return ref, reference
+
+
+def _bake(model, state, example, batches, reference, ref_name, ridge, calibrate_layers, shrink, progress,
+          zeroed) -> FermiReport:
     sparsity = compute_sparsity(model)
     params_before = count_parameters(model)
     macs_before = _count_macs(model, example)
     keep = _group_keep(model)
-
-    reference = None
-    if calibration_data is not None:
-        reference = copy.deepcopy(model)
-        disable_gates(reference)
-
     twins = gated_modules(model)
     masks = {name: twin.hard_mask() for name, twin in twins.items()}  # decide all before zeroing any
+    for name, twin in twins.items():
+        if masks[name] is not None:
+            where = ~masks[name].expand_as(twin.weight)
+            zeroed.append((twin.weight, where, twin.weight.detach()[where].clone()))
     _swap(model, {id(t): t.to_plain(masks[name]) for name, t in twins.items()})
     delattr(model, _STATE_ATTR)
     report = FermiReport(sparsity=sparsity, params_before=params_before, params_after=params_before)
@@ -71,25 +171,57 @@ def convert_from_fermi(
     changes: dict[str, Any] = {}
     if state.config.structured and shrink and keep:
         changes = _shrink_checked(model, state.graph, keep, example, report)
+    report.kept = {name: (ch.kept_in, ch.kept_out) for name, ch in changes.items()}
 
     if reference is not None:
-        from .calibration.engine import calibrate
-
-        # unshrunk: calibrate finds the hard-masked layers itself (whole input columns zeroed)
         if calibrate_layers == "all" and not changes:
             warnings.warn("fermigates: calibrate_layers='all' applies to a shrunk model; nothing was shrunk, so "
-                          "only the hard-masked layers are calibrated", stacklevel=2)
+                          "only the hard-masked layers are calibrated", stacklevel=3)
+        # unshrunk: calibrate finds the hard-masked layers itself (whole input columns zeroed)
         targets = _calibration_targets(model, twins, changes, calibrate_layers) if changes else None
+        guard = ref_name == "trained"
+        before = _fidelity(model, reference, batches) if guard else None
+        saved = {n: [p.detach().clone() for p in m.parameters(recurse=False)] for n, m in model.named_modules()
+                 if targets is None or n in targets} if guard else {}
         report.calibration = calibrate(
-            model, calibration_data, reference=reference, targets=targets, ridge=ridge, progress=progress
+            model, batches, reference=reference, targets=targets, ridge=ridge, progress=progress
         )
-        del reference
+        report.reference = ref_name
+        if guard:
+            after = _fidelity(model, reference, batches)
+            if not after < before:
+                modules = dict(model.named_modules())
+                for n, values in saved.items():
+                    for p, v in zip(modules[n].parameters(recurse=False), values):
+                        p.copy_(v)
+                report.calibration_reverted = (
+                    f"calibration did not improve the baked model (task loss on labelled calibration batches, else "
+                    f"relative error against the trained model: {before:.4g} -> {after:.4g}); undone")
+                _logger.info("fermigates: %s", report.calibration_reverted)
 
     report.params_after = count_parameters(model)
     report.macs_before = macs_before
     report.macs_after = _count_macs(model, example) if macs_before is not None else None
-    model.train(was_training)
     return report
+
+
+def _fidelity(model: nn.Module, reference: nn.Module, batches: list) -> float:
+    """What calibration must not make worse: the task loss on the calibration batches when they carry labels,
+    else the relative squared error of ``model``'s outputs against ``reference``'s."""
+    from .losses import _call, _split, _task_loss
+
+    if all(_split(b)[1] is not None for b in batches):
+        device = next(model.parameters()).device
+        # a mapping batch keeps its labels, so a Hugging Face model computes its own (shifted, masked) loss
+        return sum(float(_task_loss(_call(model, b if isinstance(b, Mapping) else _split(b)[0], device),
+                                    _split(b)[1])) for b in batches) / len(batches)
+    err = norm = 0.0
+    for batch in batches:
+        outs, refs = output_tensors(_feed(model, batch)), output_tensors(_feed(reference, batch))
+        for o, r in zip(outs, refs):
+            err += float((o.float() - r.float()).pow(2).sum())
+            norm += float(r.float().pow(2).sum())
+    return err / max(norm, 1e-30)
 
 
 def _shrink_checked(model: nn.Module, graph: Any, keep: dict, example: Any, report: FermiReport) -> dict:

@@ -73,6 +73,17 @@ class FermiConfig:
         "Groups and layers with fewer units than this are not gated (tiny layers are not worth it).",
         default=1,
     )
+    method: str = _help(
+        "How to decide what to cut: 'fermi' (Fermi gates, annealed by FermiAnnealer), 'deepr' (Deep Rewiring: "
+        "sign-fixed connections, exactly 1 - target_sparsity of them active, trained by DEEPR) or 'softdeepr' "
+        "(the same layers, trained by SoftDEEPR: no fixed count). See fermigates.methods.",
+        default="fermi",
+    )
+    method_options: dict[str, Any] | None = _help(
+        "Options of the method (a dict, so recipes stay YAML): for 'deepr' / 'softdeepr' the fields of "
+        "fermigates.RewireConfig (handle_biases, keep_signs, init, seed). None: the method's defaults.",
+        default=None,
+    )
     version: int = _help("Config format version.", default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
@@ -84,6 +95,23 @@ class FermiConfig:
         return (g,) if isinstance(g, str) else tuple(g)
 
     def validate(self) -> None:
+        """Raise ``ValueError`` / ``TypeError`` naming the field when a value has the wrong type or range."""
+        g = self.granularity
+        if not isinstance(g, (str, tuple, list)) or (not isinstance(g, str) and not g):
+            raise ValueError(
+                f"granularity must be 'weight', 'channel', 'head' or a non-empty tuple of them, got {g!r}"
+            )
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
+            raise TypeError(
+                f"temperature must be a number > 0 (e.g. 1.0), got {type(self.temperature).__name__} "
+                f"{self.temperature!r}"
+            )
+        if isinstance(self.min_units, bool) or not isinstance(self.min_units, int) or self.min_units < 0:
+            raise ValueError(f"min_units must be an int >= 0 (e.g. 8), got {self.min_units!r}")
+        if not isinstance(self.keep_classifier, bool):
+            raise TypeError(f"keep_classifier must be True or False, got {self.keep_classifier!r}")
+        if isinstance(self.version, bool) or not isinstance(self.version, int):
+            raise TypeError(f"version must be an int, got {self.version!r}")
         for g in self.granularities:
             if g not in GRANULARITIES:
                 raise ValueError(f"granularity must be one of {GRANULARITIES} (or a tuple of them), got {g!r}")
@@ -103,6 +131,11 @@ class FermiConfig:
             raise ValueError(f"round_to must be an int >= 1 (e.g. 8), got {self.round_to!r}")
         if self.version > CONFIG_VERSION:
             raise ValueError(f"config version {self.version} is newer than this fermigates ({CONFIG_VERSION})")
+        if self.method_options is not None and not isinstance(self.method_options, dict):
+            raise TypeError(f"method_options must be a dict or None, got {type(self.method_options).__name__}")
+        from .methods.registry import get_method  # noqa: PLC0415 - the methods import this module's users
+
+        get_method(self.method).check_config(self)
 
     @property
     def structured(self) -> bool:
@@ -145,29 +178,4 @@ class FermiConfig:
         return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(FermiConfig)}
 
 
-def bundled_recipes() -> dict[str, Any]:
-    """The recipes shipped with fermigates: ``{name: resource}`` (``importlib.resources`` traversables)."""
-    from importlib import resources
-
-    folder = resources.files("fermigates.recipes")
-    return {p.name[:-5]: p for p in sorted(folder.iterdir(), key=lambda p: p.name) if p.name.endswith(".yaml")}
-
-
-def load_recipe(name_or_path: str | Path) -> dict[str, Any]:
-    """A YAML recipe (a bundled one by name, e.g. ``"channel50"``, or a file path) with ``config`` parsed
-    into a ``FermiConfig``; the other sections (``anneal``, ``convert_from_fermi``) stay plain dicts."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") and path.exists():
-        text = path.read_text()
-    else:
-        recipes = bundled_recipes()
-        bundled = recipes.get(str(name_or_path))
-        if bundled is None:
-            names = sorted(recipes)
-            raise FileNotFoundError(f"no recipe file {str(name_or_path)!r} and no bundled recipe of that name; bundled: {names}")
-        text = bundled.read_text()
-    data = yaml.safe_load(text) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"recipe {str(name_or_path)!r} must be a YAML mapping")
-    data["config"] = FermiConfig.from_dict(data.get("config") or {})
-    return data
+# Recipes (the whole pipeline as one YAML file) live in fermigates.recipe: Recipe, load_recipe, list_recipes.

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from typing import Any, Callable, Iterable
 
+import torch
 import torch.nn as nn
 
 from .config import FermiConfig
 from .state import _STATE_ATTR, ConversionSummary, FermiState
-from .converters.registry import EXAMPLE_INPUTS
+from .converters.registry import EXAMPLE_INPUTS, FIXED_INPUT_WIDTH
 from .methods.fermi.layers import is_gated, twin_factory
+from .methods.registry import get_method
 
 _logger = logging.getLogger(__name__)
 
@@ -88,6 +91,11 @@ def select_targets(
                 skipped.append((name, f"{type(module).__name__} overrides forward or has no gated twin"))
             continue
         gateable[name] = module
+    if config.structured:
+        for fixed in FIXED_INPUT_WIDTH:
+            for name, why in fixed(model).items():
+                if gateable.pop(name, None) is not None:
+                    skipped.append((name, why))
     if not config.structured and config.keep_classifier:
         every = [n for n, m in model.named_modules() if n and twin_factory(m) is not None]
         for name in classifier_names(model, every):
@@ -121,6 +129,65 @@ def _swap(model: nn.Module, replacements: dict[int, nn.Module]) -> None:
         for parent, key, old in reversed(done):
             parent._modules[key] = old
         raise
+
+
+def _check_materialised(model: nn.Module) -> None:
+    """Refuse a model whose parameters or buffers are on the meta device (they hold no values to score)."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_meta:
+            raise ValueError(
+                f"{type(model).__name__} has {name!r} on the meta device: gates are scored from the weights' "
+                "values, and a meta tensor has none. Load the weights first (e.g. model.to_empty(device='cpu') "
+                "then load_state_dict, or fermigates.load_shrunk), then convert"
+            )
+
+
+def _check_ties(model: nn.Module, twins: dict[str, nn.Module]) -> None:
+    """Refuse to gate a layer whose weight or bias is also used by another module (tied weights): baking its
+    gates would rewrite the other module's tensor too (e.g. GPT-2's ``lm_head`` and ``transformer.wte``)."""
+    modules = dict(model.named_modules())
+    users: dict[int, list[tuple[str, str, nn.Module]]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        for pname, param in module._parameters.items():
+            if param is not None:
+                users.setdefault(id(param), []).append((path, pname, module))
+    for name in twins:
+        original = modules[name]
+        for pname, param in original._parameters.items():
+            if param is None:
+                continue
+            others = [f"{p}.{n}" if p else n for p, n, user in users.get(id(param), []) if user is not original]
+            if others:
+                raise ValueError(
+                    f"cannot gate {name!r}: its {pname} is tied to {others[0]!r} (the same Parameter), so baking "
+                    f"the gates would also change {others[0]!r}. Leave it ungated with "
+                    f"exclude_modules=[{name!r}] (or keep_classifier=True for an output head), or untie the "
+                    "weights first"
+                )
+
+
+def _warn_all_zero(twins: dict[str, nn.Module], structured: bool) -> None:
+    """Warn about gates whose scores are all zero: what they keep is then arbitrary."""
+    for name, twin in twins.items():
+        weight = getattr(twin, "weight", None)
+        if not structured:
+            if isinstance(weight, torch.Tensor) and not weight.detach().any():
+                warnings.warn(
+                    f"fermigates: {name}.weight is all zero, so every gate score is 0 and which weights it "
+                    "prunes is arbitrary; load the trained weights before converting, or exclude_modules="
+                    f"[{name!r}]",
+                    stacklevel=3,
+                )
+            continue
+        for gate in getattr(twin, "gates", []):
+            score = getattr(gate, "score", None)
+            if callable(score) and not score().detach().any():
+                warnings.warn(
+                    f"fermigates: the layers producing {getattr(gate, 'label', name)} have all-zero weights, so "
+                    "every channel scores 0 and which ones are pruned is arbitrary; load the trained weights "
+                    "before converting",
+                    stacklevel=3,
+                )
 
 
 def default_example_inputs(model: nn.Module) -> Any:
@@ -167,6 +234,7 @@ def convert_to_fermi(
             "fermigates.convert_from_fermi(model) before converting again"
         )
 
+    _check_materialised(model)
     targets, skipped = select_targets(model, config, filter_fn)
     if not targets:
         raise ValueError(
@@ -175,47 +243,18 @@ def convert_to_fermi(
         )
     summary_ = ConversionSummary(granularity=config.granularities, skipped=skipped)
     state = FermiState(config=config, summary=summary_)
-    twins: dict[str, nn.Module] = {}
+    if config.structured and example_inputs is None:
+        example_inputs = default_example_inputs(model)
+    state.example_inputs = example_inputs  # kept for every granularity: the bake checks its outputs on them
+    twins = get_method(config.method).convert(model, config, targets, state, example_inputs)
 
-    if config.structured:
-        from .methods.fermi.group_gates import attach_group_gates
-
-        if example_inputs is None:
-            example_inputs = default_example_inputs(model)
-        if example_inputs is None:
-            raise ValueError(
-                f"granularity={config.granularity!r} needs example_inputs to find which channels are "
-                f"coupled in {type(model).__name__}: pass convert_to_fermi(model, config, example_inputs=x)"
-            )
-        state.example_inputs = example_inputs
-        attach_group_gates(model, config, targets, twins, state)
-        if not twins:
-            reasons = "; ".join(f"{n}: {w}" for n, w in summary_.skipped[:5])
-            raise ValueError(
-                f"nothing to convert in {type(model).__name__}: no prunable {config.granularity!r} group "
-                f"has all its consumers targeted ({reasons or 'no groups found'})"
-            )
-    else:
-        for name, module in targets.items():
-            twin = twin_factory(module)(module)
-            twin.add_weight_gate(config.temperature, config.mu_init)
-            twins[name] = twin
-            summary_.n_gates += 1
-            summary_.n_units += module.weight.numel()
+    _check_ties(model, twins)
+    _warn_all_zero(twins, config.structured)
 
     modules = dict(model.named_modules())
     _swap(model, {id(modules[name]): twin for name, twin in twins.items()})
     summary_.modules = list(twins)
+    state.weight_versions = {id(t.weight): t.weight._version for t in twins.values()}
     setattr(model, _STATE_ATTR, state)
     _logger.info("%s", summary_)
     return model
-
-
-
-
-
-
-
-
-
-

@@ -12,11 +12,11 @@ import torch.nn as nn
 from .methods.fermi.anneal import AnnealSchedule
 from .surgery.verify import call_model
 from .bake import convert_from_fermi
-from .calibration.engine import _DROP_KEYS, _batches
+from .calibration.engine import _DROP_KEYS, _batches, check_batches_finite
 from .config import FermiConfig
 from .state import _STATE_ATTR
 from .convert import _swap, convert_to_fermi
-from .methods.fermi.model import gated_modules
+from .methods.fermi.model import freeze_decisions, gated_modules
 from .methods.fermi.refine import refine_gates
 from .report import FermiReport
 
@@ -69,6 +69,7 @@ def prune(
     if calibrate_layers not in ("pruned", "all"):
         raise ValueError(f"calibrate_layers must be 'pruned' or 'all', got {calibrate_layers!r}")
     batches = _batches(calibration_data, 32, None, name="calibration_data")  # read once: a generator is used up
+    check_batches_finite(batches, "calibration_data")
     first = _first_sample(batches[0])
     example = first if example_inputs is None else example_inputs
     was_training = model.training
@@ -80,20 +81,21 @@ def prune(
         raise ValueError(f"the model rejects the first calibration batch: {type(err).__name__}: {err}") from err
     convert_to_fermi(model, config, example_inputs=example)
     AnnealSchedule(total_steps=1, temperature=(1e-4, 1e-4), target_sparsity=config.target_sparsity,
-                   sparsity_schedule="constant", tolerance=0.0).apply(model, 1)
+                   sparsity_schedule="constant", tolerance=0.0, hard_after=1.0).apply(model, 1)
     refined = None
-    if refine_steps:
-        try:
+    try:
+        if refine_steps:
             refined = refine_gates(model, batches, steps=refine_steps, target_sparsity=config.target_sparsity,
-                         progress=progress)
-        except BaseException:
-            _unconvert(model)
-            model.train(was_training)
-            raise
-    report = convert_from_fermi(model, shrink=shrink, calibration_data=batches, ridge=ridge,
-                                calibrate_layers=calibrate_layers, example_inputs=example, progress=progress)
+                                   progress=progress)
+        freeze_decisions(model)  # one-shot: the decision is the model; nothing is left half-open
+        report = convert_from_fermi(model, shrink=shrink, calibration_data=batches, reference="dense", ridge=ridge,
+                                    calibrate_layers=calibrate_layers, example_inputs=example, progress=progress)
+    except BaseException:
+        _unconvert(model)  # convert_from_fermi undoes itself; this undoes the conversion: the model as it was
+        raise
+    finally:
+        model.train(was_training)
     report.refine = refined
-    model.train(was_training)
     return report
 
 

@@ -49,6 +49,7 @@ class LayerSparsity:
     unit: str  # "weights", "input channels", ...
     kept: int
     total: int
+    kind: str = "weight"  # the granularity: "weight", "channel" or "head"
 
     @property
     def sparsity(self) -> float:
@@ -92,6 +93,11 @@ def compute_sparsity(model: nn.Module) -> SparsityReport:
     Gated model: one row per weight gate (kept weights) and per group gate (kept units). Plain model: one row
     per ``nn.Linear`` / ``nn.Conv*`` with the count of non-zero weights.
     """
+    config = getattr(getattr(model, "_fermigates", None), "config", None)
+    if getattr(config, "method", "fermi") != "fermi":  # another method: it reports its own decisions
+        from .methods.registry import get_method
+
+        return get_method(config.method).sparsity(model)
     report = SparsityReport()
     gated = [(n, m) for n, m in model.named_modules() if is_gated(m)]
     if gated:
@@ -106,7 +112,8 @@ def compute_sparsity(model: nn.Module) -> SparsityReport:
                 seen.add(id(slot.gate))
                 keep = slot.gate.keep_units()
                 label = getattr(slot.gate, "label", name)
-                report.layers.append(LayerSparsity(label, "units", int(keep.sum()), keep.numel()))
+                report.layers.append(LayerSparsity(label, "units", int(keep.sum()), keep.numel(),
+                                                   kind=getattr(slot.gate, "kind", "channel")))
         return report
     for name, module in model.named_modules():
         if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or lookup(LINEAR_LIKE, module) is not None:
@@ -142,28 +149,125 @@ class FermiReport:
     max_abs_diff: float | None = None  # shrunk vs hard-masked outputs on the example inputs
     calibration: Any = None
     refine: Any = None  # RefineResult when prune(..., refine_steps > 0) refined the gates first
+    #: largest relative output difference between the model as trained and the baked (hard) one, on the
+    #: example inputs; None when there were no example inputs
+    trained_vs_baked: float | None = None
+    #: which reference calibration fitted toward: "trained", "dense" or "module"
+    reference: str | None = None
+    #: why calibration was undone (it made the model match its reference worse), or None
+    calibration_reverted: str | None = None
+    #: fqn -> (kept_in, kept_out) index tensors of every shrunk layer, relative to its original shape (None: all
+    #: kept); what ``fermigates.calibrate(model, data, reference=..., targets=report.kept)`` takes
+    kept: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+
+    #: what the MACs were counted on (e.g. "Tensor[1, 3, 224, 224]"): MACs are per forward of these inputs
+    macs_inputs: Any = None
+    #: {"before": ms, "after": ms} per forward of the example inputs, when measured
+    latency_ms: dict[str, float] | None = None
+
+    def kept_by_kind(self) -> dict[str, tuple[int, int]]:
+        """``{granularity: (kept, total)}`` over the gates' decisions."""
+        out: dict[str, tuple[int, int]] = {}
+        for layer in self.sparsity.layers:
+            kept, total = out.get(layer.kind, (0, 0))
+            out[layer.kind] = (kept + layer.kept, total + layer.total)
+        return out
+
+    def calibration_error(self) -> tuple[float, float] | None:
+        """Mean relative error of the calibrated layers before and after the ridge re-fit, or None."""
+        rows = getattr(self.calibration, "layers", None)
+        if not rows:
+            return None
+        return (sum(r.err_before for r in rows) / len(rows), sum(r.err_after for r in rows) / len(rows))
 
     def __str__(self) -> str:
-        lines = ["fermigates report", "=" * 17]
-        size = [["parameters", _fmt_count(self.params_before), _fmt_count(self.params_after),
-                 _ratio(self.params_before, self.params_after)]]
-        if self.macs_before is not None:
-            size.append(["MACs", _fmt_count(self.macs_before), _fmt_count(self.macs_after),
-                         _ratio(self.macs_before, self.macs_after)])
-        lines.append(format_table(["", "before", "after", "ratio"], size))
-        lines.append(f"\nsparsity of the gates' decisions: {100 * self.sparsity.overall:.1f}% "
-                     f"({self.sparsity.kept:,} of {self.sparsity.total:,} units kept)")
-        lines.append(str(self.sparsity))
-        if self.shapes:
-            lines.append("\nshrunk modules:")
-            lines.append(format_table(["module", "before", "after"], [list(s) for s in self.shapes]))
-        if self.max_abs_diff is not None:
-            lines.append(f"\nshrunk vs hard-masked model on the example inputs: max |diff| = {self.max_abs_diff:.3g}")
-        for what, why in self.not_shrunk:
-            lines.append(f"not shrunk: {what}: {why}")
-        if self.calibration is not None:
-            lines.append("\n" + str(self.calibration))
-        return "\n".join(lines)
+        """The compact summary (a dozen lines); :meth:`full` has the per-layer tables."""
+        return format_summary(self.to_dict())
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything in the report as JSON-ready values (what ``fermigates report`` reads back)."""
+        err = self.calibration_error()
+        return {
+            "params": {"before": self.params_before, "after": self.params_after},
+            "macs": {"before": self.macs_before, "after": self.macs_after,
+                     "inputs": None if self.macs_inputs is None else str(self.macs_inputs)},
+            "latency_ms": self.latency_ms,
+            "kept": {k: {"kept": a, "total": b} for k, (a, b) in self.kept_by_kind().items()},
+            "layers": [{"name": l.name, "unit": l.unit, "kind": l.kind, "kept": l.kept, "total": l.total}
+                       for l in self.sparsity.layers],
+            "shrunk": self.shrunk,
+            "shapes": [list(s) for s in self.shapes],
+            "not_shrunk": [list(n) for n in self.not_shrunk],
+            "max_abs_diff": self.max_abs_diff,
+            "trained_vs_baked": self.trained_vs_baked,
+            "calibration": None if self.calibration is None else {
+                **(self.calibration.to_dict() if hasattr(self.calibration, "to_dict") else {}),
+                "mean_err_before": err[0] if err else None, "mean_err_after": err[1] if err else None},
+            "calibration_reverted": self.calibration_reverted,
+        }
+
+    def to_json(self, path: str | None = None) -> str:
+        """:meth:`to_dict` as JSON text, also written to ``path`` when given."""
+        import json
+
+        text = json.dumps(self.to_dict(), indent=1, default=str)
+        if path is not None:
+            with open(path, "w") as fh:
+                fh.write(text + "\n")
+        return text
+
+    def full(self) -> str:
+        """The full report: the summary, every gate's kept / total, resized modules, calibration per layer."""
+        return format_full(self.to_dict())
+
+
+def format_summary(d: dict[str, Any]) -> str:
+    """The compact summary of a report dict (:meth:`FermiReport.to_dict`, or ``report.json``)."""
+    params, macs = d["params"], d.get("macs") or {}
+    lines = ["fermigates report",
+             f"  params       {_fmt_count(params['before'])} -> {_fmt_count(params['after'])} "
+             f"({_ratio(params['before'], params['after'])}x)"]
+    if macs.get("before") is not None:
+        per = f"per forward of {macs['inputs']}" if macs.get("inputs") else "per forward of the example inputs"
+        lines.append(f"  MACs         {_fmt_count(macs['before'])} -> {_fmt_count(macs['after'])} "
+                     f"({_ratio(macs['before'], macs['after'])}x), {per}")
+    if d.get("latency_ms"):
+        lines.append(f"  latency      {d['latency_ms']['before']:.2f} ms -> {d['latency_ms']['after']:.2f} ms")
+    for kind, kt in (d.get("kept") or {}).items():
+        lines.append(f"  kept {kind + 's':<9}{kt['kept']:,} of {kt['total']:,} "
+                     f"({100 * kt['kept'] / max(kt['total'], 1):.1f}%)")
+    shapes, whole = d.get("shapes") or [], d.get("not_shrunk") or []
+    lines.append(f"  shrunk       {'yes' if d.get('shrunk') else 'no'}"
+                 + (f", {len(shapes)} modules resized" if shapes else "")
+                 + (f"; {len(whole)} items left whole (see the full report)" if whole else ""))
+    if d.get("max_abs_diff") is not None:
+        lines.append(f"  check        shrunk vs hard-masked, max |diff| {d['max_abs_diff']:.3g}")
+    cal = d.get("calibration") or {}
+    if cal.get("mean_err_before") is not None:
+        lines.append(f"  calibration  {len(cal.get('layers', []))} layers, mean relative error "
+                     f"{cal['mean_err_before']:.3g} -> {cal['mean_err_after']:.3g}")
+    if d.get("calibration_reverted"):
+        lines.append(f"  calibration  undone: {d['calibration_reverted']}")
+    return "\n".join(lines)
+
+
+def format_full(d: dict[str, Any], *, summary: bool = True) -> str:
+    """The per-layer tables of a report dict, after its summary unless ``summary=False``."""
+    lines = ([format_summary(d), ""] if summary else []) + ["gates (kept of total per gate):"]
+    rows = [[l["name"], l["kind"], l["kept"], l["total"], f"{100 * (1 - l['kept'] / max(l['total'], 1)):.1f}%"]
+            for l in d.get("layers", [])]
+    lines.append(format_table(["gate", "kind", "kept", "total", "sparsity"], rows))
+    if d.get("shapes"):
+        lines += ["", "resized modules:", format_table(["module", "before", "after"], d["shapes"])]
+    for what, why in d.get("not_shrunk") or []:
+        lines.append(f"not shrunk: {what}: {why}")
+    cal = d.get("calibration") or {}
+    if cal.get("layers"):
+        rows = [[r["name"], r.get("kind", ""), f"{r['err_before']:.3e}", f"{r['err_after']:.3e}"]
+                for r in cal["layers"]]
+        lines += ["", f"calibration (ridge {cal.get('ridge')}, {cal.get('n_batches')} batches):",
+                  format_table(["layer", "kind", "err before", "err after"], rows)]
+    return "\n".join(lines)
 
 
 def _ratio(before: int | None, after: int | None) -> str:

@@ -42,6 +42,13 @@ class FermiState:
     summary: ConversionSummary
     graph: Any = None
     example_inputs: Any = None
+    #: ``id(weight) -> weight._version`` at conversion: tells whether the weights were trained since
+    weight_versions: dict = field(default_factory=dict)
+
+    def weights_changed(self, model: nn.Module) -> bool:
+        """True when a gated layer's weight was modified in place (an optimizer step, a load) since conversion."""
+        seen = {id(p): p for p in model.parameters()}
+        return any(pid in seen and seen[pid]._version != v for pid, v in self.weight_versions.items())
 
 
 def fermi_state(model: nn.Module) -> FermiState:

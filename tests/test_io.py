@@ -476,7 +476,7 @@ def test_crash_mid_save_keeps_previous_checkpoint(where: str, tmp_path: Path, mo
 
         monkeypatch.setattr(safetensors.torch, "save_file", crash)
     with pytest.raises(OSError, match="simulated"):
-        save_shrunk(new, tmp_path)
+        save_shrunk(new, tmp_path, overwrite=True)
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == [mf.MANIFEST_NAME, mf.WEIGHTS_NAME]  # no temp left
     assert torch.equal(load_shrunk(_stock(), tmp_path)(x), old(x))
@@ -494,7 +494,7 @@ def test_crash_between_tensors_and_manifest_loads_new(tmp_path: Path, monkeypatc
 
     monkeypatch.setattr(os, "replace", crash_second)
     with pytest.raises(OSError, match="simulated"):
-        save_shrunk(new, tmp_path)
+        save_shrunk(new, tmp_path, overwrite=True)
     monkeypatch.undo()
     with caplog.at_level(logging.WARNING, logger="fermigates.io.manifest"):
         loaded = load_shrunk(_stock(), tmp_path)

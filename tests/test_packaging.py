@@ -44,10 +44,11 @@ def test_wheel_ships_converters_and_recipes_inside_the_namespace(tmp_path):
 def test_bundled_recipes_load():
     import fermigates as fg
 
-    for name in ("channel50", "unstructured80"):
+    for name in fg.list_recipes():
         recipe = fg.load_recipe(name)
-        assert isinstance(recipe["config"], fg.FermiConfig)
-    assert fg.load_recipe("channel50")["config"].granularity == "channel"
+        assert isinstance(recipe, fg.Recipe) and isinstance(recipe.fermi_config(), fg.FermiConfig)
+    assert fg.load_recipe("channel50").fermi_config().granularity == "channel"
+    assert {"timm_cnn", "timm_vit", "bert_encoder", "llama_decoder"} <= set(fg.list_recipes())
 
 
 def test_shared_subsystems_do_not_import_a_method():

@@ -102,7 +102,7 @@ def test_config_round_to_round_trips(tmp_path):
     config.to_yaml(path)
     assert fg.FermiConfig.from_yaml(path).round_to == 16
     assert "round_to" in fg.FermiConfig.help()
-    assert fg.load_recipe("channel50")["config"].round_to == 8
+    assert fg.load_recipe("channel50").fermi_config().round_to == 8
 
 
 # ------------------------------------------------------------------------------------------- end to end

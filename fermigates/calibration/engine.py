@@ -247,6 +247,17 @@ def _batches(data: Any, batch_size: int, max_batches: int | None, name: str = "d
     return batches
 
 
+def check_batches_finite(batches: list, name: str) -> None:
+    """Raise ``ValueError`` naming the first batch (and key) with NaN / inf floating-point values."""
+    for i, batch in enumerate(batches):
+        items = batch.items() if isinstance(batch, Mapping) else enumerate(
+            batch if isinstance(batch, (tuple, list)) else [batch])
+        for key, value in items:
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                where = f"[{key!r}]" if isinstance(batch, Mapping) else (f"[{key}]" if isinstance(batch, (tuple, list)) else "")
+                raise ValueError(f"{name} batch {i}{where} holds NaN/inf values; nothing was changed")
+
+
 def _device(model: nn.Module) -> torch.device:
     p = next(itertools.chain(model.parameters(), model.buffers()), None)
     return p.device if p is not None else torch.device("cpu")

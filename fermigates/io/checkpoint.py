@@ -53,16 +53,64 @@ def _is_hf(model: nn.Module) -> bool:
     return hasattr(getattr(model, "config", None), "to_json_string") and hasattr(model, "save_pretrained")
 
 
-def save_shrunk(model: nn.Module, directory: str | os.PathLike, *, example_inputs: Any = None) -> Path:
+def _check_not_gated(model: nn.Module) -> None:
+    """Refuse a model that still carries Fermi gates: the stock class has no place for their tensors."""
+    from fermigates.state import _STATE_ATTR
+
+    gated = [n for n, m in model.named_modules() if callable(getattr(type(m), "gated_weight", None))]
+    if gated or getattr(model, _STATE_ATTR, None) is not None:
+        where = f" ({len(gated)} gated layers, e.g. {gated[0]!r})" if gated else ""
+        raise ValueError(
+            f"save_shrunk() got a model that still has Fermi gates{where}: its state dict holds gate tensors "
+            "that the stock model class lacks, so load_shrunk could not load the checkpoint. Bake the gates "
+            "first with fermigates.convert_from_fermi(model) (or use fermigates.prune), then save"
+        )
+
+
+def _plan_overwrite(root: Path, overwrite: bool, written: set[str]) -> list[Path]:
+    """Refuse a folder holding another checkpoint unless ``overwrite``; return the stale files to remove
+    once the new checkpoint is written (checkpoint files this save does not write, other models' weights)."""
+    if not root.is_dir():
+        return []
+    ours = [root / n for n in mf.CHECKPOINT_FILES if (root / n).is_file()]
+    foreign = [p for p in sorted(root.iterdir()) if p.is_file() and (
+        p.name in mf.FOREIGN_WEIGHTS or (p.name.startswith("model-") and p.name.endswith(".safetensors")))]
+    if (ours or foreign) and not overwrite:
+        names = ", ".join(p.name for p in ours + foreign)
+        raise FileExistsError(
+            f"{str(root)!r} already holds a checkpoint ({names}); pass overwrite=True to replace it (those "
+            "files are replaced or removed, other files are left alone), or save into an empty folder"
+        )
+    stale = [p for p in ours if p.name not in written] + foreign
+    if ours or foreign:
+        _logger.warning(
+            "save_shrunk: replacing the checkpoint in %s: %s%s",
+            root,
+            ", ".join(p.name for p in ours if p.name in written) or "nothing",
+            f"; removing {', '.join(p.name for p in stale)}" if stale else "",
+        )
+    return stale
+
+
+def save_shrunk(
+    model: nn.Module, directory: str | os.PathLike, *, example_inputs: Any = None, overwrite: bool = False
+) -> Path:
     """Write ``model`` into ``directory`` as ``model.safetensors`` + ``fermigates.json`` (and ``config.json``
-    for a transformers model), each atomically (temp file, fsync, ``os.replace``, fsync of the directory).
+    for a transformers model), each atomically (temp file, fsync, ``os.replace``, fsync of the directory),
+    with the permissions of the process umask; the manifest records every tensor's SHA-256.
 
     ``example_inputs`` (a Tensor, a tuple of positional args or a dict of kwargs; or ``"auto"`` for a timm
     model's ``pretrained_cfg["input_size"]`` at batch 1) is optional: when given, the Linear/Conv MACs of one
-    eval-mode forward are recorded for ``inspect_checkpoint``. Returns the directory.
+    eval-mode forward are recorded for ``inspect_checkpoint``. A folder that already holds a checkpoint is
+    refused unless ``overwrite=True``; then every file of the old checkpoint is replaced or removed (files
+    that are not checkpoint files are left alone). A model that still has gates is refused (bake it first).
+    Returns the directory.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
+    _check_not_gated(model)
     if getattr(model, FOLDED_ATTR, None):
         raise ValueError(
             "save_shrunk() got a model whose batch norms were folded (fold_batchnorm): its modules no longer "
@@ -81,7 +129,11 @@ def save_shrunk(model: nn.Module, directory: str | os.PathLike, *, example_input
         "n_parameters": sum(unique_params.values()),
         "modules": mf.module_plan(model),
         "tied": tied,
+        "tensors": mf.tensor_table(tensors),
     }
+    num_classes = getattr(model, "num_classes", None)
+    if isinstance(num_classes, int) and not isinstance(num_classes, bool):
+        manifest["num_classes"] = num_classes
     macs = _macs_for(model, example_inputs, manifest["source"])
     if macs is not None:
         manifest["macs"] = macs
@@ -90,31 +142,29 @@ def save_shrunk(model: nn.Module, directory: str | os.PathLike, *, example_input
 
     from safetensors.torch import save_file
 
+    is_hf = _is_hf(model)
+    written = {mf.WEIGHTS_NAME, mf.MANIFEST_NAME}
+    if is_hf:
+        from fermigates.io.hf import GENERATION_NAME, will_write_generation
+
+        written |= {mf.CONFIG_NAME} | ({GENERATION_NAME} if will_write_generation(model) else set())
+    stale = _plan_overwrite(root, overwrite, written)
     root = mf.ensure_directory(root)
+    mf.remove_stale_temps(root)
     # tensors first: the embedded manifest travels with them, so a crash after this replace still leaves a
     # consistent checkpoint (fermigates.json is then stale, and the loader says so and ignores it)
     mf.atomic_write(root / mf.WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     mf.atomic_write_text(root / mf.MANIFEST_NAME, text + "\n")
-    if _is_hf(model):
+    if is_hf:
         from fermigates.io.hf import write_hf_config
 
         write_hf_config(model, root, manifest["modules"])
-    else:
-        _drop_stale_hf_config(root)
+    for path in stale:  # only once the new checkpoint is complete: a crash before leaves the old one whole
+        path.unlink(missing_ok=True)
+    if stale:
+        mf._fsync_dir(root)
     _logger.info("saved %s (%d tensors, %d tied) to %s", type(model).__name__, len(tensors), len(tied), root)
     return root
-
-
-def _drop_stale_hf_config(root: Path) -> None:
-    """A ``config.json`` that an earlier HF save wrote here would describe another model: remove it."""
-    path = root / mf.CONFIG_NAME
-    try:
-        stale = "fermigates" in json.loads(path.read_text())
-    except (OSError, ValueError, TypeError):
-        return
-    if stale:
-        _logger.info("removing %s left by an earlier save of a transformers model", path)
-        path.unlink(missing_ok=True)
 
 
 def _macs_for(model: nn.Module, example_inputs: Any, source: dict[str, Any]) -> dict[str, Any] | None:
@@ -173,6 +223,7 @@ def _check_fits(
                 f"{entry.get('class')} in the checkpoint but a {qualname(type(module))} "
                 "in the model"
             )
+        _check_widths(module, path, entry.get("attrs", {}), header, manifest.get("tied", {}), where)
     if strict:
         for path, module in modules.items():  # builtin kinds only: the registry may grow between versions
             if path not in manifest["modules"] and mf.shape_attrs(module, builtin_only=True):
@@ -185,8 +236,21 @@ def _check_fits(
                 f"{where} holds a {manifest['model_class']}, not a "
                 f"{qualname(type(model))}: build the model class that was saved"
             )
-    expected = list(model.state_dict(keep_vars=True).keys())
+    _check_classes(model, manifest, where)
+    current = model.state_dict(keep_vars=True)
+    expected = list(current.keys())
     available = set(header) | set(manifest.get("tied", {}))
+    for key in expected:
+        info = header.get(manifest.get("tied", {}).get(key, key)) if key in available else None
+        if info is None:
+            continue
+        tensor, dtype = current[key], mf.header_dtype(info)
+        if len(info["shape"]) != tensor.dim() or dtype.is_floating_point != tensor.is_floating_point():
+            raise CheckpointError(
+                f"{where} does not fit this {type(model).__name__}: tensor {key!r} is {info['dtype']} of shape "
+                f"{info['shape']} in the checkpoint but {str(tensor.dtype).removeprefix('torch.')} of shape "
+                f"{list(tensor.shape)} in the model"
+            )
     missing = [k for k in expected if k not in available]
     if missing and strict:
         raise CheckpointError(
@@ -207,6 +271,60 @@ def _check_fits(
             "with meta parameters but real buffers"
         )
     return [k for k in expected if k in available]
+
+
+def _check_widths(
+    module: nn.Module, path: str, attrs: dict[str, Any], header: dict[str, Any], tied: dict[str, str], where: str
+) -> None:
+    """Refuse widths in the manifest that contradict the shapes of the module's tensors in the file."""
+    for name, shape in mf.expected_shapes(module, attrs).items():
+        if getattr(module, name, None) is None and name not in module._parameters and name not in module._buffers:
+            continue
+        key = f"{path}.{name}" if path else name
+        info = header.get(tied.get(key, key))
+        if info is not None and tuple(info["shape"]) != tuple(shape):
+            raise CheckpointError(
+                f"{where} is inconsistent: its manifest gives module {path or '<root>'!r} the widths {attrs}, so "
+                f"{key!r} should have shape {list(shape)}, but the file holds shape {info['shape']}; re-save "
+                "the checkpoint"
+            )
+
+
+def _check_classes(model: nn.Module, manifest: dict[str, Any], where: str) -> None:
+    """Refuse a model built for another number of classes than the checkpoint's head has."""
+    saved = manifest.get("num_classes")
+    built = getattr(model, "num_classes", None)
+    if isinstance(saved, int) and isinstance(built, int) and saved != built:
+        raise CheckpointError(
+            f"{where} has a {saved}-class head but this {type(model).__name__} was built with num_classes="
+            f"{built}; build it with num_classes={saved} (e.g. timm.create_model(name, num_classes={saved}))"
+        )
+    source = manifest.get("source") or {}
+    config = getattr(model, "config", None)
+    names = {n for n, _ in model.named_children()}
+    if source.get("kind") == "hf" and config is not None and names & {"classifier", "score"}:
+        saved = (source.get("config") or {}).get("id2label")
+        built = getattr(config, "num_labels", None)
+        if isinstance(saved, dict) and isinstance(built, int) and len(saved) != built:
+            raise CheckpointError(
+                f"{where} has a {len(saved)}-label classifier but this {type(model).__name__} was built with "
+                f"num_labels={built}; build it from a config with num_labels={len(saved)}, or use "
+                "fermigates.from_pretrained(dir), which builds it from the saved config"
+            )
+
+
+def _verify_checksums(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], weights: Path) -> None:
+    """Compare every loaded tensor with the SHA-256 recorded at save time (version-2 manifests)."""
+    table = manifest.get("tensors")
+    if table is None:
+        _logger.info("%s has a version-1 manifest without checksums; its tensors are not verified", weights)
+        return
+    for name, tensor in tensors.items():
+        if mf.tensor_digest(tensor) != table[name]["sha256"]:
+            raise CheckpointError(
+                f"{weights} is corrupt: tensor {name!r} does not match the SHA-256 recorded when it was saved "
+                "(the file changed on disk or in transfer); restore it from a good copy or re-save it"
+            )
 
 
 class _Journal:
@@ -311,8 +429,9 @@ def load_shrunk(
     ``model_or_factory`` is the stock model (e.g. ``timm.create_model("resnet18")``) or a zero-argument
     callable returning one, which is then built with its parameters on the meta device (buffers stay real, so
     non-persistent ones such as rotary frequencies are computed as usual) and filled with ``assign=True``.
-    Everything is checked before the model is touched (manifest version, architecture, missing tensors,
-    truncated files); on any error the given model is left exactly as it was.
+    Everything is checked before the model is touched (manifest version, architecture, every tensor's shape
+    and dtype against the manifest and the model, widths, class count, missing tensors, truncated files, the
+    SHA-256 of every tensor); on any error the given model is left exactly as it was.
     """
     manifest, header, weights = mf.read_checkpoint(directory)
     where = f"checkpoint {str(directory)!r}"
@@ -333,6 +452,7 @@ def load_shrunk(
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, RuntimeError) as err:
         raise CheckpointError(f"{weights} cannot be read: {err}; re-save the checkpoint") from None
+    _verify_checksums(manifest, tensors, weights)
     # safetensors hands out views at 8-byte offsets; oneDNN picks other kernels for unaligned weights and the
     # loaded model would then differ from the saved one in the last bit (seen: MobileNetV2's depthwise convs)
     tensors = {k: v.clone() if v.data_ptr() % 64 else v for k, v in tensors.items()}

@@ -13,6 +13,7 @@ import copy
 import json
 import logging
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,7 @@ def write_hf_config(model: nn.Module, root: Path, plan: dict[str, dict[str, Any]
         _logger.info("no attention config fields for %s (%s)", type(model).__name__, err)
     for name, value in fields.items():
         setattr(config, name, value)
-    deviations = plan
+    deviations, diffed = plan, False
     try:
         with mf.meta_parameters():
             reference = type(model)(copy.deepcopy(config))
@@ -72,18 +73,36 @@ def write_hf_config(model: nn.Module, root: Path, plan: dict[str, dict[str, Any]
             for p, e in plan.items()
             if built.get(p) != e
         }
+        diffed = True
     except Exception as err:  # noqa: BLE001 - the full plan is always correct, only longer
         _logger.info("could not build %s from its config to diff the plan (%s)", type(model).__name__, err)
+    plain = diffed and not deviations
     config.fermigates = {
         "format_version": mf.FORMAT_VERSION,
         "manifest": mf.MANIFEST_NAME,
+        "loads_with": "transformers" if plain else "fermigates.from_pretrained",
         "modules": {p: e["attrs"] for p, e in deviations.items()},
     }
+    if not plain:
+        example = next(iter(deviations), None)
+        warnings.warn(
+            f"fermigates: plain transformers cannot rebuild this shrunk {type(model).__name__} from its "
+            f"config.json ({len(deviations)} modules have widths the config cannot describe, e.g. "
+            f"{example!r}: per-layer widths, or fewer attention heads in a family whose head size is "
+            f"hidden_size / num_attention_heads, such as BERT and GPT-2); load it with "
+            f"fermigates.from_pretrained({str(root)!r}), not AutoModel.from_pretrained",
+            stacklevel=3,
+        )
     mf.atomic_write_text(root / mf.CONFIG_NAME, config.to_json_string(use_diff=True))
+    if will_write_generation(model):
+        mf.atomic_write_text(root / GENERATION_NAME, model.generation_config.to_json_string(use_diff=True))
+
+
+def will_write_generation(model: nn.Module) -> bool:
+    """Whether ``write_hf_config`` writes a ``generation_config.json`` for ``model`` (a generative model)."""
     generation = getattr(model, "generation_config", None)
     can_generate = getattr(model, "can_generate", lambda: False)
-    if generation is not None and hasattr(generation, "to_json_string") and can_generate():
-        mf.atomic_write_text(root / GENERATION_NAME, generation.to_json_string(use_diff=True))
+    return generation is not None and hasattr(generation, "to_json_string") and bool(can_generate())
 
 
 def hf_factory(root: Path, model_class: type | None) -> Callable[[], nn.Module]:

@@ -68,8 +68,12 @@ class CheckpointSummary:
 
 
 def inspect_checkpoint(directory: str | os.PathLike) -> CheckpointSummary:
-    """Summarise a ``save_shrunk`` directory (validated as ``load_shrunk`` does) without building a model."""
-    manifest, header, weights = mf.read_checkpoint(directory)
+    """Summarise a ``save_shrunk`` directory (validated as ``load_shrunk`` does, checksums aside) without
+    building a model. Raises ``CheckpointError`` for anything that is not a readable checkpoint directory."""
+    try:
+        manifest, header, weights = mf.read_checkpoint(directory)
+    except OSError as err:  # a file path, a missing folder, an unreadable file
+        raise mf.CheckpointError(f"cannot inspect {str(directory)!r}: {err}") from None
     source = manifest.get("source", {})
     kind = source.get("kind", "custom")
     label = {"timm": f"timm:{source.get('name')}", "hf": f"transformers:{source.get('class')}"}.get(

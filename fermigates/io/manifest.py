@@ -3,12 +3,14 @@
 A shrunk checkpoint is a directory holding ``model.safetensors`` and ``fermigates.json``. The manifest is a
 JSON object::
 
-    {"format": "fermigates.shrunk", "format_version": 1, "fermigates_version": "0.1.0",
+    {"format": "fermigates.shrunk", "format_version": 2, "fermigates_version": "0.1.0",
      "model_class": "timm.models.resnet.ResNet",
      "source": {"kind": "timm", "name": "resnet18"} | {"kind": "hf", "config": {...}} | {"kind": "custom"},
      "modules": {"layer1.0.conv1": {"class": "torch.nn.modules.conv.Conv2d",
                                      "attrs": {"in_channels": 64, "out_channels": 40, "groups": 1}}, ...},
      "tied": {"lm_head.weight": "transformer.wte.weight"},
+     "tensors": {"conv1.weight": {"dtype": "F32", "shape": [64, 3, 7, 7], "sha256": "..."}, ...},
+     "num_classes": 10 (when the model has an integer ``num_classes``, as timm models do),
      "macs": {"inputs": {...}, "total": 123, "modules": {...}} (only when an example input was known)}
 
 Every module with known shape-defining attributes is recorded (not only those that differ from a fresh
@@ -22,11 +24,13 @@ readable one.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import secrets
+import stat
 import struct
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -39,7 +43,8 @@ from fermigates.converters import registry
 _logger = logging.getLogger(__name__)
 
 FORMAT = "fermigates.shrunk"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: "tensors" (dtype, shape, SHA-256 of every saved tensor) and "num_classes"
+OLDEST_FORMAT_VERSION = 1  # version-1 checkpoints load, without checksums
 WEIGHTS_NAME = "model.safetensors"
 MANIFEST_NAME = "fermigates.json"
 CONFIG_NAME = "config.json"
@@ -68,7 +73,13 @@ _DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100_000_000
+#: files a save writes (or removes when the model does not need them); everything else in a folder is left alone
+CHECKPOINT_FILES = (WEIGHTS_NAME, MANIFEST_NAME, CONFIG_NAME, "generation_config.json")
+#: weight files of other (Hugging Face style) checkpoints that ``overwrite=True`` removes as stale
+FOREIGN_WEIGHTS = ("pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json",
+                   "tf_model.h5", "flax_model.msgpack")
 
 
 class CheckpointError(ValueError):
@@ -172,6 +183,68 @@ def find_ties(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
     return kept, tied
 
 
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's bytes (C order, native little-endian layout as safetensors stores them)."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def tensor_table(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+    """``{name: {"dtype", "shape", "sha256"}}`` of the tensors a checkpoint writes."""
+    table = {}
+    for name, tensor in tensors.items():
+        if tensor.dtype not in _DTYPE_NAMES:
+            raise CheckpointError(
+                f"tensor {name!r} has dtype {tensor.dtype}, which fermigates checkpoints do not support; "
+                f"convert it to one of {sorted(str(d) for d in _DTYPE_NAMES)}"
+            )
+        table[name] = {
+            "dtype": _DTYPE_NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "sha256": tensor_digest(tensor),
+        }
+    return table
+
+
+def expected_shapes(module: nn.Module, attrs: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The shapes ``module``'s own tensors must have for the width attributes ``attrs`` of a manifest entry
+    (builtin Linear / Conv / norms / Embedding and registered Linear-like layers; ``{}`` for other kinds)."""
+
+    def get(name: str) -> Any:
+        return attrs.get(name, getattr(module, name, None))
+
+    try:
+        if isinstance(module, nn.Linear):
+            out = (int(get("out_features")),)
+            return {"weight": out + (int(get("in_features")),), "bias": out}
+        if isinstance(module, nn.modules.conv._ConvNd):
+            o, i, g = int(get("out_channels")), int(get("in_channels")), int(get("groups"))
+            first = (i, o // g) if module.transposed else (o, i // g)
+            return {"weight": first + tuple(module.kernel_size), "bias": (o,)}
+        if isinstance(module, nn.modules.batchnorm._NormBase):
+            n = (int(get("num_features")),)
+            return {k: n for k in ("weight", "bias", "running_mean", "running_var")}
+        if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            shape = get("normalized_shape")
+            shape = (int(shape),) if isinstance(shape, int) else tuple(int(d) for d in shape)
+            return {"weight": shape, "bias": shape}
+        if isinstance(module, nn.GroupNorm):
+            n = (int(get("num_channels")),)
+            return {"weight": n, "bias": n}
+        if isinstance(module, nn.Embedding):
+            return {"weight": (int(get("num_embeddings")), int(get("embedding_dim")))}
+        layout = registry.lookup(registry.LINEAR_LIKE, module)
+        if layout is not None and layout.in_attr in attrs and layout.out_attr in attrs:
+            o, i = int(attrs[layout.out_attr]), int(attrs[layout.in_attr])
+            return {"weight": (o, i) if layout.out_dim == 0 else (i, o), "bias": (o,)}
+    except (TypeError, ValueError, AttributeError):
+        raise CheckpointError(
+            f"the manifest's widths for module of class {registry.qualname(type(module))} are not integers: "
+            f"{attrs!r}"
+        ) from None
+    return {}
+
+
 # --------------------------------------------------------------------------------------------- safetensors
 
 
@@ -246,9 +319,55 @@ def check_manifest(manifest: Any, where: str) -> dict[str, Any]:
             f"{where} has manifest format version {version}, newer than version "
             f"{FORMAT_VERSION} that this fermigates supports; upgrade fermigates"
         )
+    if version < OLDEST_FORMAT_VERSION:
+        raise CheckpointError(f"{where} has manifest format version {version}, which never existed; re-save it")
     if not isinstance(manifest.get("modules"), dict) or not isinstance(manifest.get("tied", {}), dict):
         raise CheckpointError(f"{where} is corrupt: 'modules' and 'tied' must be JSON objects")
+    for path, entry in manifest["modules"].items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("class"), str)
+                and isinstance(entry.get("attrs", {}), dict)):
+            raise CheckpointError(
+                f"{where} is corrupt: module entry {path!r} must be an object with a 'class' string and an "
+                f"'attrs' object, got {entry!r}; re-save the checkpoint"
+            )
+    for alias, target in manifest["tied"].items():
+        if not isinstance(target, str):
+            raise CheckpointError(f"{where} is corrupt: tied entry {alias!r} must name a tensor, got {target!r}")
+    table = manifest.get("tensors")
+    if version >= 2 and not (
+        isinstance(table, dict)
+        and all(isinstance(v, dict) and isinstance(v.get("sha256"), str) for v in table.values())
+    ):
+        raise CheckpointError(
+            f"{where} is corrupt: a version-{version} manifest needs a 'tensors' table with a dtype, shape and "
+            "sha256 per tensor; re-save the checkpoint"
+        )
     return manifest
+
+
+def check_header_matches(manifest: dict[str, Any], header: dict[str, dict[str, Any]], weights: Path) -> None:
+    """Refuse a safetensors header whose tensors (names, dtypes, shapes) differ from the manifest's table."""
+    table = manifest.get("tensors")
+    if table is None:  # version 1: no table
+        return
+    missing = sorted(set(table) - set(header))
+    extra = sorted(set(header) - set(table))
+    if missing:
+        raise CheckpointError(
+            f"{weights} is missing tensor {missing[0]!r} that its manifest lists; re-save the checkpoint"
+        )
+    if extra:
+        raise CheckpointError(
+            f"{weights} does not match its manifest: tensor {extra[0]!r} is in the file but not in the "
+            "manifest; re-save the checkpoint"
+        )
+    for name, info in header.items():
+        want = table[name]
+        if info["dtype"] != want.get("dtype") or list(info["shape"]) != list(want.get("shape", [])):
+            raise CheckpointError(
+                f"{weights} does not match its manifest: tensor {name!r} is {info['dtype']} {info['shape']} in "
+                f"the file, {want.get('dtype')} {want.get('shape')} in the manifest; re-save the checkpoint"
+            )
 
 
 def read_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[str, Any]], Path]:
@@ -295,6 +414,7 @@ def read_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[
             f"metadata in {WEIGHTS_NAME}); it was not written by save_shrunk"
         )
     manifest = check_manifest(manifest, where)
+    check_header_matches(manifest, header, weights)
     for alias, target in manifest.get("tied", {}).items():
         if target not in header:
             raise CheckpointError(f"{weights} is missing tensor {target!r} that {alias!r} is tied to")
@@ -334,16 +454,28 @@ def ensure_directory(directory: str | os.PathLike) -> Path:
     return root
 
 
+def _temp_prefix(name: str) -> str:
+    return f".{name}."
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write ``path`` through ``write(tmp_path)`` into a temp file beside it, fsync, then ``os.replace``.
 
-    A crash at any point leaves either the old file or the new one, never a partial file under ``path``.
+    A crash at any point leaves either the old file or the new one, never a partial file under ``path``. The
+    file gets the permissions a plain ``open()`` would give it (``0o666`` less the process umask).
     """
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
+    while True:
+        tmp = path.parent / f"{_temp_prefix(path.name)}{secrets.token_hex(6)}.tmp"
+        try:  # created by open(2) with mode 0o666, so the kernel applies the umask as for any new file
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:
+            continue
     try:
+        mode = stat.S_IMODE(tmp.stat().st_mode)  # what the umask made of 0o666
         write(tmp)
+        if stat.S_IMODE(tmp.stat().st_mode) != mode:  # writers that recreate the file (safetensors: 0o600)
+            os.chmod(tmp, mode)
         with open(tmp, "rb+") as handle:
             handle.flush()
             os.fsync(handle.fileno())
@@ -353,6 +485,22 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
             tmp.unlink()
         raise
     _fsync_dir(path.parent)
+
+
+def remove_stale_temps(root: Path) -> list[Path]:
+    """Delete the temp files that a killed save left in ``root`` (``.model.safetensors.<random>.tmp`` ...);
+    returns them. Two saves into one folder at the same time are not supported."""
+    removed = []
+    prefixes = tuple(_temp_prefix(n) for n in CHECKPOINT_FILES)
+    with contextlib.suppress(OSError):
+        for entry in root.iterdir():
+            if entry.name.startswith(prefixes) and entry.name.endswith(".tmp") and entry.is_file():
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+                    removed.append(entry)
+    if removed:
+        _logger.info("removed %d temp file(s) left by an interrupted save in %s", len(removed), root)
+    return removed
 
 
 def atomic_write_text(path: Path, text: str) -> None:

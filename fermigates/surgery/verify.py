@@ -41,12 +41,13 @@ def output_tensors(out: Any) -> list[torch.Tensor]:
 
 
 def max_relative_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    """Largest ``|a - b| / max(1, max|a|)`` over paired tensors; inf when the structures differ."""
+    """Largest ``|a - b| / max(1, max|a|)`` over paired tensors; inf when the structures differ or any value
+    is NaN / inf (two NaN outputs are not "equal")."""
     if len(a) != len(b):
         return float("inf")
     worst = 0.0
     for x, y in zip(a, b):
-        if x.shape != y.shape:
+        if x.shape != y.shape or not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(y).all())):
             return float("inf")
         scale = max(1.0, float(x.abs().max())) if x.numel() else 1.0
         worst = max(worst, float((x.float() - y.float()).abs().max()) / scale if x.numel() else 0.0)

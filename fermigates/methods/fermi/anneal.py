@@ -8,6 +8,10 @@ After every optimizer step the annealer
    the band ``mu`` moves with its gradients; the band ``b(t)`` narrows to zero when the sparsity ramp ends,
    so the run ends exactly at the requested sparsity. ``s(t)`` follows its own schedule, by default the
    cubic one of gradual pruning (Zhu & Gupta, 2017).
+3. from ``hard_after`` (by default where the ramp ends) every gate's decision is **frozen**: the gates apply
+   their hard 0/1 decision in every forward, and the network trains for the rest of the run as exactly the
+   model that :func:`fermigates.convert_from_fermi` will bake (the final fine-tuning phase of gradual
+   pruning). No unit is left undecided at the end, whatever the temperature.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch.nn as nn
 from torch.optim import Optimizer
 
 from ...state import fermi_state
-from .model import gate_scores, soft_probabilities
+from .model import _distinct_gates, all_gates, gate_scores, hard_gates, soft_probabilities
 from ...config import check_sparsity
 from .gates import check_temperature, kth_quantile
 
@@ -60,7 +64,8 @@ class AnnealSchedule:
 
     ``ramp`` is the fraction of ``total_steps`` over which sparsity rises and the band narrows; afterwards the
     target is held (the rest of the run fine-tunes at the final sparsity). ``tolerance`` is the half-width of
-    the band, in sparsity points, at the start of the ramp.
+    the band, in sparsity points, at the start of the ramp. ``hard_after`` is the fraction of the run after
+    which decisions are frozen and the gates are hard (None: where the ramp ends; 1.0: never during the run).
     """
 
     total_steps: int
@@ -69,8 +74,9 @@ class AnnealSchedule:
     target_sparsity: float | dict[str, float] = 0.5
     sparsity_schedule: str = "cubic"
     initial_sparsity: float = 0.0
-    ramp: float = 0.75
+    ramp: float = 0.5
     tolerance: float = 0.05
+    hard_after: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.total_steps, int) or isinstance(self.total_steps, bool) or self.total_steps < 1:
@@ -90,6 +96,16 @@ class AnnealSchedule:
             raise ValueError(f"ramp must be in (0, 1], got {self.ramp!r}")
         if not 0.0 <= self.tolerance < 1.0:
             raise ValueError(f"tolerance must be in [0, 1), got {self.tolerance!r}")
+        if self.hard_after is not None and not (isinstance(self.hard_after, (int, float))
+                                                and self.ramp <= self.hard_after <= 1.0):
+            raise ValueError(f"hard_after must be None or in [ramp, 1] = [{self.ramp}, 1] (decisions freeze after "
+                             f"the sparsity ramp), got {self.hard_after!r}")
+
+    @property
+    def hard_step(self) -> int:
+        """The first step at which decisions are frozen (``total_steps + 1``: never during the run)."""
+        frac = self.ramp if self.hard_after is None else self.hard_after
+        return self.total_steps + 1 if frac >= 1.0 else max(1, math.ceil(frac * self.total_steps))
 
     def temperature_at(self, step: int) -> float:
         return temperature_at(step / self.total_steps, *self.temperature, self.schedule)
@@ -115,6 +131,16 @@ class AnnealSchedule:
     def apply(self, model: nn.Module, step: int) -> None:
         """Set ``T`` and clamp ``mu`` of every gate of ``model`` for ``step``."""
         temperature, band = self.temperature_at(step), self.band_at(step)
+        if step >= self.hard_step:
+            for gate, owner in _distinct_gates(model):
+                gate.set_temperature(temperature)
+                if gate.decided is None:
+                    raw = owner.weight.detach().abs() if owner is not None else gate.score().detach()
+                    _pin_to_quantile(gate, gate.normalised(raw.float().flatten()), self.final_sparsity(gate.kind))
+                    gate.decided = gate.keep(raw).clone()
+            return
+        for gate in all_gates(model):
+            gate.decided = None  # a resumed or rewound run decides again when it gets there
         for gate, scores in gate_scores(model):
             gate.set_temperature(temperature)
             target = self.sparsity_at(step, gate.kind)
@@ -156,6 +182,64 @@ def _pin_to_quantile(gate: nn.Module, scores: torch.Tensor, target: float) -> No
     gate.mu.fill_(float(scores.kthvalue(k + 1).values))
 
 
+def sparsity_loss(model: nn.Module, schedule: AnnealSchedule, step: int, weight: float = 1.0) -> torch.Tensor:
+    """The annealer's regulariser at ``step`` (see :meth:`FermiAnnealer.sparsity_loss`)."""
+    total, count = None, 0
+    if step < schedule.hard_step:
+        for gate, p in soft_probabilities(model):
+            target_density = 1.0 - schedule.sparsity_at(step, gate.kind)
+            excess = torch.relu(p.float().mean() - target_density) * p.numel()
+            total = excess if total is None else total + excess
+            count += p.numel()
+    if total is None:
+        return torch.zeros(())
+    return weight * total / count
+
+
+@torch.no_grad()
+def undecided_units(model: nn.Module, eps: float = 0.01) -> int:
+    """Units of ``model`` whose retention probability lies strictly between ``eps`` and ``1 - eps``."""
+    return sum(int(((p > eps) & (p < 1 - eps)).sum()) for _, p in soft_probabilities(model))
+
+
+@torch.no_grad()
+def anneal_stats(model: nn.Module, schedule: AnnealSchedule, step: int) -> dict[str, float]:
+    """Step, temperature, scheduled and actual sparsity, undecided units, whether decisions are frozen."""
+    kept = total = 0
+    for gate, owner in _distinct_gates(model):
+        keep = gate.keep(owner.weight.abs() if owner is not None else gate.score())
+        kept += int(keep.sum())
+        total += keep.numel()
+    return {
+        "step": step,
+        "temperature": schedule.temperature_at(step),
+        "target_sparsity": schedule.sparsity_at(step),
+        "sparsity": 1.0 - kept / max(total, 1),
+        "undecided": undecided_units(model),
+        "decided": float(step >= schedule.hard_step),
+    }
+
+
+def _gate_tensors(gate: nn.Module, what: str) -> list[torch.Tensor]:
+    params = [p for p in (gate.mu, gate.mu_offset) if p is not None]
+    return [p.detach() if what == "data" else p.grad for p in params if what == "data" or p.grad is not None]
+
+
+def _check_finite(gates: list, what: str, step: int) -> None:
+    """Raise if a gate's Fermi level (``what="data"``) or its gradient (``"grad"``) is NaN / inf."""
+    values = [t.flatten() for g in gates for t in _gate_tensors(g, what)]
+    if not values or bool(torch.isfinite(torch.cat(values)).all()):
+        return
+    bad = next(g for g in gates if not all(bool(torch.isfinite(t).all()) for t in _gate_tensors(g, what)))
+    name = getattr(bad, "label", None) or f"{bad.kind} gate ({bad.n_units} units)"
+    if what == "grad":
+        raise FloatingPointError(
+            f"FermiAnnealer step {step}: the gradient of {name} is NaN/inf (the loss was NaN/inf); the step was "
+            "refused and nothing changed: lower the learning rate or check the batch")
+    raise FloatingPointError(f"FermiAnnealer step {step}: the Fermi level of {name} became NaN/inf in the "
+                             "optimizer step; lower the learning rate or exclude the gates from weight decay")
+
+
 class FermiAnnealer(Optimizer):
     """Wraps any torch optimizer: ``step()`` steps it, then anneals the gates of ``model``.
 
@@ -174,22 +258,28 @@ class FermiAnnealer(Optimizer):
         target_sparsity: float | None = None,
         sparsity_schedule: str = "cubic",
         *,
-        ramp: float = 0.75,
+        ramp: float = 0.5,
         tolerance: float = 0.05,
         sparsity_weight: float = 1.0,
+        hard_after: float | None = None,
     ) -> None:
+        if isinstance(temperature, (int, float, str)) or not isinstance(temperature, (tuple, list)):
+            raise TypeError(f"temperature must be a pair (T_start, T_end), e.g. (1.0, 0.01), got {temperature!r}")
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, FermiAnnealer):
             raise TypeError("optimizer is already a FermiAnnealer; wrap the inner optimizer once")
         state = fermi_state(model)
+        if state.config.method != "fermi":
+            raise ValueError(f"model was converted with method={state.config.method!r}, which has no Fermi gates to "
+                             "anneal: train it with fermigates.make_optimizer(model) (its own optimizer)")
         if target_sparsity is None:
             target_sparsity = state.config.target_sparsity
         self.optimizer = optimizer
         self.model = model
         self.schedule = AnnealSchedule(
             total_steps, tuple(temperature), schedule, target_sparsity, sparsity_schedule,
-            ramp=ramp, tolerance=tolerance,
+            ramp=ramp, tolerance=tolerance, hard_after=hard_after,
         )
         if sparsity_weight < 0:
             raise ValueError(f"sparsity_weight must be >= 0, got {sparsity_weight!r}")
@@ -224,8 +314,11 @@ class FermiAnnealer(Optimizer):
         self.optimizer.add_param_group(param_group)
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:
+        gates = all_gates(self.model)
+        _check_finite(gates, "grad", self.step_count)  # a NaN loss: refuse before anything moves
         loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
         self.step_count += 1
+        _check_finite(gates, "data", self.step_count)
         self.schedule.apply(self.model, self.step_count)
         return loss
 
@@ -239,21 +332,43 @@ class FermiAnnealer(Optimizer):
         """The scheduled sparsity at the current step (of the most pruned granularity)."""
         return self.schedule.sparsity_at(self.step_count)
 
+    @property
+    def decided(self) -> bool:
+        """True once the hard phase has begun: every gate applies (and will bake) a frozen 0/1 decision."""
+        return self.step_count >= self.schedule.hard_step
+
+    def undecided_units(self, eps: float = 0.01) -> int:
+        """Units whose retention probability is neither below ``eps`` nor above ``1 - eps`` (0 once decided)."""
+        return undecided_units(self.model, eps)
+
+    @torch.no_grad()
+    def soft_hard_gap(self, inputs: Any) -> float:
+        """Largest relative difference between the model's outputs as trained now and with hard gates (what
+        baking gives), on ``inputs`` (a tensor, a tuple of positional args or a dict of kwargs)."""
+        from ...surgery.verify import call_model, max_relative_diff, output_tensors
+
+        was = self.model.training
+        self.model.eval()
+        try:
+            trained = output_tensors(call_model(self.model, inputs))
+            with hard_gates(self.model):
+                hard = output_tensors(call_model(self.model, inputs))
+        finally:
+            self.model.train(was)
+        return max_relative_diff(trained, hard)
+
+    def stats(self) -> dict[str, float]:
+        """What a training log wants at this step: T, target and actual sparsity, undecided units."""
+        return anneal_stats(self.model, self.schedule, self.step_count)
+
     def sparsity_loss(self) -> torch.Tensor:
         """Regulariser to add to the loss: how far the gates' expected density exceeds the scheduled density.
 
         ``sparsity_weight * sum_g n_g * relu(mean(P_g) - (1 - s(t))) / sum_g n_g``; it pushes ``mu`` up and the
-        scores of units near the threshold down, so units leave smoothly instead of being cut.
+        scores of units near the threshold down, so units leave smoothly instead of being cut. Zero (and
+        without gradient) once the decisions are frozen.
         """
-        total, count = None, 0
-        for gate, p in soft_probabilities(self.model):
-            target_density = 1.0 - self.schedule.sparsity_at(self.step_count, gate.kind)
-            excess = torch.relu(p.float().mean() - target_density) * p.numel()
-            total = excess if total is None else total + excess
-            count += p.numel()
-        if total is None:
-            return torch.zeros(())
-        return self.sparsity_weight * total / count
+        return sparsity_loss(self.model, self.schedule, self.step_count, self.sparsity_weight)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -261,6 +376,8 @@ class FermiAnnealer(Optimizer):
             "step_count": self.step_count,
             "schedule": asdict(self.schedule),
             "sparsity_weight": self.sparsity_weight,
+            # frozen decisions, so a run resumed in its hard phase applies exactly the same masks
+            "decided": [None if g.decided is None else g.decided.cpu() for g in all_gates(self.model)],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -273,6 +390,13 @@ class FermiAnnealer(Optimizer):
         self.schedule = AnnealSchedule(**schedule)
         self.sparsity_weight = float(state_dict.get("sparsity_weight", self.sparsity_weight))
         self.step_count = int(state_dict["step_count"])
+        decided = state_dict.get("decided")
+        gates = all_gates(self.model)
+        if decided is not None and len(decided) != len(gates):
+            raise ValueError(f"FermiAnnealer state_dict holds decisions for {len(decided)} gates, the model has "
+                             f"{len(gates)}: was it saved from another model?")
+        for gate, mask in zip(gates, decided or [None] * len(gates)):
+            gate.decided = None if mask is None else mask.to(gate.mu.device)
         self.schedule.apply(self.model, self.step_count)
 
     def __repr__(self) -> str:

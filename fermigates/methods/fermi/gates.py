@@ -15,6 +15,10 @@ import math
 import torch
 import torch.nn as nn
 
+#: the logit is clamped to +-this: beyond it ``P`` is 1.0 in float32 (or below 4e-18) anyway, and unclamped
+#: logits of thousands (T = 1e-3) make sigmoid's gradients subnormal floats, which stall CPU steps 20x
+LOGIT_CLAMP = 40.0
+
 #: ``logit(1 - 1e-9)``: an "open" gate puts ``mu`` this many temperatures below the smallest score, so that
 #: every ``P`` rounds to exactly 1.0 in float32 and the gated network computes the original function.
 OPEN_MARGIN = 20.0
@@ -30,11 +34,12 @@ def check_temperature(value: float, name: str = "temperature") -> float:
 def fermi_probability(score: torch.Tensor, mu: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
     """Retention probability ``sigmoid((score - mu) / T)``; monotone increasing in ``score``.
 
-    Computed in float32 (or wider) whatever the dtype of ``score``: safe for ``T`` down to 1e-6 and scores of
-    any magnitude (``sigmoid`` saturates instead of overflowing; its gradient stays finite).
+    Computed in float32 (or wider) whatever the dtype of ``score``, with the logit clamped to
+    ``+-LOGIT_CLAMP``: safe for any ``T > 0`` and scores of any magnitude, and never subnormal.
     """
     dtype = torch.promote_types(score.dtype, torch.float32)
-    return torch.sigmoid((score.to(dtype) - mu.to(dtype)) / temperature)
+    logit = (score.to(dtype) - mu.to(dtype)) / temperature
+    return torch.sigmoid(logit.clamp(-LOGIT_CLAMP, LOGIT_CLAMP))
 
 
 class FermiGate(nn.Module):
@@ -60,6 +65,9 @@ class FermiGate(nn.Module):
         self.register_parameter("mu_offset", None)
         #: the hard decision keeps a multiple of this many units (rounded up; see :meth:`keep`)
         self.round_to = 1
+        #: a frozen decision (bool per unit): once set (by the annealer's hard phase) the gate applies it in
+        #: every forward and bakes exactly it, whatever the weights do afterwards
+        self.decided: torch.Tensor | None = None
 
     @classmethod
     def for_scores(
@@ -99,7 +107,7 @@ class FermiGate(nn.Module):
         """Soft retention probability of each unit."""
         if not self.enabled:
             return torch.ones_like(score)
-        if self.hard:
+        if self.hard or self.decided is not None:
             return self.keep(score).to(score.dtype)
         return fermi_probability(self.normalised(score), self.mu, self.temperature).to(score.dtype)
 
@@ -110,7 +118,10 @@ class FermiGate(nn.Module):
         With ``round_to > 1`` the number kept is rounded *up* to a multiple of ``round_to`` (at most all
         units) by also keeping the pruned units closest to the threshold: kernels run faster on widths
         that fill their vector registers, and nothing is pruned beyond what the gate decided.
+        A frozen decision (:attr:`decided`) is returned as it is.
         """
+        if self.decided is not None:
+            return self.decided.to(score.device)
         margin = self.normalised(score.float()) - self.mu.float()
         keep = margin >= 0
         step = self.round_to

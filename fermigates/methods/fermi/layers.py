@@ -59,9 +59,13 @@ class GroupGate(FermiGate):
         return total.clamp_min(0).sqrt()
 
     def probability(self) -> torch.Tensor:
+        if self.enabled and self.decided is not None:  # no need to score: the decision is frozen
+            return self.decided.float()
         return self(self.score())
 
     def keep_units(self) -> torch.Tensor:
+        if self.decided is not None:
+            return self.decided
         return self.keep(self.score())
 
 

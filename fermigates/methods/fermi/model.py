@@ -114,3 +114,11 @@ def disable_gates(model: nn.Module) -> None:
     """Open every gate of a converted model (P = 1): it then computes the dense function."""
     for gate in _all_gates(model):
         gate.enabled = False
+
+
+@torch.no_grad()
+def freeze_decisions(model: nn.Module) -> None:
+    """Freeze every gate's current hard decision: from now on the gates apply (and bake) exactly it."""
+    for gate, owner in _distinct_gates(model):
+        gate.decided = None
+        gate.decided = gate.keep(owner.weight.abs() if owner is not None else gate.score()).clone()

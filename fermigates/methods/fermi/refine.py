@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .anneal import AnnealSchedule, _pin_to_quantile
 from .model import gates_open, hard_gates
 from ...surgery.verify import output_tensors
-from ...calibration.engine import _batches, _feed, _mask
+from ...calibration.engine import _batches, _feed, _mask, check_batches_finite
 from .model import _distinct_gates, gated_modules
 from ...state import fermi_state
 
@@ -104,8 +104,12 @@ def refine_gates(
     if match not in ("layers", "output"):
         raise ValueError(f"match must be 'layers' or 'output', got {match!r}")
     target = state.config.target_sparsity if target_sparsity is None else target_sparsity
-    schedule = AnnealSchedule(max(steps, 1), tuple(temperature), "exponential", target, "constant", tolerance=0.0)
+    schedule = AnnealSchedule(max(steps, 1), tuple(temperature), "exponential", target, "constant", tolerance=0.0,
+                              hard_after=1.0)
+    for g in gates:
+        g.decided = None  # refinement decides again
     batches = _batches(data, batch_size=32, max_batches=None)
+    check_batches_finite(batches, "data")
     consumers = [m for m in gated_modules(model).values() if m._slots] if match == "layers" else []
     seen: list[torch.Tensor] = []
 
@@ -166,11 +170,15 @@ def refine_gates(
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.4g}", T=f"{schedule.temperature_at(step + 1):.3g}")
         pin(max(steps, 1))
+        with torch.no_grad():
+            for g in gates:  # the refined decision is final: the model computes (and bakes) exactly it
+                g.decided = g.keep_units().clone()
         changed = sum(int((g.keep_units() != b).sum()) for g, b in zip(gates, baseline))
         loss_end = hard_error()
     except BaseException:
         with torch.no_grad():
             for g, offset, mu, temperature in saved:
+                g.decided = None
                 g.mu_offset = offset
                 g.mu.copy_(mu)
                 g.temperature.copy_(temperature)

@@ -1,0 +1,83 @@
+"""Hugging Face ``Trainer`` integration: a callback that does what ``FermiAnnealer`` does around the optimizer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ...state import fermi_state
+from .anneal import AnnealSchedule, anneal_stats, sparsity_loss
+
+
+def fermi_trainer_callback(
+    model: nn.Module,
+    temperature: tuple[float, float] = (1.0, 0.01),
+    schedule: str = "exponential",
+    target_sparsity: float | None = None,
+    sparsity_schedule: str = "cubic",
+    total_steps: int | None = None,
+    *,
+    sparsity_weight: float = 1.0,
+    **schedule_kwargs: Any,
+):
+    """A ``transformers.TrainerCallback`` that anneals the gates of ``model`` like :class:`FermiAnnealer`.
+
+    Before every optimizer step it adds the gradient of the sparsity term (``sparsity_weight *
+    sparsity_loss``) to the gates and weights, after every step it sets ``T``, steers ``mu`` and, from the
+    hard phase on, freezes the decisions; every Trainer log line gets ``fermi/temperature``,
+    ``fermi/sparsity``, ``fermi/target_sparsity`` and ``fermi/undecided``. The schedule is a function of the
+    Trainer's ``global_step``, so a run resumed from a Trainer checkpoint continues where it was (a run
+    resumed inside its hard phase decides again from the loaded weights). Under ``accelerate`` / DDP every
+    process computes the same schedule from the same synchronised weights. ``total_steps`` defaults to the
+    Trainer's ``max_steps``. Use: ``Trainer(..., callbacks=[fermigates.fermi_trainer_callback(model)])``.
+    """
+    from transformers import TrainerCallback
+
+    config = fermi_state(model).config
+    sparsity = config.target_sparsity if target_sparsity is None else target_sparsity
+    if not isinstance(temperature, (tuple, list)):
+        raise TypeError(f"temperature must be a pair (T_start, T_end), e.g. (1.0, 0.01), got {temperature!r}")
+    if sparsity_weight < 0:
+        raise ValueError(f"sparsity_weight must be >= 0, got {sparsity_weight!r}")
+
+    class FermiCallback(TrainerCallback):
+        """Anneals Fermi gates inside a ``transformers.Trainer`` (see :func:`fermi_trainer_callback`)."""
+
+        def __init__(self) -> None:
+            self.schedule: AnnealSchedule | None = None
+
+        def _ensure(self, state) -> AnnealSchedule:
+            if self.schedule is None:
+                steps = total_steps or state.max_steps
+                if not steps or steps < 1:
+                    raise ValueError("fermi_trainer_callback needs total_steps (the Trainer's max_steps is unknown)")
+                self.schedule = AnnealSchedule(
+                    int(steps), tuple(temperature), schedule, sparsity, sparsity_schedule, **schedule_kwargs
+                )
+            return self.schedule
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self._ensure(state).apply(model, state.global_step)
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            if sparsity_weight == 0:
+                return
+            with torch.enable_grad():
+                loss = sparsity_loss(model, self._ensure(state), state.global_step, sparsity_weight)
+                if loss.requires_grad:
+                    loss.backward()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self._ensure(state).apply(model, state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            stats = anneal_stats(model, self._ensure(state), state.global_step)
+            extra = {f"fermi/{k}": stats[k] for k in ("temperature", "sparsity", "target_sparsity", "undecided")}
+            if logs is not None:
+                logs.update(extra)
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1].update(extra)
+
+    return FermiCallback()

@@ -1,0 +1,229 @@
+"""What you fine-tune is what you bake: decided gates, the bake equals the trained model, calibration toward the
+trained model never hurts, distillation, the Trainer callback, no subnormal stalls."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fermigates as fg
+from fermigates.methods.fermi.gates import fermi_probability
+
+
+def _task(seed=0, n=512):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 12, generator=g)
+    w = torch.randn(12, 4, generator=g)
+    y = (x @ w).argmax(1)
+    return x, y
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+
+
+def _converted(granularity="channel", sparsity=0.5, seed=0):
+    model = _mlp(seed)
+    x, y = _task()
+    fg.convert_to_fermi(model, fg.FermiConfig(granularity=granularity, target_sparsity=sparsity),
+                        example_inputs=x[:1])
+    return model, x, y
+
+
+def _batches(x, y, bs=32):
+    return list(zip(x.split(bs), y.split(bs)))
+
+
+@pytest.mark.parametrize("granularity", ["channel", "weight"])
+def test_annealing_ends_with_every_unit_decided_and_the_bake_equals_the_trained_model(granularity):
+    model, x, y = _converted(granularity)
+    opt = fg.FermiAnnealer(torch.optim.AdamW(model.parameters(), lr=3e-3), model, total_steps=60)
+    assert opt.undecided_units() == 0  # open gates: P == 1 exactly
+    for step, (xb, yb) in zip(range(60), _batches(x, y) * 4):
+        loss = F.cross_entropy(model(xb), yb) + opt.sparsity_loss()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if step == 20:  # mid-ramp: soft gates leave units in between
+            assert not opt.decided and opt.undecided_units() > 0
+    assert opt.decided and opt.undecided_units() == 0
+    assert opt.soft_hard_gap(x) == 0.0
+    assert opt.stats()["sparsity"] == pytest.approx(0.5, abs=0.02)
+    with torch.no_grad():
+        trained = model(x)
+    report = fg.convert_from_fermi(model, progress=False)
+    assert report.trained_vs_baked == 0.0
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), trained, rtol=1e-5, atol=1e-6)
+
+
+def test_decisions_are_frozen_in_the_hard_phase_and_resume_exactly():
+    model, x, y = _converted()
+    opt = fg.FermiAnnealer(torch.optim.AdamW(model.parameters(), lr=3e-2), model, total_steps=40, hard_after=0.5)
+    data = _batches(x, y) * 3
+    masks = []
+    for step in range(40):
+        xb, yb = data[step]
+        F.cross_entropy(model(xb), yb).backward()
+        opt.step()
+        opt.zero_grad()
+        if step == 25:
+            state, model_state = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
+        if opt.decided:
+            masks.append([g.keep_units().clone() for g in fg.methods.fermi.model.all_gates(model)])
+    assert all(all(torch.equal(a, b) for a, b in zip(m, masks[0])) for m in masks)  # no unit changed side
+    # resume: a fresh converted model with the same weights continues with the same decisions
+    other, _, _ = _converted()
+    other.load_state_dict(model_state)
+    with torch.no_grad():  # weights moved since: re-deciding from them could differ; the state dict must not
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    opt2 = fg.FermiAnnealer(torch.optim.AdamW(other.parameters(), lr=3e-2), other, total_steps=40, hard_after=0.5)
+    opt2.load_state_dict(state)
+    got = [g.keep_units() for g in fg.methods.fermi.model.all_gates(other)]
+    assert all(torch.equal(a, b) for a, b in zip(got, masks[0]))
+
+
+def test_bake_warns_when_the_baked_model_is_not_the_trained_one():
+    model, x, y = _converted()
+    opt = fg.FermiAnnealer(torch.optim.AdamW(model.parameters(), lr=3e-3), model, total_steps=40, hard_after=1.0,
+                           temperature=(1.0, 0.5))
+    for xb, yb in _batches(x, y)[:10]:
+        (F.cross_entropy(model(xb), yb) + opt.sparsity_loss()).backward()
+        opt.step()
+        opt.zero_grad()
+    with pytest.warns(UserWarning, match="differs from the trained one"):
+        report = fg.convert_from_fermi(model, progress=False)
+    assert report.trained_vs_baked > 1e-3
+
+
+def test_tiny_temperatures_make_no_subnormal_floats():
+    score = torch.linspace(0.0, 2.0, 1000, requires_grad=True)
+    for t in (1e-2, 1e-3, 1e-5):
+        p = fermi_probability(score, torch.tensor(1.0), t)
+        p.sum().backward()
+        for v in (p.detach(), score.grad):
+            tiny = (v != 0) & (v.abs() < torch.finfo(torch.float32).tiny)
+            assert not bool(tiny.any()), t
+        score.grad = None
+    # the open gate still computes exactly 1.0
+    assert bool((fermi_probability(torch.tensor([1.0]), torch.tensor(1.0 - 20 * 0.5), 0.5) == 1.0).all())
+
+
+def _loss(model, batches):
+    with torch.no_grad():
+        return sum(float(F.cross_entropy(model(xb), yb)) for xb, yb in batches) / len(batches)
+
+
+@pytest.mark.parametrize("hard_after", [None, 1.0])
+def test_calibration_after_training_never_makes_the_task_loss_worse(hard_after):
+    model, x, y = _converted(sparsity=0.6)
+    data = _batches(x, y)
+    fg.fine_tune(model, data, steps=60, lr=1e-2, anneal={"hard_after": hard_after, "temperature": (1.0, 0.05)},
+                 progress=False)
+    calib = data[:8]
+    baked = copy.deepcopy(model)
+    fg.convert_from_fermi(baked, progress=False)
+    report = fg.convert_from_fermi(model, calibration_data=calib, progress=False)
+    assert report.reference == "trained"  # the weights were trained: fit toward the model as trained
+    assert _loss(model, calib) <= _loss(baked, calib) + 1e-6
+
+
+def test_reference_dense_for_untrained_weights_and_explicit_choices():
+    model, x, y = _converted()
+    fg.FermiAnnealer(torch.optim.SGD(model.parameters(), lr=0.0), model, total_steps=1, ramp=1.0).schedule.apply(model, 1)
+    fg.freeze_decisions(model)
+    report = fg.convert_from_fermi(copy.deepcopy(model), calibration_data=x.split(64), progress=False)
+    assert report.reference == "dense"  # nothing trained: the original network is the reference
+    with pytest.raises(ValueError, match="reference must be one of"):
+        fg.convert_from_fermi(model, calibration_data=x.split(64), reference="original")
+    dense = _mlp()
+    report = fg.convert_from_fermi(model, calibration_data=x.split(64), reference=dense, progress=False)
+    assert report.reference == "module"
+
+
+def test_kept_indices_let_calibrate_run_on_its_own_after_a_bake():
+    dense = _mlp()
+    model, x, y = _converted()
+    fg.FermiAnnealer(torch.optim.SGD(model.parameters(), lr=0.0), model, total_steps=1, ramp=1.0).schedule.apply(model, 1)
+    fg.freeze_decisions(model)
+    report = fg.convert_from_fermi(model, progress=False)
+    assert report.kept and all(k in dict(model.named_modules()) for k in report.kept)
+    with torch.no_grad():
+        before = float((model(x) - dense(x)).pow(2).mean())
+    fg.calibrate(model, x.split(64), reference=dense, targets=report.kept, progress=False)
+    with torch.no_grad():
+        after = float((model(x) - dense(x)).pow(2).mean())
+    assert after < before
+
+
+def test_distillation_on_unlabeled_data_moves_toward_the_teacher():
+    teacher = _mlp(1)
+    model = copy.deepcopy(teacher)
+    x, _ = _task()
+    fg.convert_to_fermi(model, fg.FermiConfig(granularity="channel", target_sparsity=0.5), example_inputs=x[:1])
+    log = fg.fine_tune(model, list(x.split(32)), steps=80, lr=3e-3, log_every=10, progress=False)
+    assert log.distill == "logits" and len(log.rows) == 8
+    assert log.rows[-1]["undecided"] == 0
+    pruned = copy.deepcopy(teacher)  # the same cut with no training: magnitude ranking, baked as it is
+    fg.convert_to_fermi(pruned, fg.FermiConfig(granularity="channel", target_sparsity=0.5), example_inputs=x[:1])
+    fg.FermiAnnealer(torch.optim.SGD(pruned.parameters(), lr=0.0), pruned, total_steps=1, ramp=1.0).schedule.apply(pruned, 1)
+    fg.convert_from_fermi(pruned, progress=False)
+    fg.convert_from_fermi(model, progress=False)
+    with torch.no_grad():
+        err_tuned = float(F.mse_loss(model(x), teacher(x)))
+        err_oneshot = float(F.mse_loss(pruned(x), teacher(x)))
+    assert err_tuned < err_oneshot
+
+
+def test_fine_tune_refuses_bad_input():
+    model, x, y = _converted()
+    with pytest.raises(ValueError, match="steps must be a positive int"):
+        fg.fine_tune(model, _batches(x, y), steps=0)
+    with pytest.raises(ValueError, match="distill must be"):
+        fg.fine_tune(model, _batches(x, y), steps=1, distill="kl")
+    with pytest.raises(ValueError, match="data is empty"):
+        fg.fine_tune(model, [], steps=1)
+    with pytest.raises(FloatingPointError, match="loss is nan"):
+        fg.fine_tune(model, [(x[:8] * float("nan"), y[:8])], steps=1, progress=False)
+
+
+def test_trainer_callback_adds_the_sparsity_term_and_logs(tmp_path):
+    tf = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                        intermediate_size=64, num_labels=3)
+    model = tf.BertForSequenceClassification(cfg)
+    fg.convert_to_fermi(model, fg.FermiConfig(target_sparsity=0.5))
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return 32
+
+        def __getitem__(self, i):
+            ids = torch.randint(0, 99, (8,), generator=torch.Generator().manual_seed(i))
+            return {"input_ids": ids, "attention_mask": torch.ones(8, dtype=torch.long), "labels": int(ids[0] % 3)}
+
+    args = tf.TrainingArguments(str(tmp_path), max_steps=8, per_device_train_batch_size=4, report_to=[],
+                                use_cpu=True, save_strategy="no", logging_steps=2, disable_tqdm=True,
+                                learning_rate=0.0)  # lr 0: only the sparsity term can move anything
+    callback = fg.fermi_trainer_callback(model, temperature=(1.0, 0.01), sparsity_weight=1.0)
+    seen = []
+    original = callback.on_pre_optimizer_step
+
+    def spy(*a, **k):
+        original(*a, **k)
+        seen.append(any(p.grad is not None and bool(p.grad.abs().sum() > 0)
+                        for g in fg.methods.fermi.model.all_gates(model) for p in [g.mu]))
+    callback.on_pre_optimizer_step = spy
+    trainer = tf.Trainer(model=model, args=args, train_dataset=Data(), callbacks=[callback])
+    trainer.train()
+    assert any(seen)  # the sparsity term reached the gates' Fermi levels
+    logged = [h for h in trainer.state.log_history if "fermi/sparsity" in h]
+    assert logged and {"fermi/temperature", "fermi/undecided", "fermi/target_sparsity"} <= set(logged[0])
+    assert logged[-1]["fermi/undecided"] == 0
+    assert abs(fg.compute_sparsity(model).overall - 0.5) <= 0.02
