@@ -125,10 +125,13 @@ def search(prune_fn, dense: nn.Module, target_macs: float) -> float:
 
 
 # -- the methods ------------------------------------------------------------------------------------------------
+ANNEAL: dict = {}  # FermiAnnealer keyword arguments from the command line (default: the library's defaults)
+
+
 def run_fg_anneal(dense, s, batches, calib, lr, test):
     model = copy.deepcopy(dense)
     fg.convert_to_fermi(model, fg.FermiConfig(granularity="channel", target_sparsity=s), example_inputs=EXAMPLE)
-    fg.fine_tune(model, batches, steps=len(batches), lr=lr, progress=False)
+    fg.fine_tune(model, batches, steps=len(batches), lr=lr, anneal=dict(ANNEAL), progress=False)
     extra = {"acc_trained": accuracy(model, *test)}
     plain = copy.deepcopy(model)
     fg.convert_from_fermi(plain, progress=False)
@@ -206,7 +209,13 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=1024, help="calibration images (from the training set)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="finetune_cnn")
+    ap.add_argument("--anneal", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="FermiAnnealer options for 'fg anneal', e.g. ramp=0.25 sparsity_weight=0")
     args = ap.parse_args()
+    for item in args.anneal:
+        key, value = item.split("=", 1)
+        ANNEAL[key] = None if value == "None" else (tuple(map(float, value.split(","))) if "," in value
+                                                     else float(value))
     torch.set_num_threads(args.threads)
     xtr, ytr = dataset("train")
     test = dataset("test")
@@ -255,7 +264,7 @@ def main() -> None:
     write_results(args.out, rows, columns=columns, meta={
         "dense_accuracy": acc_dense, "dense_macs_per_image": dense_macs, "steps": args.steps, "batch": args.batch,
         "lr": args.lr, "optimizer": "AdamW (weight_decay 0)", "seeds": args.seeds, "calib_images": args.calib,
-        "runs": raw, "command": "python benchmarks/bench_finetune_cnn.py " + " ".join(sys.argv[1:])})
+        "anneal_options": ANNEAL, "runs": raw, "command": "python benchmarks/bench_finetune_cnn.py " + " ".join(sys.argv[1:])})
 
 
 if __name__ == "__main__":

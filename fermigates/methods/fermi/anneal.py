@@ -220,6 +220,15 @@ def anneal_stats(model: nn.Module, schedule: AnnealSchedule, step: int) -> dict[
     }
 
 
+def _is_sharded(p: torch.Tensor) -> bool:
+    """A DTensor parameter (FSDP2 ``fully_shard`` / tensor parallel) holds only a shard of the weight."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(p, DTensor)
+
+
 def _gate_tensors(gate: nn.Module, what: str) -> list[torch.Tensor]:
     params = [p for p in (gate.mu, gate.mu_offset) if p is not None]
     return [p.detach() if what == "data" else p.grad for p in params if what == "data" or p.grad is not None]
@@ -273,6 +282,11 @@ class FermiAnnealer(Optimizer):
         if state.config.method != "fermi":
             raise ValueError(f"model was converted with method={state.config.method!r}, which has no Fermi gates to "
                              "anneal: train it with fermigates.make_optimizer(model) (its own optimizer)")
+        if any(_is_sharded(p) for p in model.parameters()):
+            raise TypeError(
+                "FermiAnnealer needs whole weights: FSDP2 (fully_shard) shards them, so a gate's score and its "
+                "quantiles would be computed on one shard. Train with torch.nn.parallel.DistributedDataParallel "
+                "(or accelerate's DDP) instead, where every process holds the full model")
         if target_sparsity is None:
             target_sparsity = state.config.target_sparsity
         self.optimizer = optimizer

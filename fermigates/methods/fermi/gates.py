@@ -108,8 +108,18 @@ class FermiGate(nn.Module):
         if not self.enabled:
             return torch.ones_like(score)
         if self.hard or self.decided is not None:
-            return self.keep(score).to(score.dtype)
+            return self._touch(self.keep(score).to(score.dtype))
         return fermi_probability(self.normalised(score), self.mu, self.temperature).to(score.dtype)
+
+    def _touch(self, hard: torch.Tensor) -> torch.Tensor:
+        """``hard`` with a zero-gradient path to the levels: DistributedDataParallel requires every parameter
+        to take part in every backward, also once the decisions are frozen."""
+        if not torch.is_grad_enabled():
+            return hard
+        zero = self.mu * 0.0
+        if self.mu_offset is not None:
+            zero = zero + self.mu_offset.sum() * 0.0
+        return hard + zero.to(hard.dtype)
 
     @torch.no_grad()
     def keep(self, score: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from ...converters.registry import TWINS, lookup, qualname, register
 from ...surgery.verify import _copy_module_dict
 from .gates import FermiGate
 
-_GATE_ATTRS = ("weight_gate", "_slots", "_plain_cls", "_in_axis", "_out_axis")
+_GATE_ATTRS = ("weight_gate", "_slots", "_plain_cls", "_in_axis", "_out_axis", "_frozen_factor")
 
 
 @dataclass(eq=False)
@@ -60,7 +60,7 @@ class GroupGate(FermiGate):
 
     def probability(self) -> torch.Tensor:
         if self.enabled and self.decided is not None:  # no need to score: the decision is frozen
-            return self.decided.float()
+            return self._touch(self.decided.float())
         return self(self.score())
 
     def keep_units(self) -> torch.Tensor:
@@ -107,13 +107,35 @@ class GatedMixin:
     def gate_factor(self) -> torch.Tensor | None:
         """The soft multiplier of the weight (broadcastable to it), or None when nothing is gated."""
         factor = None
-        if self.weight_gate is not None and self.weight_gate.enabled:
-            factor = self.weight_gate(self.weight.abs())
-        slots = [(s, s.gate.probability()) for s in self._slots if s.gate.enabled]
-        if slots:
-            col = self._column_factor(slots).to(self.weight.dtype)
+        gate = self.weight_gate
+        if gate is not None and gate.enabled:
+            if gate.decided is not None:
+                factor = gate._touch(self._frozen((gate.decided,), lambda: gate.decided))
+            else:
+                factor = gate(self.weight.abs())
+        live = [s for s in self._slots if s.gate.enabled]
+        if live and all(s.gate.decided is not None for s in live):
+            # frozen decisions: the column mask is built once, not at every forward
+            col = self._frozen(tuple(s.gate.decided for s in live), lambda: self._column_factor([(s, s.gate.decided.float()) for s in live]))
+            for s in live:
+                col = s.gate._touch(col)
+            factor = col if factor is None else factor * col
+        elif live:
+            col = self._column_factor([(s, s.gate.probability()) for s in live]).to(self.weight.dtype)
             factor = col if factor is None else factor * col
         return factor
+
+    def _frozen(self, decided: tuple, build) -> torch.Tensor:
+        """The factor built from these frozen decisions, cached (held by reference: a new decision is another
+        tensor object, so it never matches a stale entry)."""
+        cache = self.__dict__.setdefault("_frozen_factor", [])
+        for key, value in cache:
+            if len(key) == len(decided) and all(a is b for a, b in zip(key, decided)) \
+                    and value.device == self.weight.device and value.dtype == self.weight.dtype:
+                return value
+        value = build().to(self.weight.device, self.weight.dtype)
+        cache[:] = [e for e in cache if e[0][0] is not decided[0]][-2:] + [(decided, value)]
+        return value
 
     @torch.no_grad()
     def hard_mask(self) -> torch.Tensor | None:
