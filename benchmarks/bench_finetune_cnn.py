@@ -8,8 +8,11 @@ each library's width knob is searched so that its MACs land on the budget.
 
 Methods:
 * ``fg anneal``: ``convert_to_fermi(channel)`` -> ``fine_tune`` under ``FermiAnnealer`` (defaults: cubic ramp
-  over the first half, decisions frozen for the second) -> ``convert_from_fermi(calibration_data=...)``
+  over the first quarter, decisions frozen for the rest) -> ``convert_from_fermi(calibration_data=...)``
   (reference: the trained model). Also reported: the trained gated model, and the bake without calibration.
+* ``fg anneal, early bake``: the same, with ``fine_tune(..., bake_when_decided=True)``: baked, shrunk and
+  calibrated (toward the model as trained) when the decisions freeze; the small plain model is fine-tuned
+  for the rest of the run.
 * ``fg prune + FT``: ``fermigates.prune`` (score quantile + ridge calibration toward the dense model), then
   plain fine-tuning.
 * ``TP magnitude + FT``: Torch-Pruning ``MagnitudePruner`` (L2, local) one-shot, then fine-tuning.
@@ -40,10 +43,12 @@ from _common import write_results  # noqa: E402
 from bench_calibrate_cnn import dataset  # noqa: E402
 
 import fermigates as fg  # noqa: E402
+import fermigates.bake, fermigates.finetune, fermigates.prune, fermigates.surgery.macs  # noqa: E401,E402,F401
 from fermigates.methods.fermi.anneal import AnnealSchedule  # noqa: E402
 
 EXAMPLE = torch.zeros(1, 1, 28, 28)
-METHODS = ("fg anneal", "fg prune + FT", "TP magnitude + FT", "TP magnitude iterative", "TP Taylor + FT", "dense FT")
+ROUND_TO = [1]  # channel multiple for both libraries (the MobileNetV2 benchmark sets 8)
+METHODS = ("fg anneal", "fg anneal, early bake", "fg prune + FT", "TP magnitude + FT", "TP magnitude iterative", "TP Taylor + FT", "dense FT")
 
 
 class CNN(nn.Module):
@@ -88,9 +93,13 @@ def macs(model: nn.Module) -> int:
 
 
 # -- width search: each library's knob set so that the shrunk model's MACs land on the budget -------------------
+def fg_config(s: float) -> fg.FermiConfig:
+    return fg.FermiConfig(granularity="channel", target_sparsity=s, round_to=ROUND_TO[0])
+
+
 def fg_hard_prune(dense: nn.Module, s: float) -> nn.Module:
     model = copy.deepcopy(dense)
-    fg.convert_to_fermi(model, fg.FermiConfig(granularity="channel", target_sparsity=s), example_inputs=EXAMPLE)
+    fg.convert_to_fermi(model, fg_config(s), example_inputs=EXAMPLE)
     AnnealSchedule(1, (1e-4, 1e-4), target_sparsity=s, sparsity_schedule="constant", tolerance=0.0,
                    hard_after=1.0).apply(model, 1)
     fg.convert_from_fermi(model, progress=False)
@@ -102,7 +111,12 @@ def tp_pruner(model: nn.Module, ratio: float, importance=None, iterative_steps: 
 
     return tp.pruner.MagnitudePruner(
         model, EXAMPLE, importance=importance or tp.importance.MagnitudeImportance(p=2), pruning_ratio=ratio,
-        global_pruning=False, ignored_layers=[model.fc2], iterative_steps=iterative_steps)
+        global_pruning=False, ignored_layers=[classifier(model)], iterative_steps=iterative_steps,
+        round_to=ROUND_TO[0] if ROUND_TO[0] > 1 else None)
+
+
+def classifier(model: nn.Module) -> nn.Module:
+    return model.get_classifier() if hasattr(model, "get_classifier") else model.fc2
 
 
 def tp_hard_prune(dense: nn.Module, ratio: float) -> nn.Module:
@@ -126,12 +140,16 @@ def search(prune_fn, dense: nn.Module, target_macs: float) -> float:
 
 # -- the methods ------------------------------------------------------------------------------------------------
 ANNEAL: dict = {}  # FermiAnnealer keyword arguments from the command line (default: the library's defaults)
+BAKE_EARLY = [False]
 
 
-def run_fg_anneal(dense, s, batches, calib, lr, test):
+def run_fg_anneal(dense, s, batches, calib, lr, test, bake_early=False):
     model = copy.deepcopy(dense)
-    fg.convert_to_fermi(model, fg.FermiConfig(granularity="channel", target_sparsity=s), example_inputs=EXAMPLE)
-    fg.fine_tune(model, batches, steps=len(batches), lr=lr, anneal=dict(ANNEAL), progress=False)
+    fg.convert_to_fermi(model, fg_config(s), example_inputs=EXAMPLE)
+    log = fg.fine_tune(model, batches, steps=len(batches), lr=lr, anneal=dict(ANNEAL), progress=False,
+                       bake_when_decided=bake_early or BAKE_EARLY[0], calibration_data=calib)
+    if log.report is not None:  # baked (and calibrated) when the decisions froze; fine-tuned small since
+        return model, {"acc_trained": accuracy(model, *test), "trained_vs_baked": log.report.trained_vs_baked}
     extra = {"acc_trained": accuracy(model, *test)}
     plain = copy.deepcopy(model)
     fg.convert_from_fermi(plain, progress=False)
@@ -144,7 +162,8 @@ def run_fg_anneal(dense, s, batches, calib, lr, test):
 
 def run_fg_prune(dense, s, batches, calib, lr, test):
     model = copy.deepcopy(dense)
-    fg.prune(model, calib, target_sparsity=s, progress=False)
+    fg.prune(model, calib, fg.FermiConfig(granularity=("channel", "head"), round_to=ROUND_TO[0]), target_sparsity=s,
+             example_inputs=EXAMPLE, progress=False)
     extra = {"acc_before_ft": accuracy(model, *test)}
     fg.fine_tune(model, batches, steps=len(batches), lr=lr, progress=False)
     return model, extra
@@ -193,7 +212,8 @@ def run_dense(dense, knob, batches, calib, lr, test):
     return model, {}
 
 
-RUNNERS = {"fg anneal": run_fg_anneal, "fg prune + FT": run_fg_prune, "TP magnitude + FT": run_tp_magnitude,
+RUNNERS = {"fg anneal": run_fg_anneal,
+           "fg anneal, early bake": lambda *a: run_fg_anneal(*a, bake_early=True), "fg prune + FT": run_fg_prune, "TP magnitude + FT": run_tp_magnitude,
            "TP magnitude iterative": run_tp_iterative, "TP Taylor + FT": run_tp_taylor, "dense FT": run_dense}
 
 
@@ -211,7 +231,10 @@ def main() -> None:
     ap.add_argument("--out", default="finetune_cnn")
     ap.add_argument("--anneal", nargs="*", default=[], metavar="KEY=VALUE",
                     help="FermiAnnealer options for 'fg anneal', e.g. ramp=0.25 sparsity_weight=0")
+    ap.add_argument("--bake-when-decided", action="store_true",
+                    help="'fg anneal' bakes + calibrates when its decisions freeze and fine-tunes the small model")
     args = ap.parse_args()
+    BAKE_EARLY[0] = args.bake_when_decided
     for item in args.anneal:
         key, value = item.split("=", 1)
         ANNEAL[key] = None if value == "None" else (tuple(map(float, value.split(","))) if "," in value
@@ -264,7 +287,8 @@ def main() -> None:
     write_results(args.out, rows, columns=columns, meta={
         "dense_accuracy": acc_dense, "dense_macs_per_image": dense_macs, "steps": args.steps, "batch": args.batch,
         "lr": args.lr, "optimizer": "AdamW (weight_decay 0)", "seeds": args.seeds, "calib_images": args.calib,
-        "anneal_options": ANNEAL, "runs": raw, "command": "python benchmarks/bench_finetune_cnn.py " + " ".join(sys.argv[1:])})
+        "fg_prune_selection": getattr(fermigates.prune, "DEFAULT_SELECTION", "score quantile (magnitude)"),
+        "anneal_options": ANNEAL, "bake_when_decided": args.bake_when_decided, "runs": raw, "command": "python benchmarks/bench_finetune_cnn.py " + " ".join(sys.argv[1:])})
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from .methods.fermi.layers import FermiConv1d, FermiConv2d, FermiConv3d, FermiLinear
     from .io.onnx import export_onnx
     from .prune import prune
+    from .budget import Budget, BudgetResult
     from .methods.fermi.refine import RefineResult, refine_gates
     from .methods.base import Method
     from .methods.registry import get_method, make_optimizer, register_method
@@ -93,6 +94,8 @@ _EXPORTS: dict[str, str] = {
     "FermiLinear": ".methods.fermi.layers",
     "export_onnx": ".io.onnx",
     "prune": ".prune",
+    "Budget": ".budget",
+    "BudgetResult": ".budget",
     "RefineResult": ".methods.fermi.refine",
     "refine_gates": ".methods.fermi.refine",
     "Method": ".methods.base",
@@ -193,6 +196,8 @@ __all__ = [
     "RecipeError",
     "write_report",
     "prune",
+    "Budget",
+    "BudgetResult",
     "refine_gates",
     "RefineResult",
     "sparsity_at",

@@ -166,6 +166,7 @@ def _bake(model, state, example, batches, reference, ref_name, ridge, calibrate_
             zeroed.append((twin.weight, where, twin.weight.detach()[where].clone()))
     _swap(model, {id(t): t.to_plain(masks[name]) for name, t in twins.items()})
     delattr(model, _STATE_ATTR)
+    model._forward_pre_hooks.pop(state.hook_id, None)
     report = FermiReport(sparsity=sparsity, params_before=params_before, params_after=params_before)
 
     changes: dict[str, Any] = {}

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .calibration.engine import _device
 from .losses import DISTILL, _call, _split, _task_loss, distill_loss
 from .methods.fermi.anneal import FermiAnnealer
-from .methods.fermi.model import disable_gates
+from .methods.fermi.model import all_gates, disable_gates
 from .state import _STATE_ATTR
 
 @dataclass
@@ -33,6 +33,8 @@ class TrainLog:
 
     rows: list[dict[str, float]] = field(default_factory=list)
     distill: str | None = None
+    #: the bake's FermiReport when ``fine_tune(..., bake_when_decided=True)`` baked during the run
+    report: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"distill": self.distill, "rows": self.rows}
@@ -60,6 +62,8 @@ def fine_tune(
     distill: str | None = None,
     teacher: nn.Module | None = None,
     anneal: bool | dict[str, Any] = True,
+    bake_when_decided: bool = False,
+    calibration_data: Any = None,
     log_every: int = 10,
     progress: bool = True,
 ) -> TrainLog:
@@ -78,6 +82,11 @@ def fine_tune(
         teacher: the model to distil from; default a frozen copy of ``model`` as it is now, gates open.
         anneal: for a converted model, wrap the optimizer in :class:`FermiAnnealer` (``True``, or a dict of its
             keyword arguments); ``False`` trains the gated model without annealing. Ignored for plain models.
+        bake_when_decided: for a converted model: as soon as the annealer freezes the decisions, bake and
+            shrink the model (:func:`fermigates.convert_from_fermi`), ridge-calibrated on ``calibration_data``
+            (default: the first 8 training batches) toward the model as trained just before the freeze, and
+            fine-tune the small plain model for the rest of the run (a fresh optimizer). The model returned is
+            then already baked; the bake's report is ``log.report``.
         log_every: a log row every this many steps (and at the last).
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
@@ -114,6 +123,11 @@ def fine_tune(
         opt = annealer
 
     log = TrainLog(distill=distill)
+    if bake_when_decided and annealer is None:
+        raise ValueError("bake_when_decided=True needs a converted model trained with the annealer (anneal=True)")
+    calib = None
+    if bake_when_decided:
+        calib = list(calibration_data) if calibration_data is not None else list(itertools.islice(data, 8))
     batches = itertools.chain.from_iterable(itertools.repeat(data))  # re-iterates a DataLoader every epoch
     model.train()
     bar = tqdm(range(1, steps + 1), desc="fine-tuning", disable=not progress, leave=False)
@@ -135,7 +149,12 @@ def fine_tune(
         total = loss + annealer.sparsity_loss().to(loss.device) if annealer is not None else loss
         opt.zero_grad(set_to_none=True)
         total.backward()
+        if calib is not None and annealer is not None and annealer.step_count + 1 >= annealer.schedule.hard_step:
+            soft = copy.deepcopy(model)  # the model as trained, the moment before its decisions freeze
         opt.step()
+        if calib is not None and annealer is not None and annealer.decided:
+            opt, annealer = _bake_and_continue(model, soft, calib, opt, lr, weight_decay, optimizer, log), None
+            del soft
         if step % log_every == 0 or step == steps:
             row = {"step": step, "loss": float(loss.detach())}
             if annealer is not None:
@@ -145,3 +164,16 @@ def fine_tune(
             bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in row.items() if k != "step"})
     model.eval()
     return log
+
+
+def _bake_and_continue(model, soft, calib, opt, lr, weight_decay, optimizer, log) -> torch.optim.Optimizer:
+    from .bake import convert_from_fermi
+
+    for gate in all_gates(soft):
+        gate.decided = None
+    log.report = convert_from_fermi(model, calibration_data=calib, reference=soft, progress=False)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if isinstance(optimizer, torch.optim.Optimizer):  # a user's optimizer: same hyper-parameters, new params
+        return type(optimizer)(params, **optimizer.defaults)
+    return (optimizer or torch.optim.AdamW)(params, lr=lr, weight_decay=weight_decay)

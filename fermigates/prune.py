@@ -16,9 +16,15 @@ from .calibration.engine import _DROP_KEYS, _batches, check_batches_finite
 from .config import FermiConfig
 from .state import _STATE_ATTR
 from .convert import _swap, convert_to_fermi
-from .methods.fermi.model import freeze_decisions, gated_modules
+from .budget import Budget, _check_min_keep, allocate, select_share
+from .methods.fermi.model import _distinct_gates, gated_modules
 from .methods.fermi.refine import refine_gates
 from .report import FermiReport
+
+
+#: how ``prune`` chooses the units to remove when ``selection`` is not given: the one the README's budget
+#: table (``benchmarks/results/budget_minilm.json``) ranks first
+DEFAULT_SELECTION = "obs"
 
 
 def _first_sample(batch: Any) -> Any:
@@ -44,6 +50,10 @@ def prune(
     shrink: bool = True,
     refine_steps: int = 0,
     calibrate_layers: str = "pruned",
+    budget: Budget | str | None = None,
+    allocation: str = "global",
+    selection: str | None = None,
+    min_keep: float | int = 0.1,
     progress: bool = True,
 ) -> FermiReport:
     """Prune ``model`` in place with no training budget, and return the report.
@@ -58,6 +68,15 @@ def prune(
     ``calibration_data``: with the weights frozen, the gates learn which units to keep (the same share).
     ``calibrate_layers="all"`` re-fits every layer, not only those that lost inputs (see
     :func:`convert_from_fermi`).
+
+    ``budget`` (a :class:`fermigates.Budget` or ``"macs:0.5"`` / ``"params:0.7"`` / ``"units:0.5"``: the
+    fraction kept, MACs counted per forward of ``example_inputs``) replaces ``target_sparsity``: units are
+    chosen across all gates (``allocation="global"``) or as one share of every gate (``"uniform"``), every
+    gate keeping at least ``min_keep`` of its units (a fraction, or a count; never fewer than one).
+    ``report.budget`` says what was requested, predicted and measured on the shrunk model.
+    ``selection``: which units go -- ``"obs"`` (output error estimated from calibration statistics: OBS on
+    the input Gram of a single consuming Linear, else activation-aware) or ``"magnitude"`` (weight scores);
+    default :data:`DEFAULT_SELECTION`. With ``refine_steps`` the refinement starts from that selection.
     """
     config = config or FermiConfig(granularity=("channel", "head"))
     if target_sparsity is not None:
@@ -68,6 +87,19 @@ def prune(
         raise ValueError(f"refine_steps must be an int >= 0, got {refine_steps!r}")
     if calibrate_layers not in ("pruned", "all"):
         raise ValueError(f"calibrate_layers must be 'pruned' or 'all', got {calibrate_layers!r}")
+    selection = DEFAULT_SELECTION if selection is None else selection
+    if selection not in ("obs", "magnitude"):
+        raise ValueError(f"selection must be 'obs' or 'magnitude', got {selection!r}")
+    if allocation not in ("global", "uniform"):
+        raise ValueError(f"allocation must be 'global' or 'uniform', got {allocation!r}")
+    _check_min_keep(min_keep)
+    if budget is not None:
+        budget = Budget.parse(budget)
+        if target_sparsity is not None:
+            raise ValueError("give either budget= or target_sparsity=, not both (budget replaces it)")
+        if refine_steps:
+            raise ValueError("refine_steps keeps each gate's own share and cannot meet a budget: use one or "
+                             "the other")
     batches = _batches(calibration_data, 32, None, name="calibration_data")  # read once: a generator is used up
     check_batches_finite(batches, "calibration_data")
     first = _first_sample(batches[0])
@@ -82,12 +114,20 @@ def prune(
     convert_to_fermi(model, config, example_inputs=example)
     AnnealSchedule(total_steps=1, temperature=(1e-4, 1e-4), target_sparsity=config.target_sparsity,
                    sparsity_schedule="constant", tolerance=0.0, hard_after=1.0).apply(model, 1)
-    refined = None
+    refined = budget_result = None
     try:
-        if refine_steps:
+        if budget is not None:
+            budget_result = allocate(model, budget, example_inputs=example,
+                                     data=batches if selection == "obs" else None, allocation=allocation,
+                                     selection=selection, min_keep=min_keep, ridge=ridge)
+        elif refine_steps:
             refined = refine_gates(model, batches, steps=refine_steps, target_sparsity=config.target_sparsity,
-                                   progress=progress)
-        freeze_decisions(model)  # one-shot: the decision is the model; nothing is left half-open
+                                   init="obs" if selection == "obs" else "scores", progress=progress)
+        elif selection == "obs":
+            select_share(model, batches, ridge=ridge)
+        for gate, owner in _distinct_gates(model):  # one-shot: the decision is the model; nothing half-open
+            if gate.decided is None:
+                gate.decided = gate.keep(owner.weight.abs() if owner is not None else gate.score()).clone()
         report = convert_from_fermi(model, shrink=shrink, calibration_data=batches, reference="dense", ridge=ridge,
                                     calibrate_layers=calibrate_layers, example_inputs=example, progress=progress)
     except BaseException:
@@ -96,6 +136,12 @@ def prune(
     finally:
         model.train(was_training)
     report.refine = refined
+    if budget_result is not None:
+        before, after = ((report.macs_before, report.macs_after) if budget_result.kind == "macs" else
+                         (report.params_before, report.params_after) if budget_result.kind == "params" else
+                         (None, None))
+        budget_result.measured = after / before if before else budget_result.predicted
+        report.budget = budget_result
     return report
 
 
@@ -103,4 +149,5 @@ def _unconvert(model: nn.Module) -> None:
     """Put the original modules back (the twins share their Parameters; nothing was baked yet)."""
     keep_all = torch.ones((), dtype=torch.bool)
     _swap(model, {id(t): t.to_plain(keep_all) for t in gated_modules(model).values()})
+    model._forward_pre_hooks.pop(getattr(model, _STATE_ATTR).hook_id, None)
     delattr(model, _STATE_ATTR)

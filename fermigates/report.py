@@ -164,6 +164,8 @@ class FermiReport:
     macs_inputs: Any = None
     #: {"before": ms, "after": ms} per forward of the example inputs, when measured
     latency_ms: dict[str, float] | None = None
+    #: how ``prune(..., budget=...)`` met its budget (a ``fermigates.budget.BudgetResult``), or None
+    budget: Any = None
 
     def kept_by_kind(self) -> dict[str, tuple[int, int]]:
         """``{granularity: (kept, total)}`` over the gates' decisions."""

@@ -44,6 +44,8 @@ class FermiState:
     example_inputs: Any = None
     #: ``id(weight) -> weight._version`` at conversion: tells whether the weights were trained since
     weight_versions: dict = field(default_factory=dict)
+    #: id of the forward pre-hook that starts each forward with fresh gate probabilities (removed at the bake)
+    hook_id: int | None = None
 
     def weights_changed(self, model: nn.Module) -> bool:
         """True when a gated layer's weight was modified in place (an optimizer step, a load) since conversion."""

@@ -21,7 +21,8 @@ from torch import nn
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["oneshot_channel_scores", "select_channels", "input_channel_rms", "input_gram", "select_channels_obs"]
+__all__ = ["oneshot_channel_scores", "select_channels", "input_channel_rms", "input_gram", "select_channels_obs",
+           "input_stats", "obs_removal_order"]
 
 
 def oneshot_channel_scores(consumer: nn.Module, *, input_rms: torch.Tensor | None = None) -> torch.Tensor:
@@ -158,3 +159,94 @@ def select_channels_obs(consumer: nn.Linear, gram: torch.Tensor, keep: float | i
         hinv[j, :] = 0
         hinv[:, j] = 0
     return alive[:n].nonzero().flatten()
+
+
+@torch.no_grad()
+def input_stats(model: nn.Module, data: Iterable[Any], gram_names: list[str], moment_names: list[str],
+                max_batches: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One pass over ``data``: the float64 Gram ``[X, 1]ᵀ[X, 1]`` of the ``gram_names`` Linear layers' inputs
+    and the per-input-channel mean square of the ``moment_names`` layers' inputs (padding rows excluded).
+
+    Each batch's Gram product is taken in float32 for float32 inputs and summed in float64.
+    """
+    from .ridge import _masked_rows
+
+    mods = dict(model.named_modules())
+    missing = [n for n in [*gram_names, *moment_names] if n not in mods]
+    if missing:
+        raise ValueError(f"names not found in model: {missing}")
+    grams: dict[str, torch.Tensor] = {}
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {n: 0 for n in moment_names}
+    state: dict[str, Any] = {}
+
+    def rows(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(mod, nn.modules.conv._ConvNd):
+            return x.movedim(1, -1).reshape(-1, x.shape[1])
+        return _masked_rows(x, state.get("mask"))
+
+    def hook(name: str, gram: bool, moment: bool):
+        def fn(mod, args):
+            x = rows(mod, args[0].detach())
+            if gram:
+                xf = x if x.dtype == torch.float32 else x.double()
+                xf = torch.cat([xf, xf.new_ones(xf.shape[0], 1)], dim=1)
+                grams[name] = grams.get(name, 0) + (xf.T @ xf).double()
+            if moment:
+                sums[name] = sums.get(name, 0) + x.double().square().sum(0)
+                counts[name] += x.shape[0]
+        return fn
+
+    names = dict.fromkeys([*gram_names, *moment_names])
+    _stream(model, data, {n: hook(n, n in gram_names, n in moment_names) for n in names}, state, max_batches)
+    return grams, {n: (sums[n] / max(counts[n], 1)).float() for n in moment_names if n in sums}
+
+
+@torch.no_grad()
+def obs_removal_order(consumer: nn.Linear, gram: torch.Tensor, n_remove: int, ridge: float = 1e-2,
+                      blocks: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy OBS removal of ``n_remove`` input columns of ``consumer``, in about ``blocks`` steps.
+
+    Returns ``(order, cost)``: the removed column indices in removal order, and each one's cost (the increase
+    of the squared output error, after least-squares compensation by the remaining columns, relative to the
+    layer's output energy ``||[X, 1] [W, b]ᵀ||²``). Each step removes the cheapest columns of that step
+    together (their joint closed-form update), so ``blocks`` trades exactness of the greedy order for speed.
+    """
+    n = consumer.in_features
+    if gram.shape != (n + 1, n + 1):
+        raise ValueError(f"gram must have shape {(n + 1, n + 1)} (input_gram's), got {tuple(gram.shape)}")
+    if not 0 <= n_remove < n:
+        raise ValueError(f"n_remove must be in [0, {n}), got {n_remove!r}")
+    w = consumer.weight.detach().double()
+    w = torch.cat([w, consumer.bias.detach().double()[:, None] if consumer.bias is not None
+                   else w.new_zeros(w.shape[0], 1)], dim=1)
+    g = gram.double()
+    energy = float(torch.einsum("oi,ij,oj->", w, g, w).clamp_min(1e-30))
+    h = g.clone()
+    h.diagonal()[:n] += ridge * h.diagonal()[:n].mean()
+    hinv = torch.linalg.inv(h)
+    alive = torch.ones(n, dtype=torch.bool)
+    order, costs = [], []
+    step = max(1, -(-n_remove // max(blocks, 1)))
+    while len(order) < n_remove:
+        b = min(step, n_remove - len(order))
+        d = hinv.diagonal()[:n].clamp_min(1e-30)
+        cost = w[:, :n].square().sum(0) / d
+        cost[~alive] = float("inf")
+        picked = cost.topk(b, largest=False).indices
+        sub = hinv[picked][:, picked]
+        sub_inv = torch.linalg.pinv(sub)
+        joint = float(torch.einsum("oi,ij,oj->", w[:, picked], sub_inv, w[:, picked]))
+        per = cost[picked] * (joint / float(cost[picked].sum().clamp_min(1e-30)))  # shares of the joint cost
+        rows = sub_inv @ hinv[picked]
+        w -= w[:, picked] @ rows
+        hinv -= hinv[:, picked] @ rows
+        hinv[picked, :] = 0
+        hinv[:, picked] = 0
+        w[:, picked] = 0
+        alive[picked] = False
+        order.append(picked)
+        costs.append(per / energy)
+    if not order:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
+    return torch.cat(order), torch.cat(costs)

@@ -74,7 +74,7 @@ class AnnealSchedule:
     target_sparsity: float | dict[str, float] = 0.5
     sparsity_schedule: str = "cubic"
     initial_sparsity: float = 0.0
-    ramp: float = 0.5
+    ramp: float = 0.25
     tolerance: float = 0.05
     hard_after: float | None = None
 
@@ -267,7 +267,7 @@ class FermiAnnealer(Optimizer):
         target_sparsity: float | None = None,
         sparsity_schedule: str = "cubic",
         *,
-        ramp: float = 0.5,
+        ramp: float = 0.25,
         tolerance: float = 0.05,
         sparsity_weight: float = 1.0,
         hard_after: float | None = None,

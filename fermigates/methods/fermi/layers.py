@@ -14,8 +14,9 @@ types keep working. Its forward multiplies the weight by retention probabilities
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -34,6 +35,19 @@ class GroupSlot:
 
     gate: "GroupGate"
     index: torch.Tensor  # (n_units, width), long
+
+
+#: gate -> (key, probability) of the current forward: outside the modules, so deep copies never see a tensor
+#: that carries an autograd graph
+_PROBABILITIES: "weakref.WeakKeyDictionary[GroupGate, tuple]" = weakref.WeakKeyDictionary()
+
+
+def new_forward(model: nn.Module, args: Any) -> None:
+    """Forward pre-hook of a converted model: a new forward builds a new graph, so probabilities are computed
+    afresh (also when no weight changed in between, as with gradient accumulation)."""
+    for module in model.modules():
+        if isinstance(module, GroupGate):
+            _PROBABILITIES.pop(module, None)
 
 
 class GroupGate(FermiGate):
@@ -59,9 +73,19 @@ class GroupGate(FermiGate):
         return total.clamp_min(0).sqrt()
 
     def probability(self) -> torch.Tensor:
+        """Soft retention probability of every unit; computed once per forward of the converted model however
+        many layers consume the group (see :func:`new_forward`)."""
         if self.enabled and self.decided is not None:  # no need to score: the decision is frozen
             return self._touch(self.decided.float())
-        return self(self.score())
+        key = (torch.is_grad_enabled(), self.enabled, self.hard, self.mu._version, self.temperature._version,
+               None if self.mu_offset is None else self.mu_offset._version,
+               tuple(m.weight._version for m, _, _ in self.producers))
+        hit = _PROBABILITIES.get(self)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        p = self(self.score())
+        _PROBABILITIES[self] = (key, p)
+        return p
 
     def keep_units(self) -> torch.Tensor:
         if self.decided is not None:

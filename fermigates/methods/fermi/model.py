@@ -16,7 +16,6 @@ def gated_modules(model: nn.Module) -> dict[str, GatedMixin]:
     return {n: m for n, m in model.named_modules() if is_gated(m)}
 
 
-
 def all_gates(model: nn.Module) -> list:
     """Every distinct gate of a converted model (weight gates and group gates)."""
     seen: dict[int, Any] = {}
@@ -26,7 +25,6 @@ def all_gates(model: nn.Module) -> list:
         for slot in module._slots:
             seen.setdefault(id(slot.gate), slot.gate)
     return list(seen.values())
-
 
 
 def _distinct_gates(model: nn.Module):
@@ -42,7 +40,6 @@ def _distinct_gates(model: nn.Module):
                 yield slot.gate, None
 
 
-
 def gate_scores(model: nn.Module) -> list[tuple[Any, torch.Tensor]]:
     """``(gate, normalised unit scores)`` for every gate: what each gate's ``mu`` is compared with."""
     out = []
@@ -52,14 +49,12 @@ def gate_scores(model: nn.Module) -> list[tuple[Any, torch.Tensor]]:
     return out
 
 
-
 def soft_probabilities(model: nn.Module) -> list[tuple[Any, torch.Tensor]]:
     """``(gate, soft retention probability of its units)``, with gradients to weights and ``mu``."""
     return [
         (gate, gate(owner.weight.abs()) if owner is not None else gate.probability())
         for gate, owner in _distinct_gates(model)
     ]
-
 
 
 def _group_keep(model: nn.Module) -> dict[int, torch.Tensor]:
@@ -72,19 +67,9 @@ def _group_keep(model: nn.Module) -> dict[int, torch.Tensor]:
     return keep
 
 
-
-def _all_gates(model: nn.Module):
-    for module in gated_modules(model).values():
-        if module.weight_gate is not None:
-            yield module.weight_gate
-        for slot in module._slots:
-            yield slot.gate
-
-
-
 @contextlib.contextmanager
 def _gates_set(model: nn.Module, attr: str, value: bool) -> Iterator[nn.Module]:
-    gates = list(_all_gates(model))
+    gates = all_gates(model)
     previous = [getattr(g, attr) for g in gates]
     for g in gates:
         setattr(g, attr, value)
@@ -95,7 +80,6 @@ def _gates_set(model: nn.Module, attr: str, value: bool) -> Iterator[nn.Module]:
             setattr(g, attr, v)
 
 
-
 def hard_gates(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
     """Within this context the gates of ``model`` apply their hard decisions (``P >= 0.5`` -> 1, else 0):
     the model computes what ``convert_from_fermi(model, shrink=False)`` would bake."""
@@ -103,16 +87,14 @@ def hard_gates(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]
     return _gates_set(model, "hard", True)
 
 
-
 def gates_open(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
     """Within this context every gate of ``model`` passes everything (P = 1): the dense function."""
     return _gates_set(model, "enabled", False)
 
 
-
 def disable_gates(model: nn.Module) -> None:
     """Open every gate of a converted model (P = 1): it then computes the dense function."""
-    for gate in _all_gates(model):
+    for gate in all_gates(model):
         gate.enabled = False
 
 
