@@ -43,7 +43,8 @@ from _common import write_results  # noqa: E402
 from bench_calibrate_cnn import dataset  # noqa: E402
 
 import fermigates as fg  # noqa: E402
-import fermigates.bake, fermigates.finetune, fermigates.prune, fermigates.surgery.macs  # noqa: E401,E402,F401
+import fermigates.bake, fermigates.finetune, fermigates.surgery.macs  # noqa: E401,E402,F401
+from fermigates.prune import DEFAULT_SELECTION, prune as fg_prune  # noqa: E402  (loaded now: edits during a run)
 from fermigates.methods.fermi.anneal import AnnealSchedule  # noqa: E402
 
 EXAMPLE = torch.zeros(1, 1, 28, 28)
@@ -162,7 +163,7 @@ def run_fg_anneal(dense, s, batches, calib, lr, test, bake_early=False):
 
 def run_fg_prune(dense, s, batches, calib, lr, test):
     model = copy.deepcopy(dense)
-    fg.prune(model, calib, fg.FermiConfig(granularity=("channel", "head"), round_to=ROUND_TO[0]), target_sparsity=s,
+    fg_prune(model, calib, fg.FermiConfig(granularity=("channel", "head"), round_to=ROUND_TO[0]), target_sparsity=s,
              example_inputs=EXAMPLE, progress=False)
     extra = {"acc_before_ft": accuracy(model, *test)}
     fg.fine_tune(model, batches, steps=len(batches), lr=lr, progress=False)
@@ -287,7 +288,7 @@ def main() -> None:
     write_results(args.out, rows, columns=columns, meta={
         "dense_accuracy": acc_dense, "dense_macs_per_image": dense_macs, "steps": args.steps, "batch": args.batch,
         "lr": args.lr, "optimizer": "AdamW (weight_decay 0)", "seeds": args.seeds, "calib_images": args.calib,
-        "fg_prune_selection": getattr(fermigates.prune, "DEFAULT_SELECTION", "score quantile (magnitude)"),
+        "fg_prune_selection": DEFAULT_SELECTION,
         "anneal_options": ANNEAL, "bake_when_decided": args.bake_when_decided, "runs": raw, "command": "python benchmarks/bench_finetune_cnn.py " + " ".join(sys.argv[1:])})
 
 

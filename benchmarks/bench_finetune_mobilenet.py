@@ -102,7 +102,7 @@ def main() -> None:
         "input": "Fashion-MNIST 64x64x3, ImageNet normalisation", "test_images": args.test, "batch": args.batch,
         "lr": args.lr, "budget": args.budget, "round_to": 8, "dense_macs": dense_macs, "knobs": knobs,
         "bake_when_decided": cnn.BAKE_EARLY[0], "runs": raw,
-        "fg_prune_selection": getattr(cnn.fermigates.prune, "DEFAULT_SELECTION", "score quantile (magnitude)"),
+        "fg_prune_selection": cnn.DEFAULT_SELECTION,
         "command": "python benchmarks/bench_finetune_mobilenet.py " + " ".join(sys.argv[1:])})
 
 

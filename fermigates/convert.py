@@ -255,7 +255,7 @@ def convert_to_fermi(
     _swap(model, {id(modules[name]): twin for name, twin in twins.items()})
     summary_.modules = list(twins)
     state.weight_versions = {id(t.weight): t.weight._version for t in twins.values()}
-    if config.method == "fermi" and config.structured:
+    if config.method == "fermi":
         from .methods.fermi.layers import new_forward
 
         state.hook_id = model.register_forward_pre_hook(new_forward).id

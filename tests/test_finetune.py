@@ -47,7 +47,7 @@ def test_annealing_ends_with_every_unit_decided_and_the_bake_equals_the_trained_
         loss.backward()
         opt.step()
         opt.zero_grad()
-        if step == 20:  # mid-ramp: soft gates leave units in between
+        if step == 8:  # mid-ramp (the ramp is the first quarter): soft gates leave units in between
             assert not opt.decided and opt.undecided_units() > 0
     assert opt.decided and opt.undecided_units() == 0
     assert opt.soft_hard_gap(x) == 0.0
@@ -227,3 +227,44 @@ def test_trainer_callback_adds_the_sparsity_term_and_logs(tmp_path):
     assert logged and {"fermi/temperature", "fermi/undecided", "fermi/target_sparsity"} <= set(logged[0])
     assert logged[-1]["fermi/undecided"] == 0
     assert abs(fg.compute_sparsity(model).overall - 0.5) <= 0.02
+
+
+def test_bake_when_decided_trains_the_small_model_after_the_freeze():
+    model, x, y = _converted()
+    data = _batches(x, y)
+    log = fg.fine_tune(model, data, steps=40, lr=3e-3, calibration_data=data[:4], bake_when_decided=True,
+                       progress=False)
+    assert log.report is not None and log.report.shrunk and log.report.trained_vs_baked == 0.0
+    assert not hasattr(model, "_fermigates") and model[0].out_features == 32
+    assert not any(isinstance(m, fg.FermiGate) for m in model.modules())
+    with pytest.raises(ValueError, match="needs a converted model"):
+        fg.fine_tune(_mlp(), data, steps=2, bake_when_decided=True, progress=False)
+
+
+def test_group_probabilities_are_shared_within_a_forward_and_fresh_for_the_next():
+    """Gradient accumulation (two forwards, two backwards, no step in between) and deep copies after a forward
+    both work while a forward's probabilities are shared by every consumer of a group."""
+    model, x, y = _converted()
+    opt = fg.FermiAnnealer(torch.optim.SGD(model.parameters(), lr=0.1), model, total_steps=50)
+    for _ in range(3):
+        opt.step()  # into the soft phase
+    grads = []
+    for _ in range(2):
+        F.cross_entropy(model(x[:32]), y[:32]).backward()  # a second backward needs a second graph
+        grads.append(model[2].weight.grad.clone())
+    torch.testing.assert_close(grads[1], 2 * grads[0])
+    twin = copy.deepcopy(model)  # no graph-carrying tensor inside the modules
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), model(x))
+
+
+def test_sparsity_loss_after_the_task_backward_still_works_with_channel_gates():
+    """The Trainer callback adds the sparsity term after the task loss's backward: the shared probabilities
+    of that forward have been used by a backward and must not be reused."""
+    model, x, y = _converted()
+    opt = fg.FermiAnnealer(torch.optim.SGD(model.parameters(), lr=0.1), model, total_steps=50)
+    opt.step()
+    F.cross_entropy(model(x[:32]), y[:32]).backward()
+    loss = opt.sparsity_loss()
+    assert loss.requires_grad
+    loss.backward()  # a freed graph would raise here

@@ -62,3 +62,14 @@ def test_shared_subsystems_do_not_import_a_method():
                 if isinstance(node, ast.ImportFrom) and "methods" in (node.module or ""):
                     offenders.append(f"{path.relative_to(ROOT)}: from {node.module}")
     assert not offenders, offenders
+
+
+def test_no_public_name_is_shadowed_by_a_submodule():
+    """``import fermigates.<x>`` sets the attribute ``fermigates.<x>`` to the submodule: a lazily exported
+    function of the same name (``fg.prune``) would then silently become a module."""
+    import importlib.util
+
+    import fermigates
+
+    clashes = [n for n in fermigates._EXPORTS if importlib.util.find_spec(f"fermigates.{n}") is not None]
+    assert not clashes, clashes

@@ -37,16 +37,38 @@ class GroupSlot:
     index: torch.Tensor  # (n_units, width), long
 
 
-#: gate -> (key, probability) of the current forward: outside the modules, so deep copies never see a tensor
+#: gate -> [key, probability, used by a backward] of the current forward: outside the modules, so deep copies never see a tensor
 #: that carries an autograd graph
-_PROBABILITIES: "weakref.WeakKeyDictionary[GroupGate, tuple]" = weakref.WeakKeyDictionary()
+_PROBABILITIES: "weakref.WeakKeyDictionary[FermiGate, list]" = weakref.WeakKeyDictionary()
+
+
+def _shared(gate: FermiGate, inputs_version: tuple, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``compute()``, or the value this forward already computed for ``gate`` if nothing it reads changed and
+    no backward has gone through it yet (its graph may be freed after one)."""
+    key = (torch.is_grad_enabled(), gate.enabled, gate.hard, gate.mu._version, gate.temperature._version,
+           None if gate.mu_offset is None else gate.mu_offset._version, inputs_version)
+    hit = _PROBABILITIES.get(gate)
+    if hit is not None and hit[0] == key and not hit[2]:
+        return hit[1]
+    p = compute()
+    entry = [key, p, False]
+    if p.requires_grad:
+        p.register_hook(lambda grad: entry.__setitem__(2, True))
+    _PROBABILITIES[gate] = entry
+    return p
+
+
+def weight_probability(gate: FermiGate, weight: torch.Tensor) -> torch.Tensor:
+    """A weight gate's soft probabilities of ``weight``'s entries, shared within a forward (the layer and the
+    annealer's sparsity term read the same tensor)."""
+    return _shared(gate, (weight._version,), lambda: gate(weight.abs()))
 
 
 def new_forward(model: nn.Module, args: Any) -> None:
     """Forward pre-hook of a converted model: a new forward builds a new graph, so probabilities are computed
     afresh (also when no weight changed in between, as with gradient accumulation)."""
     for module in model.modules():
-        if isinstance(module, GroupGate):
+        if isinstance(module, FermiGate):
             _PROBABILITIES.pop(module, None)
 
 
@@ -77,15 +99,7 @@ class GroupGate(FermiGate):
         many layers consume the group (see :func:`new_forward`)."""
         if self.enabled and self.decided is not None:  # no need to score: the decision is frozen
             return self._touch(self.decided.float())
-        key = (torch.is_grad_enabled(), self.enabled, self.hard, self.mu._version, self.temperature._version,
-               None if self.mu_offset is None else self.mu_offset._version,
-               tuple(m.weight._version for m, _, _ in self.producers))
-        hit = _PROBABILITIES.get(self)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        p = self(self.score())
-        _PROBABILITIES[self] = (key, p)
-        return p
+        return _shared(self, tuple(m.weight._version for m, _, _ in self.producers), lambda: self(self.score()))
 
     def keep_units(self) -> torch.Tensor:
         if self.decided is not None:
@@ -128,26 +142,55 @@ class GatedMixin:
         shape[self._in_axis] = n_in
         return factor.reshape(shape)
 
-    def gate_factor(self) -> torch.Tensor | None:
-        """The soft multiplier of the weight (broadcastable to it), or None when nothing is gated."""
-        factor = None
+    def _weight_factor(self) -> torch.Tensor | None:
         gate = self.weight_gate
-        if gate is not None and gate.enabled:
-            if gate.decided is not None:
-                factor = gate._touch(self._frozen((gate.decided,), lambda: gate.decided))
-            else:
-                factor = gate(self.weight.abs())
+        if gate is None or not gate.enabled:
+            return None
+        if gate.decided is not None:
+            return gate._touch(self._frozen((gate.decided,), lambda: gate.decided))
+        return weight_probability(gate, self.weight)
+
+    def _column_factor_live(self) -> torch.Tensor | None:
+        """The multiplier of the input columns (shaped to broadcast over the weight), or None."""
         live = [s for s in self._slots if s.gate.enabled]
-        if live and all(s.gate.decided is not None for s in live):
+        if not live:
+            return None
+        if all(s.gate.decided is not None for s in live):
             # frozen decisions: the column mask is built once, not at every forward
-            col = self._frozen(tuple(s.gate.decided for s in live), lambda: self._column_factor([(s, s.gate.decided.float()) for s in live]))
+            col = self._frozen(tuple(s.gate.decided for s in live),
+                               lambda: self._column_factor([(s, s.gate.decided.float()) for s in live]))
             for s in live:
                 col = s.gate._touch(col)
-            factor = col if factor is None else factor * col
-        elif live:
-            col = self._column_factor([(s, s.gate.probability()) for s in live]).to(self.weight.dtype)
+            return col
+        return self._column_factor([(s, s.gate.probability()) for s in live]).to(self.weight.dtype)
+
+    def gate_factor(self) -> torch.Tensor | None:
+        """The soft multiplier of the weight (broadcastable to it), or None when nothing is gated."""
+        factor, col = self._weight_factor(), self._column_factor_live()
+        if col is not None:
             factor = col if factor is None else factor * col
         return factor
+
+    def _gated_operands(self, input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input, weight)`` with the gates applied. The column factor scales the weight's input columns,
+        or, when the input is the smaller tensor, the input's channels instead (the same product, cheaper:
+        deep layers of a CNN hold far more weights than activations)."""
+        factor = self._weight_factor()
+        weight = self.weight if factor is None else self.weight * factor
+        col = self._column_factor_live()
+        if col is None:
+            return input, weight
+        if self._scales_input(input):
+            shape = [1] * input.dim()  # channels: last for a Linear, after the batch dimension for a conv
+            axis = input.dim() - 1 if isinstance(self, nn.Linear) else input.dim() - (self.weight.dim() - 1)
+            shape[axis] = col.numel()
+            return input * col.reshape(shape).to(input.dtype), weight
+        return input, weight * col
+
+    def _scales_input(self, input: torch.Tensor) -> bool:
+        if isinstance(self, nn.Linear):
+            return input.numel() < self.weight.numel()
+        return getattr(self, "groups", 1) == 1 and self._in_axis == 1 and input.numel() < self.weight.numel()
 
     def _frozen(self, decided: tuple, build) -> torch.Tensor:
         """The factor built from these frozen decisions, cached (held by reference: a new decision is another
@@ -225,7 +268,8 @@ class FermiLinear(GatedMixin, nn.Linear):
         return make_twin(linear, cls)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.linear(input, self.gated_weight(), self.bias)
+        input, weight = self._gated_operands(input)
+        return F.linear(input, weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"{nn.Linear.extra_repr(self)}, {self._gate_repr()}"
@@ -233,7 +277,8 @@ class FermiLinear(GatedMixin, nn.Linear):
 
 class _FermiConvMixin(GatedMixin):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(input, self.gated_weight(), self.bias)
+        input, weight = self._gated_operands(input)
+        return self._conv_forward(input, weight, self.bias)
 
     @classmethod
     def from_conv(cls, conv: nn.Module) -> nn.Module:

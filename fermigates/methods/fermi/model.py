@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from ...state import fermi_state
-from .layers import GatedMixin, GroupGate, is_gated
+from .layers import weight_probability, GatedMixin, GroupGate, is_gated
 
 
 def gated_modules(model: nn.Module) -> dict[str, GatedMixin]:
@@ -52,7 +52,7 @@ def gate_scores(model: nn.Module) -> list[tuple[Any, torch.Tensor]]:
 def soft_probabilities(model: nn.Module) -> list[tuple[Any, torch.Tensor]]:
     """``(gate, soft retention probability of its units)``, with gradients to weights and ``mu``."""
     return [
-        (gate, gate(owner.weight.abs()) if owner is not None else gate.probability())
+        (gate, weight_probability(gate, owner.weight) if owner is not None else gate.probability())
         for gate, owner in _distinct_gates(model)
     ]
 
