@@ -44,7 +44,7 @@ from bench_calibrate_cnn import dataset  # noqa: E402
 
 import fermigates as fg  # noqa: E402
 import fermigates.bake, fermigates.finetune, fermigates.surgery.macs  # noqa: E401,E402,F401
-from fermigates.prune import DEFAULT_SELECTION, prune as fg_prune  # noqa: E402  (loaded now: edits during a run)
+from fermigates.oneshot import DEFAULT_SELECTION, prune as fg_prune  # noqa: E402  (loaded now: edits during a run)
 from fermigates.methods.fermi.anneal import AnnealSchedule  # noqa: E402
 
 EXAMPLE = torch.zeros(1, 1, 28, 28)

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     )
     from .methods.fermi.layers import FermiConv1d, FermiConv2d, FermiConv3d, FermiLinear
     from .io.onnx import export_onnx
-    from .prune import prune
+    from .oneshot import prune
     from .budget import Budget, BudgetResult
     from .methods.fermi.refine import RefineResult, refine_gates
     from .methods.base import Method
@@ -93,7 +93,7 @@ _EXPORTS: dict[str, str] = {
     "FermiConv3d": ".methods.fermi.layers",
     "FermiLinear": ".methods.fermi.layers",
     "export_onnx": ".io.onnx",
-    "prune": ".prune",
+    "prune": ".oneshot",
     "Budget": ".budget",
     "BudgetResult": ".budget",
     "RefineResult": ".methods.fermi.refine",

@@ -241,7 +241,7 @@ def run_recipe(recipe: Recipe, model: str | None, data: str, out: str | os.PathL
     net = built.model
     log: list[dict[str, float]] = []
     if recipe.one_shot:
-        from .prune import prune
+        from .oneshot import prune
 
         report = prune(net, calib_batches or train_batches[:1], config, ridge=recipe.calibration.ridge,
                        shrink=recipe.shrink, refine_steps=recipe.train.refine_steps,

@@ -52,7 +52,8 @@ def test_prune_with_refinement_beats_the_score_ranking():
         model = _misleading_mlp()
         with torch.no_grad():
             expected = model(x)
-        fg.prune(model, x.split(128), target_sparsity=0.5, refine_steps=steps, progress=False)
+        fg.prune(model, x.split(128), target_sparsity=0.5, refine_steps=steps, selection="magnitude",
+                 progress=False)  # the score ranking as the baseline
         assert model[0].out_features == 4
         with torch.no_grad():
             errors[steps] = float((model(x) - expected).square().mean() / expected.square().mean())

@@ -221,22 +221,25 @@ def obs_removal_order(consumer: nn.Linear, gram: torch.Tensor, n_remove: int, ri
     w = torch.cat([w, consumer.bias.detach().double()[:, None] if consumer.bias is not None
                    else w.new_zeros(w.shape[0], 1)], dim=1)
     g = gram.double()
-    energy = float(torch.einsum("oi,ij,oj->", w, g, w).clamp_min(1e-30))
+    energy = max(float(((w @ g) * w).sum()), 1e-30)
     h = g.clone()
     h.diagonal()[:n] += ridge * h.diagonal()[:n].mean()
     hinv = torch.linalg.inv(h)
     alive = torch.ones(n, dtype=torch.bool)
     order, costs = [], []
     step = max(1, -(-n_remove // max(blocks, 1)))
-    while len(order) < n_remove:
-        b = min(step, n_remove - len(order))
+    done = 0
+    while done < n_remove:
+        b = min(step, n_remove - done)
+        done += b
         d = hinv.diagonal()[:n].clamp_min(1e-30)
         cost = w[:, :n].square().sum(0) / d
         cost[~alive] = float("inf")
         picked = cost.topk(b, largest=False).indices
         sub = hinv[picked][:, picked]
         sub_inv = torch.linalg.pinv(sub)
-        joint = float(torch.einsum("oi,ij,oj->", w[:, picked], sub_inv, w[:, picked]))
+        wp = w[:, picked]
+        joint = float(((wp @ sub_inv) * wp).sum())
         per = cost[picked] * (joint / float(cost[picked].sum().clamp_min(1e-30)))  # shares of the joint cost
         rows = sub_inv @ hinv[picked]
         w -= w[:, picked] @ rows
