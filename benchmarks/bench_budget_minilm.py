@@ -147,7 +147,7 @@ def main() -> None:
     write_results("budget_minilm", rows, columns=COLUMNS + ["prune_vs_dense_forward", "error"], meta={
         "model": "all-MiniLM-L6-v2", "calib_sentences": args.calib, "eval_sentences": args.eval,
         "dense_forward_calib_s": dense_s, "macs_counted_on": str({k: list(v.shape) for k, v in example.items()}),
-        "default_selection": "obs", "default_allocation": "global",
+        "default_selection": "obs", "default_allocation": "uniform",
         "command": "OMP_NUM_THREADS=1 python benchmarks/bench_budget_minilm.py " + " ".join(sys.argv[1:])})
 
 

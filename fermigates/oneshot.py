@@ -51,7 +51,7 @@ def prune(
     refine_steps: int = 0,
     calibrate_layers: str = "pruned",
     budget: Budget | str | None = None,
-    allocation: str = "global",
+    allocation: str = "uniform",
     selection: str | None = None,
     min_keep: float | int = 0.1,
     progress: bool = True,
