@@ -11,7 +11,6 @@ are calibrated on 1,024 training images.
 from __future__ import annotations
 
 import argparse
-import copy
 import gzip
 import os
 import sys

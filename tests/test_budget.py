@@ -2,7 +2,6 @@
 
 import copy
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -61,7 +60,7 @@ def test_global_allocation_moves_units_to_the_layer_that_matters():
         model[6].weight.mul_(1e-3)
     data = torch.randn(256, 8)
     uniform = fg.prune(copy.deepcopy(model), [data], budget="units:0.5", allocation="uniform", progress=False)
-    glob = fg.prune(model, [data], budget="units:0.5", allocation="global", min_keep=2, progress=False)
+    fg.prune(model, [data], budget="units:0.5", allocation="global", min_keep=2, progress=False)
     assert [k for k, _ in uniform.budget.kept.values()] == [16, 4, 16]
     assert model[4].out_features < 16 < model[0].out_features
 
@@ -73,7 +72,7 @@ def test_failed_budget_leaves_the_model_as_it_was():
     with pytest.raises(ValueError, match="cannot be met"):
         fg.prune(model, [x], budget="macs:0.01", progress=False)
     assert [id(p) for p in model.parameters()] == params
-    assert not hasattr(model, "_fermi_state")
+    assert not hasattr(model, "_fermigates")
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
 
@@ -88,7 +87,7 @@ def test_bad_budget_is_refused_before_anything_changes(bad, match):
         fg.prune(model, [x], budget="macs:0.5", target_sparsity=0.5, progress=False)
     with pytest.raises(ValueError, match="min_keep"):
         fg.prune(model, [x], budget="macs:0.5", min_keep=0, progress=False)
-    assert not hasattr(model, "_fermi_state")
+    assert not hasattr(model, "_fermigates")
 
 
 def test_budget_parse():
