@@ -17,7 +17,7 @@ from .config import FermiConfig
 from .state import _STATE_ATTR
 from .convert import _swap, convert_to_fermi
 from .budget import Budget, _check_min_keep, allocate, select_share
-from .methods.fermi.model import _distinct_gates, gated_modules
+from .methods.fermi.model import freeze_decisions, gated_modules
 from .methods.fermi.refine import refine_gates
 from .report import FermiReport
 
@@ -125,9 +125,7 @@ def prune(
                                    init="obs" if selection == "obs" else "scores", progress=progress)
         elif selection == "obs":
             select_share(model, batches, ridge=ridge)
-        for gate, owner in _distinct_gates(model):  # one-shot: the decision is the model; nothing half-open
-            if gate.decided is None:
-                gate.decided = gate.keep(owner.weight.abs() if owner is not None else gate.score()).clone()
+        freeze_decisions(model)  # one-shot: the decision is the model; nothing is left half-open
         report = convert_from_fermi(model, shrink=shrink, calibration_data=batches, reference="dense", ridge=ridge,
                                     calibrate_layers=calibrate_layers, example_inputs=example, progress=progress)
     except BaseException:

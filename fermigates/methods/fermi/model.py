@@ -100,7 +100,8 @@ def disable_gates(model: nn.Module) -> None:
 
 @torch.no_grad()
 def freeze_decisions(model: nn.Module) -> None:
-    """Freeze every gate's current hard decision: from now on the gates apply (and bake) exactly it."""
+    """Freeze every gate's current hard decision: from now on the gates apply (and bake) exactly it. Gates
+    already frozen keep their decision."""
     for gate, owner in _distinct_gates(model):
-        gate.decided = None
-        gate.decided = gate.keep(owner.weight.abs() if owner is not None else gate.score()).clone()
+        if gate.decided is None:
+            gate.decided = gate.keep(owner.weight.abs() if owner is not None else gate.score()).clone()

@@ -66,6 +66,21 @@ class _Rewiring(Optimizer):
         """How many connections are active (``theta > 0``) now."""
         return sum(int((p > 0).sum()) for p in self.connection_params())
 
+    @staticmethod
+    def _closure(closure: Callable[[], Any] | None) -> Any:
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
+    def _connection_groups(self):
+        """The groups of connection parameters; the other groups get their plain step on the way."""
+        for group in self.param_groups:
+            if group["connection"]:
+                yield group
+            else:
+                self._plain_step(group)
+
     @torch.no_grad()
     def _plain_step(self, group: dict[str, Any]) -> None:
         for p in group["params"]:
@@ -171,14 +186,8 @@ class DEEPR(_Rewiring):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One Langevin step on the active connections, then re-activate random ones up to ``nc``."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            if not group["connection"]:
-                self._plain_step(group)
-                continue
+        loss = self._closure(closure)
+        for group in self._connection_groups():
             lr, l1 = group["lr"], group["l1"]
             temp = lr * l1**2 / 18 if group["temp"] is None else group["temp"]
             std = math.sqrt(2 * lr * temp)
@@ -225,14 +234,8 @@ class SoftDEEPR(_Rewiring):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One Langevin step: gradient and L1 on the active connections, noise on all, clamp at min_weight."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            if not group["connection"]:
-                self._plain_step(group)
-                continue
+        loss = self._closure(closure)
+        for group in self._connection_groups():
             lr, l1 = group["lr"], group["l1"]
             temp = lr * l1**2 / 18 if group["temp"] is None else group["temp"]
             floor = -3 * l1 if group["min_weight"] is None else group["min_weight"]
