@@ -4,7 +4,9 @@ uniform vs global allocation, OBS vs magnitude selection, fermigates ``prune`` v
 Data and metrics as in ``bench_calibrate_minilm.py`` (512 stdlib-docstring sentences for calibration, 1,000
 others for evaluation; mean cosine / nearest-neighbour agreement of mean-pooled embeddings vs the dense model).
 Each fermigates row is one whole ``fg.prune`` call (selection + shrink + ridge calibration of the layers that
-lost inputs), timed next to one dense forward pass over the 512 calibration sentences in the same run.
+lost inputs, or of all layers), timed against one dense forward pass over the 512 calibration sentences run
+just before and just after it (their mean). ``calibration``: which layers are re-fitted, and whether
+projections feeding a residual stream are fitted to output + residual drift (the default).
 Torch-Pruning rows: ``MetaPruner`` with L2 group-magnitude importance, ``global_pruning`` False / True, no
 calibration (it has none).
 
@@ -30,30 +32,45 @@ from bench_calibrate_minilm import batches, embed, fidelity, stdlib_sentences  #
 
 import fermigates as fg  # noqa: E402
 
-COLUMNS = ["method", "budget", "allocation", "selection", "cos", "nn_agree", "macs_kept", "params_kept",
-           "prune_s", "calib_s", "calib_peak_mib", "prune_peak_mib"]
+COLUMNS = ["method", "budget", "allocation", "selection", "calibration", "cos", "nn_agree", "macs_kept",
+           "params_kept", "prune_s", "prune_vs_dense_forward", "calib_s", "prune_peak_mib"]
 
 
 
+
+
+def dense_forward_s(dense, calib) -> float:
+    """One dense forward over the calibration sentences, timed next to each prune (the machine's load drifts)."""
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        for b in calib:
+            dense(**b)
+        return time.perf_counter() - t0
 
 
 def fermi_row(dense, calib, evals, ref, example, *, granularity, budget=None, target=None, allocation="global",
-              selection="obs") -> dict:
+              selection="obs", calibrate_layers="pruned", residual=True) -> dict:
     model = copy.deepcopy(dense)
     cfg = fg.FermiConfig(granularity=granularity)
+    before = dense_forward_s(dense, calib)
     with PeakRSS() as mem:
         t0 = time.perf_counter()
         report = fg.prune(model, calib, cfg, budget=budget, target_sparsity=target, allocation=allocation,
-                          selection=selection, example_inputs=example, progress=False)
+                          selection=selection, calibrate_layers=calibrate_layers, residual=residual,
+                          example_inputs=example, progress=False)
         seconds = time.perf_counter() - t0
+    dense_s = (before + dense_forward_s(dense, calib)) / 2
     cos, agree = fidelity(embed(model, evals), ref)
     if report.budget is not None:
         print(report.budget)
+    cal = report.calibration
     return {"method": "fermigates prune", "budget": budget or f"target_sparsity={target}", "allocation": allocation,
-            "selection": selection, "cos": cos, "nn_agree": agree,
+            "selection": selection, "calibration": f"{calibrate_layers}{', residual' if residual else ''}",
+            "cos": cos, "nn_agree": agree,
             "macs_kept": report.macs_after / report.macs_before, "params_kept": report.params_after / report.params_before,
-            "prune_s": seconds, "calib_s": report.calibration.seconds if report.calibration else None,
-            "prune_peak_mib": mem.peak_mib}
+            "prune_s": seconds, "dense_forward_s": dense_s, "prune_vs_dense_forward": seconds / dense_s,
+            "calib_s": cal.seconds if cal else None, "calib_phases": cal.phases if cal else None,
+            "reference_run": cal.reference_run if cal else None, "prune_peak_mib": mem.peak_mib}
 
 
 def tp_row(dense, evals, ref, example, *, ratio, heads: bool, global_pruning: bool) -> dict:
@@ -113,40 +130,41 @@ def main() -> None:
     sents = stdlib_sentences()
     calib, evals = batches(tok, sents[:args.calib]), batches(tok, sents[args.calib:args.calib + args.eval])
     example = {k: v[:1] for k, v in calib[0].items()}
-    with torch.no_grad():
-        t0 = time.perf_counter()
-        for b in calib:
-            dense(**b)
-        dense_s = time.perf_counter() - t0
     ref = embed(dense, evals)
+    dense_forward_s(dense, calib)  # warm-up
     rows = []
     ratios = [0.5] if args.quick else [0.25, 0.5, 0.75]
     for r in ratios:
         budget = f"units:{1 - r}"
         rows.append(fermi_row(dense, calib, evals, ref, example, granularity="channel", budget=budget,
-                              allocation="uniform", selection="obs"))
+                              allocation="uniform"))
         rows.append(fermi_row(dense, calib, evals, ref, example, granularity="channel", budget=budget,
-                              allocation="global", selection="obs"))
+                              allocation="global"))
         if r == 0.5:
             rows.append(fermi_row(dense, calib, evals, ref, example, granularity="channel", budget=budget,
+                                  allocation="uniform", residual=False))
+            rows.append(fermi_row(dense, calib, evals, ref, example, granularity="channel", budget=budget,
+                                  allocation="uniform", calibrate_layers="all"))
+            rows.append(fermi_row(dense, calib, evals, ref, example, granularity="channel", budget=budget,
                                   allocation="global", selection="magnitude"))
-            rows.append(fermi_row(dense, calib, evals, ref, example, granularity="channel", target=0.5,
-                                  selection="magnitude"))  # the pre-budget default
         for g in (False, True):
             rows.append(tp_row(dense, evals, ref, example, ratio=r, heads=False, global_pruning=g))
         print(rows[-1])
     for allocation in ("uniform", "global"):
         rows.append(fermi_row(dense, calib, evals, ref, example, granularity=("channel", "head"), budget="macs:0.5",
-                              allocation=allocation, selection="obs"))
+                              allocation=allocation))
+    rows.append(fermi_row(dense, calib, evals, ref, example, granularity=("channel", "head"), budget="macs:0.5",
+                          allocation="uniform", residual=False))
+    rows.append(fermi_row(dense, calib, evals, ref, example, granularity=("channel", "head"), budget="macs:0.5",
+                          allocation="uniform", calibrate_layers="all"))
     for g in (False, True):
         rows.append(tp_row(dense, evals, ref, example, ratio=0.5, heads=True, global_pruning=g))
-    for row in rows:
-        if row.get("prune_s") and row["method"].startswith("fermigates"):
-            row["prune_vs_dense_forward"] = row["prune_s"] / dense_s
-    write_results("budget_minilm", rows, columns=COLUMNS + ["prune_vs_dense_forward", "error"], meta={
+    write_results("budget_minilm", rows, columns=COLUMNS + ["error"], meta={
         "model": "all-MiniLM-L6-v2", "calib_sentences": args.calib, "eval_sentences": args.eval,
-        "dense_forward_calib_s": dense_s, "macs_counted_on": str({k: list(v.shape) for k, v in example.items()}),
-        "default_selection": "obs", "default_allocation": "uniform",
+        "macs_counted_on": str({k: list(v.shape) for k, v in example.items()}),
+        "default_selection": "obs", "default_allocation": "uniform", "default_calibration": "pruned, residual",
+        "timing": "prune_vs_dense_forward: the prune call over one dense forward pass over the same 512 sentences, "
+                  "timed just before and after it (mean)",
         "command": "OMP_NUM_THREADS=1 python benchmarks/bench_budget_minilm.py " + " ".join(sys.argv[1:])})
 
 

@@ -8,6 +8,7 @@ from . import (  # noqa: F401  (imported for their register(...) side effects)
     attention,
     hf_attention,
     hf_layers,
+    hf_residuals,
     registry,
     timm_attention,
     timm_layers,
@@ -26,7 +27,16 @@ from .attention import (
 )
 from .hf_attention import apply_hf_config_updates, hf_config_updates, layer_widths
 
+
+def residual_sources(model):
+    """``{projection fqn: (module fqn, getter)}`` from every family's RESIDUALS entry (see hf_residuals)."""
+    out = {}
+    for find in registry.RESIDUALS:
+        out.update(find(model))
+    return out
+
 __all__ = [
+    "residual_sources",
     "AttentionSpec",
     "HeadUnits",
     "LinearLayout",

@@ -30,6 +30,9 @@ BN_FOLD: dict[str, Callable[[nn.Module], nn.Module]] = {}
 #: callables(model) -> {module name: reason} of layers whose *input* width the model's config fixes (e.g. a
 #: Hugging Face classifier reading the pooler: ``hidden_size``); structured gating leaves what they read whole
 FIXED_INPUT_WIDTH: list[Callable[[nn.Module], dict[str, str]]] = []
+#: callables(model) -> {projection fqn: (module fqn, getter(args, kwargs) -> residual)}: the residual stream
+#: added to a projection's output, read in that module's forward pre-hook (see converters.hf_residuals)
+RESIDUALS: list[Callable[[nn.Module], dict[str, Any]]] = []
 #: ordered list of callables(model) -> example inputs or None (first non-None wins)
 EXAMPLE_INPUTS: list[Callable[[nn.Module], Any]] = []
 

@@ -35,6 +35,7 @@ def convert_from_fermi(
     reference: str | nn.Module = "auto",
     ridge: float = 1e-2,
     calibrate_layers: str = "pruned",
+    residual: bool = True,
     example_inputs: Any = None,
     progress: bool = True,
 ) -> FermiReport:
@@ -47,6 +48,10 @@ def convert_from_fermi(
     and the result is written into their own weights; ``calibrate_layers="all"`` re-fits every Linear / Conv
     of the shrunk model (except shared / tied weights) in network order, so later layers also absorb the
     drift of their inputs.
+
+    ``residual`` (default True): a projection whose output joins a residual stream (BERT ``output.dense``,
+    LLaMA ``o_proj`` / ``down_proj``, GPT-2 ``c_proj``) is fitted so that output + residual matches the
+    reference's, repairing the drift of the layers before it too (see :func:`fermigates.calibrate`).
 
     ``reference``: ``"trained"`` fits toward the model as it was trained (its gates as they are now), and the
     calibration is undone if it does not bring the baked model closer to it; ``"dense"`` toward the model with
@@ -95,11 +100,15 @@ def convert_from_fermi(
                                  f"{type(err).__name__}: {err}") from err
         trained_vs_baked = _trained_gap(model, example)
         ref_module, ref_name = _reference(model, reference, batches)
+        record = state.reference_record
+        state.reference_record = None
+        recorded = (record.outputs if record is not None and ref_name == "dense"
+                    and record.valid_for(model, batches, list(all_gates(model))) else None)
         snapshot = _snapshot(model)
         zeroed: list = []
         try:
             report = _bake(model, state, example, batches, ref_module, ref_name, ridge, calibrate_layers, shrink,
-                           progress, zeroed)
+                           progress, zeroed, recorded, residual)
         except BaseException:
             for weight, where, values in reversed(zeroed):
                 weight.data[where] = values
@@ -153,7 +162,7 @@ def _reference(model: nn.Module, reference: Any, batches: list | None) -> tuple[
 
 
 def _bake(model, state, example, batches, reference, ref_name, ridge, calibrate_layers, shrink, progress,
-          zeroed) -> FermiReport:
+          zeroed, recorded=None, residual=True) -> FermiReport:
     sparsity = compute_sparsity(model)
     params_before = count_parameters(model)
     macs_before = _count_macs(model, example)
@@ -185,8 +194,8 @@ def _bake(model, state, example, batches, reference, ref_name, ridge, calibrate_
         saved = {n: [p.detach().clone() for p in m.parameters(recurse=False)] for n, m in model.named_modules()
                  if targets is None or n in targets} if guard else {}
         report.calibration = calibrate(
-            model, batches, reference=reference, targets=targets, ridge=ridge, progress=progress
-        )
+            model, batches, reference=reference, targets=targets, ridge=ridge, progress=progress, recorded=recorded,
+            residual=residual)
         report.reference = ref_name
         if guard:
             after = _fidelity(model, reference, batches)

@@ -26,26 +26,31 @@ from torch import nn
 
 __all__ = ["Budget", "BudgetResult", "allocate"]
 
-_KINDS = ("macs", "params", "units")
+_KINDS = ("macs", "params", "units", "latency")
 
 
 @dataclass(frozen=True)
 class Budget:
-    """What a pruned model keeps: exactly one of ``macs``, ``params``, ``units`` as a fraction in (0, 1].
+    """What a pruned model keeps: exactly one of ``macs``, ``params``, ``units``, ``latency`` as a fraction in
+    (0, 1].
 
     ``Budget(macs=0.5)``: keep 50% of the MACs of one forward pass on the example inputs ("2x fewer MACs");
     ``Budget(params=0.7)``: keep 70% of the parameters; ``Budget(units=0.5)``: keep half of the gated units
-    (channels / neurons / heads), allocated across layers. Strings ``"macs:0.5"`` parse to the same.
+    (channels / neurons / heads), allocated across layers; ``Budget(latency=0.5)``: half the measured time of
+    one forward on the example inputs on this machine (per-layer latency tables, see
+    :mod:`fermigates.latency`). Strings ``"macs:0.5"`` parse to the same.
     """
 
     macs: float | None = None
     params: float | None = None
     units: float | None = None
+    latency: float | None = None
 
     def __post_init__(self) -> None:
         given = [(k, getattr(self, k)) for k in _KINDS if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"Budget takes exactly one of macs=, params=, units= (a fraction kept), got {given}")
+            raise ValueError(f"Budget takes exactly one of macs=, params=, units=, latency= (a fraction kept), "
+                             f"got {given}")
         kind, value = given[0]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
             raise ValueError(f"Budget({kind}=...) must be the fraction kept, a number in (0, 1], got {value!r}")
@@ -74,7 +79,7 @@ class Budget:
                     if "fraction kept" in str(err) and "exactly one" not in str(err):
                         raise
         raise ValueError(f"budget must be a fermigates.Budget or a string like 'macs:0.5' / 'params:0.7' / "
-                         f"'units:0.5' (the fraction kept), got {value!r}")
+                         f"'units:0.5' / 'latency:0.5' (the fraction kept), got {value!r}")
 
 
 @dataclass
@@ -89,8 +94,10 @@ class BudgetResult:
     #: what the MACs were counted on, e.g. "per forward of input_ids[1, 12] (one sample)"
     counted_on: str
     kept: dict[str, tuple[int, int]] = field(default_factory=dict)  # gate label -> (kept, total)
-    #: the fraction measured on the shrunk model (MACs / parameters), filled in by ``prune``
+    #: the fraction measured on the shrunk model (MACs / parameters / latency), filled in by ``prune``
     measured: float | None = None
+    #: for a latency budget: the per-layer latency tables and how they were measured
+    latency: Any = None
 
     def __str__(self) -> str:
         got = f", measured {self.measured:.4f}" if self.measured is not None else ""
@@ -123,6 +130,7 @@ class _CostModel:
         self.total_macs = sum(self.macs_by_module.values())
         self.total_params = count_parameters(model)
         self.total_units = sum(g.n_units for g in gates)
+        self.latency: Any = None
         self.counted_on = f"per forward of {_describe_inputs(example)}"
         modules = dict(model.named_modules())
         groups = {grp.id: grp for grp in graph.groups}
@@ -176,11 +184,30 @@ class _CostModel:
                 lost[(module, axis)] = lost.get((module, axis), 0) + r * width
         return {key: 1.0 - lost.get(key, 0) / self.width[key] for key in self.width}
 
+    def measure_latency(self, model: nn.Module, example: Any, steps: list[int], floors: list[int]) -> Any:
+        """Per-layer latency tables for the modules the gates change (see :mod:`fermigates.latency`)."""
+        from .latency import build_latency_model
+
+        step: dict[tuple[str, str], int] = {}
+        floor: dict[tuple[str, str], int] = {}
+        for touches, s, f in zip(self.touch, steps, floors):
+            for module, axis, width in touches:
+                key = (module, axis)
+                step[key] = s * width if key not in step else 1
+                floor[key] = f * width if key not in floor else 1
+        dense = _plain_copy(model)
+        self.latency = build_latency_model(dense, example, dict(self.width), step, floor)
+        self.latency.dense_model = dense
+        self.latency_example = example
+        return self.latency
+
     def kept(self, kind: str, removed: list[int]) -> float:
         """The fraction of ``kind`` kept when gate ``i`` removes ``removed[i]`` units."""
         if kind == "units":
             return 1.0 - sum(removed) / max(self.total_units, 1)
         frac = self._fractions(removed)
+        if kind == "latency":
+            return self.latency.predict(frac) / max(self.latency.total, 1e-12)
         by_module: dict[str, list[float]] = {}
         for (module, axis), f in frac.items():
             by_module.setdefault(module, []).append(f)
@@ -200,6 +227,83 @@ class _CostModel:
         base = [0] * len(self.touch)
         base[i] = 1
         return max(1.0 - self.kept(kind, base), 1e-12)
+
+
+def _plain_copy(model: nn.Module) -> nn.Module:
+    """A copy of a converted model as the plain dense network (no gates, no hook): what it is timed as."""
+    import copy
+
+    from .oneshot import _unconvert
+
+    dense = copy.deepcopy(model)
+    _unconvert(dense)
+    return dense.eval()
+
+
+def _keep_masks(gates: list, ranked: list, removed: list[int]) -> list[torch.Tensor]:
+    masks = []
+    for g, (order, _), r in zip(gates, ranked, removed):
+        keep = torch.ones(g.n_units, dtype=torch.bool)
+        keep[order[:r]] = False
+        masks.append(keep)
+    return masks
+
+
+#: a latency budget is re-measured on the shrunk candidate until it lands this close (relative), at most
+#: ``LATENCY_ROUNDS`` times
+LATENCY_TOLERANCE = 0.025
+LATENCY_ROUNDS = 4
+
+
+def _latency_closed_loop(model: nn.Module, gates: list, ranked: list, cost: "_CostModel", solve: Any,
+                         target: float, floor_units: list[int]) -> tuple[list[int], float]:
+    """Tables rank the units; the level is set by timing the shrunk candidate against the dense model.
+
+    Per-layer tables interpolate between measured widths and miss what a kernel does at the widths in
+    between (vector-width padding, a change of algorithm), so each candidate allocation is shrunk (on a copy)
+    and timed round-robin against the dense model, and the table target is corrected multiplicatively.
+    """
+    import copy
+
+    from .latency import compare_latency
+    from .state import fermi_state
+    from .surgery.shrink import shrink_model
+    from .surgery.verify import call_model
+
+    state = fermi_state(model)
+    dense = cost.latency.dense_model
+    example = cost.latency_example
+
+    def measure(removed: list[int]) -> float:
+        keep = {g.group_id: m for g, m in zip(gates, _keep_masks(gates, ranked, removed))}
+        candidate = copy.deepcopy(dense)
+        shrink_model(candidate, state.graph, keep)
+        timed = compare_latency({"dense": lambda: call_model(dense, example),
+                                 "candidate": lambda: call_model(candidate, example)})
+        return timed["candidate"] / timed["dense"]
+
+    best: tuple[float, list[int], float] | None = None
+    aim = target
+    for _ in range(LATENCY_ROUNDS):
+        removed = solve(aim)
+        got = measure(removed)
+        miss = abs(got - target) / target
+        if best is None or miss < best[0]:
+            best = (miss, removed, got)
+        if miss <= LATENCY_TOLERANCE:
+            break
+        aim = min(1.0, max(1e-4, aim * target / got))
+    if best[2] > target * (1 + 2 * LATENCY_TOLERANCE):
+        floors = [g.n_units - f for g, f in zip(gates, floor_units)]
+        at_floor = measure(floors)
+        if at_floor > target * (1 + 2 * LATENCY_TOLERANCE):
+            raise ValueError(f"budget latency kept {target:g} cannot be met: with every gate at its floor the "
+                             f"model measured {at_floor:.3f} of the dense latency here (the rest is time pruning "
+                             "does not change: call overhead, memory-bound layers); ask for a larger budget, lower "
+                             "min_keep or time a larger batch (example_inputs)")
+        if at_floor < best[2]:
+            best = (abs(at_floor - target) / target, floors, at_floor)
+    return best[1], best[2]
 
 
 # -- importance -------------------------------------------------------------------------------------------------
@@ -239,8 +343,31 @@ def _importance(model: nn.Module, gates: list, floors: list[int], selection: str
     obs_gates = {i for i, g in enumerate(gates) if _single_linear(uses.get(id(g), []))}
     gram_names = sorted({uses[id(gates[i])][0][0] for i in obs_gates})
     moment_names = sorted({name for i, g in enumerate(gates) if i not in obs_gates for name, _, _ in uses[id(g)]})
+    from .methods.fermi.model import all_gates
+    from .state import ReferenceRecord, fermi_state
+
+    state = fermi_state(model)
+    record: list[str] = []
+    if state.record_reference:
+        from .calibration.ridge import is_supported
+
+        record = sorted({name for users in uses.values() for name, _, _ in users})
+        if state.record_reference == "all":
+            record = [name for name, m in model.named_modules() if is_supported(m) or name in record]
+    residuals = {}
+    if record:
+        from fermigates.converters import residual_sources
+
+        from .calibration.engine import residual_key
+
+        residuals = {residual_key(n): src for n, src in residual_sources(model).items() if n in record}
     with gates_open(model):
-        grams, moments = input_stats(model, batches, gram_names, moment_names)
+        grams, moments, outputs = input_stats(model, batches, gram_names, moment_names, record=record,
+                                              record_inputs=residuals)
+    if outputs is not None:
+        gate_list = list(all_gates(model))
+        state.reference_record = ReferenceRecord(list(batches), outputs,
+                                                 ReferenceRecord.tensor_versions(model, gate_list))
     out = []
     for i, g in enumerate(gates):
         users = uses[id(g)]
@@ -291,6 +418,68 @@ def _check_min_keep(min_keep: Any) -> None:
                          f"got {min_keep!r}")
 
 
+def _solve(kind: str, target: float, allocation: str, gates: list, steps: list[int], floors: list[int],
+           cost: "_CostModel", ranked: list) -> list[int]:
+    """Units each gate removes so that the predicted ``kind`` kept is closest to ``target``."""
+    def removed_for(raw: list[int]) -> list[int]:
+        return [min(_round_removed(r, g.n_units, s), g.n_units - f)
+                for r, g, s, f in zip(raw, gates, steps, floors)]
+
+    def solve(target: float) -> list[int]:
+        """Units each gate removes so that the predicted ``kind`` kept is closest to ``target``."""
+        if allocation == "uniform":
+            def at(share: float) -> list[int]:
+                return removed_for([math.floor(share * g.n_units) for g in gates])
+            lo, hi = 0.0, 1.0  # share removed: kept fraction is non-increasing in it
+            for _ in range(40):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if cost.kept(kind, at(mid)) > target else (lo, mid)
+            above, below = at(lo), at(hi)
+            candidates = [above, below]
+            # with rounding, gates of equal width step together and the kept fraction jumps: move the gates
+            # one at a time from the share above the target to the one below it, keeping the closest
+            mixed = list(above)
+            for i in range(len(gates)):
+                if mixed[i] != below[i]:
+                    mixed[i] = below[i]
+                    candidates.append(list(mixed))
+                    if cost.kept(kind, mixed) <= target:
+                        break
+        else:
+            unit = [cost.unit_cost(kind, i) for i in range(len(gates))]
+            mean = sum(unit) / len(unit)
+            entries = []
+            for i, ((order, value), g) in enumerate(zip(ranked, gates)):
+                priority = value[: g.n_units - floors[i]] / (unit[i] / mean)
+                entries += [(float(p), i) for p in priority]
+            entries.sort(key=lambda e: e[0])
+            owner = [i for _, i in entries]
+
+            def at_k(k: int) -> list[int]:
+                raw = [0] * len(gates)
+                for i in owner[:k]:
+                    raw[i] += 1
+                return removed_for(raw)
+            lo, hi = 0, len(owner)  # smallest prefix whose cost is at or below the target
+            if cost.kept(kind, at_k(hi)) > target:
+                lo = hi
+            while lo < hi:
+                mid = (lo + hi) // 2
+                lo, hi = (mid + 1, hi) if cost.kept(kind, at_k(mid)) > target else (lo, mid)
+            # the prefix before ``lo`` is above the target: fill it with the later units that still fit (a unit
+            # too costly for what is left, e.g. a whole head, is skipped for cheaper ones)
+            raw = [0] * len(gates)
+            for i in owner[: max(lo - 1, 0)]:
+                raw[i] += 1
+            for i in owner[max(lo - 1, 0):]:
+                raw[i] += 1
+                if cost.kept(kind, removed_for(raw)) < target:
+                    raw[i] -= 1
+            candidates = [removed_for(raw), at_k(lo)]
+        return min(candidates, key=lambda r: abs(cost.kept(kind, r) - target))
+    return solve(target)
+
+
 @torch.no_grad()
 def allocate(
     model: nn.Module,
@@ -330,61 +519,29 @@ def allocate(
     floors = [_floor(g.n_units, min_keep, s) for g, s in zip(gates, steps)]
     cost = _CostModel(model, gates, state.graph, example_inputs)
     kind, target = budget.kind, budget.fraction
+    if kind == "latency":
+        cost.measure_latency(model, example_inputs, steps, floors)
     ranked = _importance(model, gates, floors, selection, data, ridge)
 
-    def removed_for(raw: list[int]) -> list[int]:
-        return [min(_round_removed(r, g.n_units, s), g.n_units - f)
-                for r, g, s, f in zip(raw, gates, steps, floors)]
-
-    if allocation == "uniform":
-        def at(share: float) -> list[int]:
-            return removed_for([math.floor(share * g.n_units) for g in gates])
-        lo, hi = 0.0, 1.0  # share removed: kept fraction is non-increasing in it
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if cost.kept(kind, at(mid)) > target else (lo, mid)
-        candidates = [at(lo), at(hi)]
-    else:
-        unit = [cost.unit_cost(kind, i) for i in range(len(gates))]
-        mean = sum(unit) / len(unit)
-        entries = []
-        for i, ((order, value), g) in enumerate(zip(ranked, gates)):
-            priority = value[: g.n_units - floors[i]] / (unit[i] / mean)
-            entries += [(float(p), i) for p in priority]
-        entries.sort(key=lambda e: e[0])
-        owner = [i for _, i in entries]
-
-        def at_k(k: int) -> list[int]:
-            raw = [0] * len(gates)
-            for i in owner[:k]:
-                raw[i] += 1
-            return removed_for(raw)
-        lo, hi = 0, len(owner)  # smallest prefix whose cost is at or below the target
-        if cost.kept(kind, at_k(hi)) > target:
-            lo = hi
-        while lo < hi:
-            mid = (lo + hi) // 2
-            lo, hi = (mid + 1, hi) if cost.kept(kind, at_k(mid)) > target else (lo, mid)
-        # the prefix before ``lo`` is above the target: fill it with the later units that still fit (a unit
-        # too costly for what is left, e.g. a whole head, is skipped for cheaper ones)
-        raw = [0] * len(gates)
-        for i in owner[: max(lo - 1, 0)]:
-            raw[i] += 1
-        for i in owner[max(lo - 1, 0):]:
-            raw[i] += 1
-            if cost.kept(kind, removed_for(raw)) < target:
-                raw[i] -= 1
-        candidates = [removed_for(raw), at_k(lo)]
-    removed = min(candidates, key=lambda r: abs(cost.kept(kind, r) - target))
-    predicted = cost.kept(kind, removed)
     floor_kept = cost.kept(kind, [g.n_units - f for g, f in zip(gates, floors)])
-    if floor_kept > target * 1.02:
+    if kind != "latency" and floor_kept > target * 1.02:  # a latency floor is checked by timing it
         raise ValueError(f"budget {kind} kept {target:g} cannot be met: with every gate at its floor "
                          f"(min_keep={min_keep!r}) the model keeps {floor_kept:.4f} of its {kind}; prune more "
                          f"granularities, lower min_keep or ask for a larger budget")
-    result = BudgetResult(kind, target, predicted, allocation, selection,
-                          cost.counted_on if kind == "macs" else "over the whole model" if kind == "params"
-                          else "over the gated units")
+    def solve(aim: float) -> list[int]:
+        return _solve(kind, aim, allocation, gates, steps, floors, cost, ranked)
+
+    removed = solve(target)
+    measured = None
+    if kind == "latency":
+        removed, measured = _latency_closed_loop(model, gates, ranked, cost, solve, target, floors)
+    predicted = cost.kept(kind, removed)
+    counted = {"macs": cost.counted_on, "params": "over the whole model", "units": "over the gated units",
+               "latency": f"per forward of {_describe_inputs(example_inputs)} on this machine, "
+                          f"{getattr(cost.latency, 'measured_on', '')}"}[kind]
+    result = BudgetResult(kind, target, predicted, allocation, selection, counted,
+                          latency=cost.latency if kind == "latency" else None)
+    result.measured = measured
     for g, (order, _), r in zip(gates, ranked, removed):
         keep = torch.ones(g.n_units, dtype=torch.bool)
         keep[order[:r]] = False

@@ -50,6 +50,7 @@ def prune(
     shrink: bool = True,
     refine_steps: int = 0,
     calibrate_layers: str = "pruned",
+    residual: bool = True,
     budget: Budget | str | None = None,
     allocation: str = "uniform",
     selection: str | None = None,
@@ -67,10 +68,12 @@ def prune(
     ``refine_steps > 0`` first runs :func:`fermigates.refine_gates` for that many steps on
     ``calibration_data``: with the weights frozen, the gates learn which units to keep (the same share).
     ``calibrate_layers="all"`` re-fits every layer, not only those that lost inputs (see
-    :func:`convert_from_fermi`).
+    :func:`convert_from_fermi`); ``residual=False`` fits projections that feed a residual stream to their own
+    dense output instead of to output + residual drift (see :func:`convert_from_fermi`).
 
-    ``budget`` (a :class:`fermigates.Budget` or ``"macs:0.5"`` / ``"params:0.7"`` / ``"units:0.5"``: the
-    fraction kept, MACs counted per forward of ``example_inputs``) replaces ``target_sparsity``: units are
+    ``budget`` (a :class:`fermigates.Budget` or ``"macs:0.5"`` / ``"params:0.7"`` / ``"units:0.5"`` /
+    ``"latency:0.5"``: the fraction kept, MACs counted and latency measured per forward of ``example_inputs``,
+    latency on this machine with the current thread count) replaces ``target_sparsity``: units are
     chosen across all gates (``allocation="global"``) or as one share of every gate (``"uniform"``), every
     gate keeping at least ``min_keep`` of its units (a fraction, or a count; never fewer than one).
     ``report.budget`` says what was requested, predicted and measured on the shrunk model.
@@ -112,6 +115,8 @@ def prune(
         model.train(was_training)
         raise ValueError(f"the model rejects the first calibration batch: {type(err).__name__}: {err}") from err
     convert_to_fermi(model, config, example_inputs=example)
+    # the selection pass keeps the dense outputs of the layers calibration will fit, so it need not rerun them
+    getattr(model, _STATE_ATTR).record_reference = "all" if calibrate_layers == "all" else "consumers"
     AnnealSchedule(total_steps=1, temperature=(1e-4, 1e-4), target_sparsity=config.target_sparsity,
                    sparsity_schedule="constant", tolerance=0.0, hard_after=1.0).apply(model, 1)
     refined = budget_result = None
@@ -127,7 +132,8 @@ def prune(
             select_share(model, batches, ridge=ridge)
         freeze_decisions(model)  # one-shot: the decision is the model; nothing is left half-open
         report = convert_from_fermi(model, shrink=shrink, calibration_data=batches, reference="dense", ridge=ridge,
-                                    calibrate_layers=calibrate_layers, example_inputs=example, progress=progress)
+                                    calibrate_layers=calibrate_layers, residual=residual, example_inputs=example,
+                                    progress=progress)
     except BaseException:
         _unconvert(model)  # convert_from_fermi undoes itself; this undoes the conversion: the model as it was
         raise
@@ -138,6 +144,14 @@ def prune(
         before, after = ((report.macs_before, report.macs_after) if budget_result.kind == "macs" else
                          (report.params_before, report.params_after) if budget_result.kind == "params" else
                          (None, None))
+        if budget_result.kind == "latency":
+            from .latency import compare_latency
+
+            dense, budget_result.latency.dense_model = budget_result.latency.dense_model, None
+            timed = compare_latency({"before": lambda: call_model(dense, example),
+                                     "after": lambda: call_model(model, example)})
+            before, after = timed["before"], timed["after"]
+            report.latency_ms = {k: 1e3 * v for k, v in timed.items()}
         budget_result.measured = after / before if before else budget_result.predicted
         report.budget = budget_result
     return report

@@ -46,11 +46,35 @@ class FermiState:
     weight_versions: dict = field(default_factory=dict)
     #: id of the forward pre-hook that starts each forward with fresh gate probabilities (removed at the bake)
     hook_id: int | None = None
+    #: set by ``prune``: the selection pass records the dense outputs of the gates' consumers, so that the
+    #: calibration that follows need not run the dense reference again
+    record_reference: str | None = None  # None, "consumers" or "all"
+    reference_record: "ReferenceRecord | None" = None
 
     def weights_changed(self, model: nn.Module) -> bool:
         """True when a gated layer's weight was modified in place (an optimizer step, a load) since conversion."""
         seen = {id(p): p for p in model.parameters()}
         return any(pid in seen and seen[pid]._version != v for pid, v in self.weight_versions.items())
+
+
+@dataclass
+class ReferenceRecord:
+    """Outputs of named layers of the dense (gates-open) model on given batches, valid while nothing changes."""
+
+    batches: list
+    outputs: dict
+    versions: dict
+
+    @staticmethod
+    def tensor_versions(model: nn.Module, gates: list) -> dict:
+        """Versions of every parameter and buffer but the gates' own (which gates-open outputs ignore)."""
+        skip = {id(t) for g in gates for t in [*g.parameters(), *g.buffers()]}
+        return {id(t): t._version for t in [*model.parameters(), *model.buffers()] if id(t) not in skip}
+
+    def valid_for(self, model: nn.Module, batches: list, gates: list) -> bool:
+        """Recorded on these very batch objects, and no parameter or buffer changed since."""
+        return (len(batches) == len(self.batches) and all(a is b for a, b in zip(batches, self.batches))
+                and self.tensor_versions(model, gates) == self.versions)
 
 
 def fermi_state(model: nn.Module) -> FermiState:

@@ -51,6 +51,8 @@ def calibrate(
     low_memory: bool = False,
     precision: str = "auto",
     progress: bool = True,
+    residual: bool = True,
+    recorded: "Mapping[str, list[torch.Tensor]] | None" = None,
 ) -> CalibrationReport:
     """Re-fit the weights of pruned layers so they reproduce the dense ``reference``'s outputs.
 
@@ -73,6 +75,13 @@ def calibrate(
             (then summed in float64) when the inputs are float32 and ``ridge >= 1e-4``, which halves the
             cost at no visible loss, else float64.
         progress: show a tqdm bar.
+        residual: for a projection whose output is added to a residual stream (BERT's ``output.dense``,
+            LLaMA's ``o_proj`` / ``down_proj``, GPT-2's ``c_proj``: found by the converters), fit the dense
+            output plus the drift of the residual (dense residual - pruned residual), so that the sum the next
+            norm sees matches the dense model's; each such layer then also repairs the layers before it.
+        recorded: the reference's outputs already computed on these batches, ``{layer name: [output of
+            batch 0, batch 1, ...]}`` (e.g. recorded by the selection pass of :func:`fermigates.prune`); when
+            every target layer is in it, the reference is not run at all.
 
     Returns:
         A :class:`CalibrationReport` with one row per calibrated layer. On any error the target layers'
@@ -87,6 +96,10 @@ def calibrate(
     plans = _make_plans(model, reference, targets)
     batches = _batches(data, batch_size, max_batches)
     report = CalibrationReport(ridge=ridge, n_batches=len(batches))
+    residuals = _residual_sources(model, plans) if residual else {}
+    needed = [p.name for p in plans] + [residual_key(n) for n in residuals]
+    if recorded is not None and not all(len(recorded.get(n, ())) == len(batches) for n in needed):
+        recorded = None  # not every target was recorded: run the reference
     if not plans:
         _logger.warning("calibrate: no target layer (nothing pruned?); model left unchanged")
         return report
@@ -96,7 +109,8 @@ def calibrate(
     reference.eval()
     start = time.perf_counter()
     try:
-        _Engine(model, reference, plans, batches, ridge, report, low_memory, progress, precision).run()
+        _Engine(model, reference, plans, batches, ridge, report, low_memory, progress, precision, recorded,
+                residuals).run()
     except BaseException:
         with torch.no_grad():
             for p in plans:
@@ -107,10 +121,30 @@ def calibrate(
         for m, mode in modes.items():
             m.training = mode
     report.seconds = time.perf_counter() - start
+    report.reference_run = recorded is None
     return report
 
 
 # -- targets ------------------------------------------------------------------------------------------------
+def residual_key(name: str) -> str:
+    """The key under which the dense residual added to layer ``name``'s output is recorded."""
+    return f"{name}#residual"
+
+
+def _residual_sources(model: nn.Module, plans: list[LayerPlan]) -> dict[str, tuple[str, Any]]:
+    """Target layers whose output joins a residual stream: ``{layer: (module fqn, getter)}`` (Linear-like only;
+    the module must exist in the model)."""
+    try:
+        from fermigates.converters import residual_sources
+    except ImportError:  # pragma: no cover - the converters ship with the package
+        return {}
+    found = residual_sources(model)
+    mods = dict(model.named_modules())
+    return {p.name: found[p.name] for p in plans
+            if p.name in found and not p.is_conv and found[p.name][0] in mods}
+
+
+
 def _params(m: nn.Module) -> list[torch.Tensor]:
     return [m.weight] + ([m.bias] if m.bias is not None else [])
 
@@ -294,8 +328,12 @@ def _mask(batch: Any) -> torch.Tensor | None:
 class _Engine:
     """Drives the suspendable forwards of both models layer by layer (see module docstring)."""
 
-    def __init__(self, model, reference, plans, batches, ridge, report, low_memory, progress, precision):
+    def __init__(self, model, reference, plans, batches, ridge, report, low_memory, progress, precision,
+                 recorded=None, residuals=None):
         self.model, self.reference, self.batches = model, reference, batches
+        self.recorded = recorded
+        self.residuals = residuals or {}
+        self.resid: dict[tuple[str, int, str], torch.Tensor] = {}  # (role, batch, layer) -> residual
         self.plans = {p.name: p for p in plans}
         self.ridge, self.report, self.low_memory, self.progress = ridge, report, low_memory, progress
         self.precision = precision
@@ -317,6 +355,17 @@ class _Engine:
 
             handles.append(plan.module.register_forward_pre_hook(pre))
             handles.append(plan.reference.register_forward_hook(post))
+        nets = {"model": dict(self.model.named_modules()), "reference": dict(self.reference.named_modules())}
+        for name, (where, getter) in self.residuals.items():
+            for role in ("model",) if self.recorded is not None else ("model", "reference"):
+                def grab(mod, args, kwargs, name=name, role=role, getter=getter):
+                    c = co.current()
+                    if c is not None and c.role == role and name not in self.done \
+                            and (role, c.index, name) not in self.resid:
+                        value = getter(args, kwargs)
+                        if isinstance(value, torch.Tensor):
+                            self.resid[(role, c.index, name)] = value.detach()
+                handles.append(nets[role][where].register_forward_pre_hook(grab, with_kwargs=True))
         return handles
 
     def _start(self, role: str, i: int) -> co.Coroutine:
@@ -344,7 +393,8 @@ class _Engine:
         try:
             n = len(self.batches)
             if not self.low_memory:
-                pairs = [(self._start("model", i), self._start("reference", i)) for i in range(n)]
+                pairs = [(self._start("model", i), None if self.recorded is not None else
+                          self._start("reference", i)) for i in range(n)]
             while len(self.done) < len(self.plans):
                 if self.low_memory:
                     pairs = [(None, None)] * n
@@ -375,7 +425,7 @@ class _Engine:
 
     def _solve(self, name: str, pairs) -> None:
         plan, t0 = self.plans[name], time.perf_counter()
-        stats = None
+        stats, stats_s = None, 0.0
         for i, (m, r) in enumerate(pairs):
             if m is None:
                 m = self._start("model", i)
@@ -384,39 +434,57 @@ class _Engine:
             if m.pending is None or m.pending[0] != name:
                 _logger.debug("batch %d does not reach %s at this point; skipped for it", i, name)
                 continue
-            if r is None:
-                r = self._start("reference", i)
-            while r.pending is not None and r.pending[0] != name:
-                self._step(r)
-            if r.pending is None:
-                _logger.warning("calibrate: reference never ran %s on batch %d", name, i)
-                continue
+            if self.recorded is not None:
+                reference_out = self.recorded[name][i]
+            else:
+                if r is None:
+                    r = self._start("reference", i)
+                while r.pending is not None and r.pending[0] != name:
+                    self._step(r)
+                if r.pending is None:
+                    _logger.warning("calibrate: reference never ran %s on batch %d", name, i)
+                    continue
+                reference_out = r.pending[1]
             mask = _mask(self.batches[i])
+            t_stats = time.perf_counter()
             x = plan.features(m.pending[1], mask)
-            y = plan.targets(r.pending[1], mask)
+            y = plan.targets(reference_out, mask)
+            if name in self.residuals:
+                pruned_r = self.resid.pop(("model", i, name), None)
+                dense_r = (self.recorded[residual_key(name)][i] if self.recorded is not None
+                           else self.resid.pop(("reference", i, name), None))
+                if pruned_r is not None and dense_r is not None:
+                    y = y + plan.targets(dense_r, mask) - plan.targets(pruned_r, mask)
             if stats is None:
                 exact = self.ridge < 1e-4 or x.dtype == torch.float64 or self.precision == "float64"
                 stats = RidgeStats(x.shape[0], x.shape[2], y.shape[2], plan.has_bias, plan.module.weight.device,
                                    torch.float64 if exact else torch.float32)
             stats.add(x, y)
-            del x, y
-            if self.low_memory or len(self.done) == len(self.plans) - 1:
-                r.close()  # the reference's remaining forward is not needed
-            else:
-                self._step(r)
+            stats_s += time.perf_counter() - t_stats
+            del x, y, reference_out
+            if r is not None:
+                if self.low_memory or len(self.done) == len(self.plans) - 1:
+                    r.close()  # the reference's remaining forward is not needed
+                else:
+                    self._step(r)
             if self.low_memory:
                 m.close()
             pairs[i] = (m, None if self.low_memory else r)
         if stats is None:
             raise ValueError(f"no batch reached target layer {name!r} in both the model and the reference")
+        for key in [k for k in self.resid if k[2] == name]:
+            del self.resid[key]  # batches that did not reach the layer
+        t_solve = time.perf_counter()
         w0 = plan.current()
         before = stats.error(w0)
         sol, solver = ridge_solve(stats, w0, self.ridge)
         after = stats.error(sol)
         plan.write(sol)
         self.done.add(name)
-        self.report.layers.append(LayerCalibration.from_plan(plan, stats.n, before, after, solver,
-                                                             time.perf_counter() - t0))
+        done = time.perf_counter()
+        row = LayerCalibration.from_plan(plan, stats.n, before, after, solver, done - t0)
+        row.stats_s, row.solve_s = stats_s, done - t_solve
+        self.report.layers.append(row)
         if not self.low_memory:
             finished = len(self.done) == len(self.plans)
             for m, _ in pairs:

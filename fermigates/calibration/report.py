@@ -28,7 +28,12 @@ class LayerCalibration:
     err_before: float
     err_after: float
     solver: str
+    #: wall time of this layer: forwards up to it, statistics, solve
     seconds: float
+    #: of which: input / target rows and their ``XᵀX`` / ``XᵀY`` products
+    stats_s: float = 0.0
+    #: of which: the ridge solve and writing the weights back
+    solve_s: float = 0.0
 
     @classmethod
     def from_plan(cls, plan: LayerPlan, rows: int, before: float, after: float, solver: str,
@@ -52,6 +57,16 @@ class CalibrationReport:
     n_batches: int
     layers: list[LayerCalibration] = field(default_factory=list)
     seconds: float = 0.0
+    #: False when the reference's outputs were recorded beforehand (by ``prune``'s selection pass) and the
+    #: reference model was not run
+    reference_run: bool = True
+
+    @property
+    def phases(self) -> dict[str, float]:
+        """Wall time by phase: ``forward`` (the pruned model and the reference), ``statistics``, ``solve``."""
+        stats = sum(r.stats_s for r in self.layers)
+        solve = sum(r.solve_s for r in self.layers)
+        return {"forward": max(self.seconds - stats - solve, 0.0), "statistics": stats, "solve": solve}
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -64,6 +79,7 @@ class CalibrationReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"ridge": self.ridge, "n_batches": self.n_batches, "seconds": self.seconds,
+                "phases": self.phases, "reference_run": self.reference_run,
                 "layers": [asdict(r) for r in self.layers]}
 
     def __str__(self) -> str:
@@ -75,6 +91,9 @@ class CalibrationReport:
         line = "  ".join(h.ljust(w) for h, w in zip(head, widths))
         out = [line, "-" * len(line)]
         out += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+        ph = self.phases
+        ref = "" if self.reference_run else "; reference outputs recorded, reference not run"
         out.append(f"{len(self.layers)} layers calibrated on {self.n_batches} batches, ridge={self.ridge:g}, "
-                   f"{self.seconds:.2f}s")
+                   f"{self.seconds:.2f}s (forward {ph['forward']:.2f}s, statistics {ph['statistics']:.2f}s, "
+                   f"solve {ph['solve']:.2f}s{ref})")
         return "\n".join(out)

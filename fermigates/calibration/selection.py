@@ -21,6 +21,9 @@ from torch import nn
 
 _logger = logging.getLogger(__name__)
 
+#: at most this many bytes of recorded reference outputs (beyond it, calibration runs the reference again)
+RECORD_LIMIT_BYTES = 2 << 30
+
 __all__ = ["oneshot_channel_scores", "select_channels", "input_channel_rms", "input_gram", "select_channels_obs",
            "input_stats", "obs_removal_order"]
 
@@ -163,9 +166,15 @@ def select_channels_obs(consumer: nn.Linear, gram: torch.Tensor, keep: float | i
 
 @torch.no_grad()
 def input_stats(model: nn.Module, data: Iterable[Any], gram_names: list[str], moment_names: list[str],
-                max_batches: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                max_batches: int | None = None, record: Iterable[str] = (),
+                record_inputs: dict[str, tuple[str, Any]] | None = None,
+                record_limit: int | None = None) -> tuple[dict, dict, dict | None]:
     """One pass over ``data``: the float64 Gram ``[X, 1]ᵀ[X, 1]`` of the ``gram_names`` Linear layers' inputs
-    and the per-input-channel mean square of the ``moment_names`` layers' inputs (padding rows excluded).
+    and the per-input-channel mean square of the ``moment_names`` layers' inputs (padding rows excluded);
+    with ``record``, also the outputs of those layers (first call per batch, one list entry per batch), and
+    with ``record_inputs`` (``{key: (module name, getter(args, kwargs))}``) what the getter reads from that
+    module's inputs, or None for all when they would take more than ``record_limit`` bytes (default
+    :data:`RECORD_LIMIT_BYTES`). Linear outputs are kept as their non-padding rows.
 
     Each batch's Gram product is taken in float32 for float32 inputs and summed in float64.
     """
@@ -197,9 +206,58 @@ def input_stats(model: nn.Module, data: Iterable[Any], gram_names: list[str], mo
                 counts[name] += x.shape[0]
         return fn
 
+    record = list(dict.fromkeys(record))
+    record_inputs = dict(record_inputs or {})
+    record_limit = RECORD_LIMIT_BYTES if record_limit is None else record_limit
+    keys = [*record, *record_inputs]
+    outputs: dict[str, list] | None = {n: [] for n in keys} if keys else None
+    used = [0]
+
+    def keep(key: str, mod: nn.Module, value: Any) -> None:
+        nonlocal outputs
+        if outputs is None or not isinstance(value, torch.Tensor) or len(outputs[key]) > state["batch"]:
+            return
+        value = value.detach()
+        if not isinstance(mod, nn.modules.conv._ConvNd):
+            value = _masked_rows(value, state.get("mask"))  # padding rows are never calibration rows
+        used[0] += value.numel() * value.element_size()
+        if used[0] > record_limit:
+            outputs = None  # too large to keep: calibration will run the reference instead
+            return
+        outputs[key].append(value)
+
+    def keep_output(name: str):
+        def fn(mod, args, out):
+            keep(name, mod, out)
+        return fn
+
+    def keep_input(key: str, getter: Any):
+        def fn(mod, args, kwargs):
+            keep(key, mod, getter(args, kwargs))
+        return fn
+
     names = dict.fromkeys([*gram_names, *moment_names])
-    _stream(model, data, {n: hook(n, n in gram_names, n in moment_names) for n in names}, state, max_batches)
-    return grams, {n: (sums[n] / max(counts[n], 1)).float() for n in moment_names if n in sums}
+    hooks = {n: hook(n, n in gram_names, n in moment_names) for n in names}
+    missing = [n for n in [*record, *(w for w, _ in record_inputs.values())] if n not in mods]
+    if missing:
+        raise ValueError(f"record names not found in model: {missing}")
+    handles = [mods[n].register_forward_hook(keep_output(n)) for n in record]
+    handles += [mods[w].register_forward_pre_hook(keep_input(k, g), with_kwargs=True)
+                for k, (w, g) in record_inputs.items()]
+    state["batch"] = -1
+
+    def counting(batches):
+        for b in batches:
+            state["batch"] += 1
+            yield b
+    try:
+        _stream(model, counting(data), hooks, state, max_batches)
+    finally:
+        for h in handles:
+            h.remove()
+    if outputs is not None and any(len(v) != state["batch"] + 1 for v in outputs.values()):
+        outputs = None  # a layer that did not run on every batch
+    return grams, {n: (sums[n] / max(counts[n], 1)).float() for n in moment_names if n in sums}, outputs
 
 
 @torch.no_grad()
@@ -217,6 +275,8 @@ def obs_removal_order(consumer: nn.Linear, gram: torch.Tensor, n_remove: int, ri
         raise ValueError(f"gram must have shape {(n + 1, n + 1)} (input_gram's), got {tuple(gram.shape)}")
     if not 0 <= n_remove < n:
         raise ValueError(f"n_remove must be in [0, {n}), got {n_remove!r}")
+    if n_remove == 0:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
     w = consumer.weight.detach().double()
     w = torch.cat([w, consumer.bias.detach().double()[:, None] if consumer.bias is not None
                    else w.new_zeros(w.shape[0], 1)], dim=1)
@@ -224,7 +284,11 @@ def obs_removal_order(consumer: nn.Linear, gram: torch.Tensor, n_remove: int, ri
     energy = max(float(((w @ g) * w).sum()), 1e-30)
     h = g.clone()
     h.diagonal()[:n] += ridge * h.diagonal()[:n].mean()
-    hinv = torch.linalg.inv(h)
+    chol, info = torch.linalg.cholesky_ex(h)
+    hinv = torch.cholesky_inverse(chol) if int(info) == 0 else torch.linalg.pinv(h, hermitian=True)
+    # removed columns' rows of ``hinv`` and columns of ``w`` become zero through the update itself; the
+    # matrices are compacted (by ``index``: position -> column; the bias column stays last) once a quarter is dead
+    index = torch.arange(n)
     alive = torch.ones(n, dtype=torch.bool)
     order, costs = [], []
     step = max(1, -(-n_remove // max(blocks, 1)))
@@ -232,24 +296,23 @@ def obs_removal_order(consumer: nn.Linear, gram: torch.Tensor, n_remove: int, ri
     while done < n_remove:
         b = min(step, n_remove - done)
         done += b
-        d = hinv.diagonal()[:n].clamp_min(1e-30)
-        cost = w[:, :n].square().sum(0) / d
+        m = index.numel()
+        cost = w[:, :m].square().sum(0) / hinv.diagonal()[:m].clamp_min(1e-30)
         cost[~alive] = float("inf")
         picked = cost.topk(b, largest=False).indices
-        sub = hinv[picked][:, picked]
-        sub_inv = torch.linalg.pinv(sub)
+        sub_inv = torch.linalg.pinv(hinv[picked][:, picked], hermitian=True)
         wp = w[:, picked]
         joint = float(((wp @ sub_inv) * wp).sum())
         per = cost[picked] * (joint / float(cost[picked].sum().clamp_min(1e-30)))  # shares of the joint cost
         rows = sub_inv @ hinv[picked]
-        w -= w[:, picked] @ rows
-        hinv -= hinv[:, picked] @ rows
-        hinv[picked, :] = 0
-        hinv[:, picked] = 0
-        w[:, picked] = 0
+        w.addmm_(wp, rows, alpha=-1)
+        hinv.addmm_(hinv[:, picked], rows, alpha=-1)
         alive[picked] = False
-        order.append(picked)
+        order.append(index[picked])
         costs.append(per / energy)
-    if not order:
-        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
+        if int(alive.sum()) < 0.75 * m and done < n_remove:
+            live = alive.nonzero().flatten()
+            keep = torch.cat([live, torch.tensor([m])])
+            w, hinv = w.index_select(1, keep), hinv.index_select(0, keep).index_select(1, keep)
+            index, alive = index[live], torch.ones(live.numel(), dtype=torch.bool)
     return torch.cat(order), torch.cat(costs)
