@@ -49,7 +49,7 @@ from fermigates.methods.fermi.anneal import AnnealSchedule  # noqa: E402
 
 EXAMPLE = torch.zeros(1, 1, 28, 28)
 ROUND_TO = [1]  # channel multiple for both libraries (the MobileNetV2 benchmark sets 8)
-METHODS = ("fg anneal", "fg anneal, early bake", "fg prune + FT", "TP magnitude + FT", "TP magnitude iterative", "TP Taylor + FT", "dense FT")
+METHODS = ("fg anneal", "fg anneal, global budget", "fg anneal, early bake", "fg prune + FT", "TP magnitude + FT", "TP magnitude iterative", "TP Taylor + FT", "dense FT")
 
 
 class CNN(nn.Module):
@@ -144,10 +144,16 @@ ANNEAL: dict = {}  # FermiAnnealer keyword arguments from the command line (defa
 BAKE_EARLY = [False]
 
 
-def run_fg_anneal(dense, s, batches, calib, lr, test, bake_early=False):
+BUDGET_KEPT = [1.0]  # the MAC fraction kept at the current budget (for the budget-steered annealer)
+
+
+def run_fg_anneal(dense, s, batches, calib, lr, test, bake_early=False, steer=None):
     model = copy.deepcopy(dense)
     fg.convert_to_fermi(model, fg_config(s), example_inputs=EXAMPLE)
-    log = fg.fine_tune(model, batches, steps=len(batches), lr=lr, anneal=dict(ANNEAL), progress=False,
+    anneal = dict(ANNEAL)
+    if steer is not None:  # the annealer allocates the MAC budget across layers itself
+        anneal.update(budget=f"macs:{BUDGET_KEPT[0]:.6f}", allocation=steer)
+    log = fg.fine_tune(model, batches, steps=len(batches), lr=lr, anneal=anneal, progress=False,
                        bake_when_decided=bake_early or BAKE_EARLY[0], calibration_data=calib)
     if log.report is not None:  # baked (and calibrated) when the decisions froze; fine-tuned small since
         return model, {"acc_trained": accuracy(model, *test), "trained_vs_baked": log.report.trained_vs_baked}
@@ -214,6 +220,7 @@ def run_dense(dense, knob, batches, calib, lr, test):
 
 
 RUNNERS = {"fg anneal": run_fg_anneal,
+           "fg anneal, global budget": lambda *a: run_fg_anneal(*a, steer="global"),
            "fg anneal, early bake": lambda *a: run_fg_anneal(*a, bake_early=True), "fg prune + FT": run_fg_prune, "TP magnitude + FT": run_tp_magnitude,
            "TP magnitude iterative": run_tp_iterative, "TP Taylor + FT": run_tp_taylor, "dense FT": run_dense}
 
@@ -253,6 +260,7 @@ def main() -> None:
     rows, raw = [], []
     for budget in args.budgets:
         target = dense_macs / budget
+        BUDGET_KEPT[0] = 1.0 / budget
         knobs = {"fg": search(fg_hard_prune, dense, target), "tp": search(tp_hard_prune, dense, target)}
         fg_macs, tp_macs = macs(fg_hard_prune(dense, knobs["fg"])), macs(tp_hard_prune(dense, knobs["tp"]))
         print(f"budget {budget}x: fermigates target_sparsity={knobs['fg']:.4f} ({dense_macs / fg_macs:.2f}x), "

@@ -53,6 +53,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cnn.EXAMPLE = torch.zeros(1, 3, 64, 64)
     cnn.ROUND_TO[0] = 8
+    cnn.BUDGET_KEPT[0] = 1.0 / args.budget
     xtr, ytr = dataset("train")
     xte, yte = dataset("test")
     test = (images64(xte[: args.test]), yte[: args.test])

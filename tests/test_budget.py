@@ -126,3 +126,37 @@ def test_uniform_budget_lands_when_rounding_makes_the_shares_jump():
                       allocation="uniform", selection="magnitude", progress=False)
     got = report.macs_after / report.macs_before
     assert abs(got - 0.3333) <= 0.02 * 0.3333, report.budget
+
+
+@pytest.mark.parametrize("allocation", ["global", "uniform"])
+@pytest.mark.parametrize("family,name", [("timm", "resnet18"), ("hf", "bert")])
+def test_annealer_steers_to_a_mac_budget(family, name, allocation):
+    from _family_models import run
+
+    model, x = build(family, name)
+    fg.convert_to_fermi(model, fg.FermiConfig(granularity="channel"), example_inputs=x)
+    before = fg.count_macs(model, x)
+    opt = fg.FermiAnnealer(torch.optim.Adam(model.parameters(), 1e-3), model, total_steps=12, budget="macs:0.6",
+                           allocation=allocation)
+    for _ in range(12):
+        opt.zero_grad()
+        out = run(model, x)
+        (out.float().square().mean() + opt.sparsity_loss()).backward()
+        opt.step()
+    assert opt.decided and opt.budget_result.predicted == pytest.approx(0.6, rel=0.02)
+    report = fg.convert_from_fermi(model, example_inputs=x, progress=False)
+    got = report.macs_after / before
+    assert abs(got - 0.6) <= 0.02 * 0.6, (got, opt.budget_result)
+    assert all(kept >= max(1, 0.1 * total) for kept, total in opt.budget_result.kept.values())
+
+
+def test_annealer_budget_arguments_are_checked():
+    model, x = build("timm", "resnet18")
+    fg.convert_to_fermi(model, fg.FermiConfig(granularity="channel"), example_inputs=x)
+    sgd = torch.optim.SGD(model.parameters(), 0.1)
+    with pytest.raises(ValueError, match="either budget= or target_sparsity="):
+        fg.FermiAnnealer(sgd, model, total_steps=4, budget="macs:0.5", target_sparsity=0.5)
+    with pytest.raises(ValueError, match="latency"):
+        fg.FermiAnnealer(sgd, model, total_steps=4, budget="latency:0.5")
+    with pytest.raises(ValueError, match="cannot be met"):
+        fg.FermiAnnealer(sgd, model, total_steps=4, budget="macs:0.001")

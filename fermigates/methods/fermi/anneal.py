@@ -118,10 +118,15 @@ class AnnealSchedule:
             return max(self.target_sparsity.values(), default=0.0)
         return float(self.target_sparsity.get(kind, 0.0))
 
-    def sparsity_at(self, step: int, kind: str | None = None) -> float:
+    def sparsity_at(self, step: int, kind: str | None = None, final: float | None = None) -> float:
         progress = step / (self.ramp * self.total_steps)
-        final = self.final_sparsity(kind)
+        final = self.final_sparsity(kind) if final is None else final
         return sparsity_at(progress, final, self.sparsity_schedule, min(self.initial_sparsity, final))
+
+    @staticmethod
+    def gate_final(gate: nn.Module) -> float | None:
+        """The share a budget assigned to this gate (see ``FermiAnnealer(budget=...)``), or None."""
+        return getattr(gate, "budget_share", None)
 
     def band_at(self, step: int) -> float:
         progress = min(step / (self.ramp * self.total_steps), 1.0)
@@ -136,14 +141,16 @@ class AnnealSchedule:
                 gate.set_temperature(temperature)
                 if gate.decided is None:
                     raw = owner.weight.detach().abs() if owner is not None else gate.score().detach()
-                    _pin_to_quantile(gate, gate.normalised(raw.float().flatten()), self.final_sparsity(gate.kind))
+                    final = self.gate_final(gate)
+                    _pin_to_quantile(gate, gate.normalised(raw.float().flatten()),
+                                     self.final_sparsity(gate.kind) if final is None else final)
                     gate.decided = gate.keep(raw).clone()
             return
         for gate in all_gates(model):
             gate.decided = None  # a resumed or rewound run decides again when it gets there
         for gate, scores in gate_scores(model):
             gate.set_temperature(temperature)
-            target = self.sparsity_at(step, gate.kind)
+            target = self.sparsity_at(step, gate.kind, self.gate_final(gate))
             if band > 0:
                 probe = _probe(gate, scores)
                 lo = kth_quantile(probe, target - band) if target - band > 0 else -math.inf
@@ -151,6 +158,60 @@ class AnnealSchedule:
                 gate.mu.clamp_(lo, hi)
             else:
                 _pin_to_quantile(gate, scores, target)
+
+
+#: how many times a budget is re-allocated across the gates (from the current scores) before decisions freeze
+BUDGET_UPDATES = 20
+
+
+class _BudgetSteer:
+    """Per-gate shares that meet a MAC / parameter / unit budget, from the gates' current normalised scores."""
+
+    def __init__(self, model: nn.Module, budget: Any, allocation: str, min_keep: float | int, example: Any) -> None:
+        from ...budget import Budget, _CostModel, _check_min_keep, _floor
+
+        self.budget = Budget.parse(budget)
+        if self.budget.kind == "latency":
+            raise ValueError("FermiAnnealer(budget=) takes 'macs', 'params' or 'units': a latency budget is measured "
+                             "on shrunk candidates, which fermigates.prune does")
+        if allocation not in ("global", "uniform"):
+            raise ValueError(f"allocation must be 'global' or 'uniform', got {allocation!r}")
+        _check_min_keep(min_keep)
+        state = fermi_state(model)
+        self.model, self.allocation = model, allocation
+        self.gates = [g for g, owner in _distinct_gates(model)
+                      if owner is None and getattr(g, "group_id", None) is not None]
+        if not self.gates:
+            raise ValueError("a budget needs channel or head gates: convert with granularity 'channel' and/or "
+                             "'head'")
+        example = state.example_inputs if example is None else example
+        if example is None and self.budget.kind == "macs":
+            raise ValueError("a MAC budget needs example inputs: pass example_inputs= to FermiAnnealer or to "
+                             "convert_to_fermi")
+        self.steps = [max(1, int(getattr(g, "round_to", 1))) for g in self.gates]
+        self.floors = [_floor(g.n_units, min_keep, st) for g, st in zip(self.gates, self.steps)]
+        self.cost = _CostModel(model, self.gates, state.graph, example)
+        self.result: Any = None
+        kind, target = self.budget.kind, self.budget.fraction
+        floor_kept = self.cost.kept(kind, [g.n_units - f for g, f in zip(self.gates, self.floors)])
+        if floor_kept > target * 1.02:
+            raise ValueError(f"budget {kind} kept {target:g} cannot be met: with every gate at its floor "
+                             f"(min_keep={min_keep!r}) the model keeps {floor_kept:.4f} of its {kind}")
+
+    @torch.no_grad()
+    def update(self) -> None:
+        from ...budget import BudgetResult, _importance, _solve
+
+        ranked = _importance(self.model, self.gates, self.floors, "magnitude", None, 0.0)
+        kind, target = self.budget.kind, self.budget.fraction
+        removed = _solve(kind, target, self.allocation, self.gates, self.steps, self.floors, self.cost, ranked)
+        result = BudgetResult(kind, target, self.cost.kept(kind, removed), self.allocation, "magnitude (scores)",
+                              self.cost.counted_on if kind == "macs" else "over the whole model"
+                              if kind == "params" else "over the gated units")
+        for g, r in zip(self.gates, removed):
+            g.budget_share = (r + 0.5) / g.n_units if r else 0.0  # floor(share * n) == r exactly
+            result.kept[getattr(g, "label", str(g.group_id))] = (g.n_units - r, g.n_units)
+        self.result = result
 
 
 #: above this many units the band edges are read from a fixed random sample of the scores (exact quantiles of
@@ -271,6 +332,10 @@ class FermiAnnealer(Optimizer):
         tolerance: float = 0.05,
         sparsity_weight: float = 1.0,
         hard_after: float | None = None,
+        budget: Any = None,
+        allocation: str = "global",
+        min_keep: float | int = 0.1,
+        example_inputs: Any = None,
     ) -> None:
         if isinstance(temperature, (int, float, str)) or not isinstance(temperature, (tuple, list)):
             raise TypeError(f"temperature must be a pair (T_start, T_end), e.g. (1.0, 0.01), got {temperature!r}")
@@ -287,10 +352,14 @@ class FermiAnnealer(Optimizer):
                 "FermiAnnealer needs whole weights: FSDP2 (fully_shard) shards them, so a gate's score and its "
                 "quantiles would be computed on one shard. Train with torch.nn.parallel.DistributedDataParallel "
                 "(or accelerate's DDP) instead, where every process holds the full model")
+        if budget is not None and target_sparsity is not None:
+            raise ValueError("give FermiAnnealer either budget= or target_sparsity=, not both (a budget sets each "
+                             "gate's share)")
         if target_sparsity is None:
             target_sparsity = state.config.target_sparsity
         self.optimizer = optimizer
         self.model = model
+        self.budget = None if budget is None else _BudgetSteer(model, budget, allocation, min_keep, example_inputs)
         self.schedule = AnnealSchedule(
             total_steps, tuple(temperature), schedule, target_sparsity, sparsity_schedule,
             ramp=ramp, tolerance=tolerance, hard_after=hard_after,
@@ -306,7 +375,22 @@ class FermiAnnealer(Optimizer):
         self._optimizer_state_dict_post_hooks: dict = OrderedDict()
         self._optimizer_load_state_dict_pre_hooks: dict = OrderedDict()
         self._optimizer_load_state_dict_post_hooks: dict = OrderedDict()
+        self._steer()
         self.schedule.apply(model, 0)
+
+    def _steer(self) -> None:
+        """Re-allocate the budget across gates from the current scores, until the decisions freeze."""
+        if self.budget is None or self.step_count >= self.schedule.hard_step:
+            return
+        every = max(1, self.schedule.hard_step // BUDGET_UPDATES)
+        if self.step_count % every == 0 or self.step_count == self.schedule.hard_step - 1 \
+                or self.budget.result is None:
+            self.budget.update()
+
+    @property
+    def budget_result(self) -> Any:
+        """With ``budget=``: the latest :class:`fermigates.BudgetResult` (requested, predicted, units kept)."""
+        return None if self.budget is None else self.budget.result
 
     # -- delegation ---------------------------------------------------------------------------
     @property
@@ -333,6 +417,7 @@ class FermiAnnealer(Optimizer):
         loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
         self.step_count += 1
         _check_finite(gates, "data", self.step_count)
+        self._steer()
         self.schedule.apply(self.model, self.step_count)
         return loss
 
@@ -404,6 +489,8 @@ class FermiAnnealer(Optimizer):
         self.schedule = AnnealSchedule(**schedule)
         self.sparsity_weight = float(state_dict.get("sparsity_weight", self.sparsity_weight))
         self.step_count = int(state_dict["step_count"])
+        if self.budget is not None and self.step_count < self.schedule.hard_step:
+            self.budget.update()  # the shares of the restored scores
         decided = state_dict.get("decided")
         gates = all_gates(self.model)
         if decided is not None and len(decided) != len(gates):
