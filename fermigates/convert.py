@@ -229,9 +229,11 @@ def convert_to_fermi(
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn must be callable as filter_fn(module, fqn), got {type(filter_fn).__name__}")
     if getattr(model, _STATE_ATTR, None) is not None or any(is_gated(m) for m in model.modules()):
+        previous = getattr(getattr(getattr(model, _STATE_ATTR, None), "config", None), "method", None)
+        how = f" (method {previous!r})" if previous else ""
         raise ValueError(
-            f"{type(model).__name__} is already converted to Fermi gates; call "
-            "fermigates.convert_from_fermi(model) before converting again"
+            f"{type(model).__name__} is already converted{how}; call "
+            "fermigates.convert_from_fermi(model) before converting or pruning it again"
         )
 
     _check_materialised(model)

@@ -255,7 +255,7 @@ def test_conversion_is_a_transaction_and_skips_what_it_cannot_rewire():
     assert isinstance(model[0], fg.RewiredLinear) and type(model[1]) is Odd and type(model[2]) is nn.Linear
     reasons = dict(fg.summary(model).skipped)
     assert "1" in reasons and "2" in reasons  # overrides forward; final classifier
-    with pytest.raises(ValueError, match="already converted"):
+    with pytest.raises(ValueError, match="already converted \\(method 'softdeepr'\\)"):
         fg.convert_to_fermi(model, fg.FermiConfig(method="deepr"))
     fresh = nn.Sequential(nn.Linear(4, 4))
     before = copy.deepcopy(fresh.state_dict())

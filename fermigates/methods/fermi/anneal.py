@@ -333,7 +333,7 @@ class FermiAnnealer(Optimizer):
         sparsity_weight: float = 1.0,
         hard_after: float | None = None,
         budget: Any = None,
-        allocation: str = "global",
+        allocation: str = "uniform",
         min_keep: float | int = 0.1,
         example_inputs: Any = None,
     ) -> None:
