@@ -32,9 +32,14 @@ model the two agree on conv + linear MACs (up to the classifier's 1,000 bias add
 counts ReLU6 and pooling elements (about 2% more): the breakdown is in the JSON's meta.
 
 Latency: ``torch.inference_mode``, ``--threads`` intra-op threads, batch ``--batch`` at 224x224, warm-up,
-then all models are timed round-robin (one run of each per round, so load drifts hit all alike), median of
-``--runs``, in each of ``--repeats`` fresh processes (one process's memory layout moved the same model's
-time by 10-25% here); a speedup is the median over processes of (dense median / model median). Two forms of
+then the median of ``--runs``; every model is timed alone in its own fresh process (one process's memory
+layout, allocator state and oneDNN kernel cache moved the same model's time by 10-25% here, and a model
+timed after others inherits them), in a new random order in each of ``--repeats`` repeats; a speedup is the
+median over repeats of (dense median / model median), and the table gives the range over repeats
+(``--shared-process``: all models round-robin in one process per repeat, as before). The timing processes
+run with glibc's mmap / trim thresholds raised (``MALLOC_ENV``: a warm heap, no page faults per forward, as
+in a long-running server; ``--default-malloc`` keeps glibc's defaults, under which a freed activation is
+faulted in again by every forward, which slows the dense model most). Two forms of
 every model (dense included) are timed:
 
 * ``eager``: the model as timm builds it (NCHW, batch norms as separate modules);
@@ -294,32 +299,58 @@ def latencies(models: dict[str, nn.Module], batch: int, runs: int, warmup: int) 
     return times
 
 
-def timed_in_processes(models: dict[str, nn.Module], batch: int, runs: int, warmup: int, threads: int,
-                       repeats: int) -> list[dict[str, list[float]]]:
-    """``latencies`` in ``repeats`` fresh processes (models passed through a temporary file).
+#: glibc keeps freed blocks up to 256 MiB in the heap and trims above 1 GiB: with its defaults a large
+#: activation is returned to the system when freed and page-faulted in again by the next forward, which costs
+#: the big (dense) model more than the small ones -- a speedup above the MAC reduction that a long-running
+#: server would not see
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 28), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
-    One process's timings carry its own memory layout: the same model measured 10-25% apart in two processes
-    on this machine, far more than round-robin drift within one. Each process gives one speedup per model;
-    the table reports their median, the JSON every process's.
+
+def timed_in_processes(models: dict[str, nn.Module], batch: int, runs: int, warmup: int, threads: int,
+                       repeats: int, isolate: bool = True) -> list[dict[str, list[float]]]:
+    """``latencies`` in fresh processes (models passed through temporary files), ``repeats`` times.
+
+    ``isolate`` (default): every model is timed alone in its own fresh process, the models in a new random
+    order each repeat, so no model inherits another's allocator state, oneDNN kernel cache or place in the
+    order; otherwise one process per repeat times all models round-robin. One process's memory layout moved
+    the same model's time by 10-25% on this machine. Each repeat gives one speedup per model; the table
+    reports their median and range, the JSON every repeat's.
     """
+    import random
     import subprocess
     import tempfile
 
     # a server runs one model; 18 models interleaved would overflow oneDNN's kernel cache (1024 entries)
     env = {**os.environ, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8192")}
+
+    def run_worker(path: str, result: str) -> dict[str, list[float]]:
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--time-only", path, result,
+                        "--batch", str(batch), "--runs", str(runs), "--threads", str(threads),
+                        "--warmup", str(warmup)], check=True, env=env)
+        with open(result) as f:
+            return json.load(f)
+
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "models.pt")
-        torch.save(models, path)
+        groups = [[k] for k in models] if isolate else [list(models)]
+        paths = []
+        for i, keys in enumerate(groups):
+            paths.append(os.path.join(tmp, f"models{i}.pt"))
+            torch.save({k: models[k] for k in keys}, paths[-1])
         out = []
-        for i in range(repeats):
-            result = os.path.join(tmp, f"times{i}.json")
-            subprocess.run([sys.executable, os.path.abspath(__file__), "--time-only", path, result,
-                            "--batch", str(batch), "--runs", str(runs), "--threads", str(threads),
-                            "--warmup", str(warmup)], check=True, env=env)
-            with open(result) as f:
-                out.append(json.load(f))
-            print(f"  process {i + 1}/{repeats}: dense {statistics.median(out[-1]['dense']):.1f} ms", flush=True)
+        for r in range(repeats):
+            order = list(range(len(groups)))
+            random.Random(r).shuffle(order)
+            times: dict[str, list[float]] = {}
+            for i in order:
+                times.update(run_worker(paths[i], os.path.join(tmp, f"times{r}_{i}.json")))
+            out.append(times)
+            print(f"  repeat {r + 1}/{repeats}: dense {statistics.median(times['dense']):.1f} ms "
+                  f"({'one process per model' if isolate else 'all models in one process'})", flush=True)
     return out
+
+
+def _span(speedups: list[float], reduction: float) -> str:
+    return f"{min(speedups) / reduction:.2f}-{max(speedups) / reduction:.2f}"
 
 
 def time_only(args: argparse.Namespace) -> None:
@@ -345,6 +376,11 @@ def main() -> None:
     ap.add_argument("--eval", type=int, default=None, help="evaluation crops (default 64, quick 8)")
     ap.add_argument("--repeats", type=int, default=None,
                     help="fresh processes that each time every model (default 3, quick 1); medians across them")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="time with glibc's default malloc thresholds (default: a warm heap, see the docstring)")
+    ap.add_argument("--shared-process", action="store_true",
+                    help="time all models round-robin in one process per repeat (default: each model alone in "
+                         "its own fresh process)")
     ap.add_argument("--warmup", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--time-only", nargs=2, default=None, help=argparse.SUPPRESS)  # worker of --repeats
     args = ap.parse_args()
@@ -441,7 +477,10 @@ def main() -> None:
     print(f"\nlatency: batch {batch}, {args.threads} threads, {warmup} warm-up, median of {runs} (round-robin), "
           f"eager and deploy (batch norms folded, channels_last) forms, {args.repeats or (1 if q else 3)} processes")
     repeats = args.repeats or (1 if q else 3)
-    per_process = timed_in_processes(models, batch, runs, warmup, args.threads, repeats)
+    if not args.default_malloc:
+        os.environ.update(MALLOC_ENV)  # read by the timing processes' glibc at start
+    per_process = timed_in_processes(models, batch, runs, warmup, args.threads, repeats,
+                                     isolate=not args.shared_process)
     lat = {k: statistics.median(statistics.median(t[k]) for t in per_process) for k in models}
 
     def speedups(key: str, base: str) -> list[float]:
@@ -461,6 +500,8 @@ def main() -> None:
                      "MAC reduction": red, "eager ms": lat[key], "eager speedup": eager,
                      "eager speedup / MAC red.": eager / red, "deploy ms": lat[f"{key}|deploy"],
                      "deploy speedup": dep, "deploy speedup / MAC red.": dep / red,
+                     "eager / MAC red. range": _span(speedups(key, "dense"), red),
+                     "deploy / MAC red. range": _span(speedups(f"{key}|deploy", "dense|deploy"), red),
                      "top-1 agree": it["agree"], "agree w/o calib": it["agree_nocal"]})
     meta = {
         "quick": q, "batch": batch, "runs": runs, "warmup": warmup, "threads": args.threads,
@@ -474,6 +515,9 @@ def main() -> None:
                   "deploy": "fermigates.fold_batchnorm + channels_last weights and input"},
         "batch_norms_folded": folded, "conv_out_channels_mod_8": widths,
         "repeats": repeats,
+        "malloc": "glibc defaults" if args.default_malloc else MALLOC_ENV,
+        "timing": "each model alone in its own fresh process, random order per repeat" if not args.shared_process
+                  else "all models round-robin in one fresh process per repeat",
         "latency_ms_per_process": [{k: statistics.median(v) for k, v in t.items()} for t in per_process],
         "speedup_per_process": {it["key"]: {"eager": speedups(it["key"], "dense"),
                                              "deploy": speedups(f"{it['key']}|deploy", "dense|deploy")}
@@ -487,7 +531,11 @@ def main() -> None:
         "command": "python benchmarks/bench_shrink_mobilenet.py " + " ".join(sys.argv[1:]),
     }
     print()
-    write_results("bench_shrink_mobilenet", rows, meta=meta)
+    import tempfile
+
+    # a smoke test must not overwrite the committed result
+    write_results("bench_shrink_mobilenet", rows, meta=meta,
+                  out_dir=os.path.join(tempfile.gettempdir(), "fermigates-bench") if q else None)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,10 @@ class Budget:
     def kind(self) -> str:
         return next(k for k in _KINDS if getattr(self, k) is not None)
 
+    def __str__(self) -> str:
+        """``"macs:0.5"``: the form :meth:`parse` reads back (and a YAML recipe holds)."""
+        return f"{self.kind}:{self.fraction:g}"
+
     @property
     def fraction(self) -> float:
         return float(getattr(self, self.kind))

@@ -43,6 +43,13 @@ class FermiConfig:
         "e.g. {'channel': 0.5, 'head': 0.25}.",
         default=0.5,
     )
+    budget: str | None = _help(
+        "What the pruned model keeps, as a fraction: 'macs:0.5' (2x fewer MACs per forward of the example "
+        "inputs), 'params:0.7', 'units:0.5' or 'latency:0.5' (measured on this machine; one-shot prune only). "
+        "Replaces target_sparsity in fermigates.prune and FermiAnnealer when neither is given a budget or a "
+        "target_sparsity of its own. Structured granularities only. None: target_sparsity applies.",
+        default=None,
+    )
     temperature: float = _help(
         "Initial temperature of every gate, in units of the layer's mean score (the annealer then sets it).",
         default=1.0,
@@ -118,6 +125,15 @@ class FermiConfig:
         if "weight" in self.granularities and len(self.granularities) > 1:
             raise ValueError("granularity 'weight' cannot be combined with structured granularities")
         check_sparsity(self.target_sparsity, self.granularities)
+        if self.budget is not None:
+            from .budget import Budget  # noqa: PLC0415 - budget imports the gate machinery
+
+            if not isinstance(self.budget, (str, dict, Budget)):
+                raise TypeError(f"budget must be a string like 'macs:0.5' or None, got {type(self.budget).__name__}")
+            self.budget = str(Budget.parse(self.budget))  # a string, so the config stays YAML
+            if not self.structured:
+                raise ValueError(f"budget={self.budget!r} chooses channels / heads: use granularity 'channel' and/or "
+                                 "'head' (weight gates take target_sparsity)")
         check_temperature(self.temperature)
         if self.mu_init != "open" and not (
             isinstance(self.mu_init, (int, float)) and not isinstance(self.mu_init, bool) and 0 <= self.mu_init < 1

@@ -76,12 +76,15 @@ def prune(
     latency on this machine with the current thread count) replaces ``target_sparsity``: units are
     chosen across all gates (``allocation="global"``) or as one share of every gate (``"uniform"``), every
     gate keeping at least ``min_keep`` of its units (a fraction, or a count; never fewer than one).
-    ``report.budget`` says what was requested, predicted and measured on the shrunk model.
+    ``report.budget`` says what was requested, predicted and measured on the shrunk model. Without
+    ``budget=`` and ``target_sparsity=``, ``config.budget`` applies when it is set.
     ``selection``: which units go -- ``"obs"`` (output error estimated from calibration statistics: OBS on
     the input Gram of a single consuming Linear, else activation-aware) or ``"magnitude"`` (weight scores);
     default :data:`DEFAULT_SELECTION`. With ``refine_steps`` the refinement starts from that selection.
     """
     config = config or FermiConfig(granularity=("channel", "head"))
+    if budget is None and target_sparsity is None and config.budget is not None:
+        budget = config.budget
     if target_sparsity is not None:
         config = dataclasses.replace(config, target_sparsity=target_sparsity)
     if not config.structured:

@@ -194,6 +194,10 @@ class FermiReport:
             "macs": {"before": self.macs_before, "after": self.macs_after,
                      "inputs": None if self.macs_inputs is None else str(self.macs_inputs)},
             "latency_ms": self.latency_ms,
+            "budget": None if self.budget is None else {
+                "kind": self.budget.kind, "requested": self.budget.requested, "predicted": self.budget.predicted,
+                "measured": self.budget.measured, "allocation": self.budget.allocation,
+                "selection": self.budget.selection, "counted_on": self.budget.counted_on},
             "kept": {k: {"kept": a, "total": b} for k, (a, b) in self.kept_by_kind().items()},
             "layers": [{"name": l.name, "unit": l.unit, "kind": l.kind, "kept": l.kept, "total": l.total}
                        for l in self.sparsity.layers],
@@ -235,6 +239,11 @@ def format_summary(d: dict[str, Any]) -> str:
                      f"({_ratio(macs['before'], macs['after'])}x), {per}")
     if d.get("latency_ms"):
         lines.append(f"  latency      {d['latency_ms']['before']:.2f} ms -> {d['latency_ms']['after']:.2f} ms")
+    budget = d.get("budget")
+    if budget:
+        got = f", got {budget['measured']:.3f}" if budget.get("measured") is not None else ""
+        lines.append(f"  budget       {budget['kind']} kept {budget['requested']:.3f}{got} "
+                     f"({budget['allocation']} allocation, {budget['selection']} selection)")
     for kind, kt in (d.get("kept") or {}).items():
         lines.append(f"  kept {kind + 's':<9}{kt['kept']:,} of {kt['total']:,} "
                      f"({100 * kt['kept'] / max(kt['total'], 1):.1f}%)")

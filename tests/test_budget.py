@@ -160,3 +160,43 @@ def test_annealer_budget_arguments_are_checked():
         fg.FermiAnnealer(sgd, model, total_steps=4, budget="latency:0.5")
     with pytest.raises(ValueError, match="cannot be met"):
         fg.FermiAnnealer(sgd, model, total_steps=4, budget="macs:0.001")
+
+
+def test_budget_in_the_config_drives_prune_and_the_annealer():
+    from _family_models import run
+
+    cfg = fg.FermiConfig(granularity="channel", budget=fg.Budget(macs=0.6))
+    assert cfg.budget == "macs:0.6" and fg.FermiConfig.from_yaml(cfg.to_yaml()).budget == "macs:0.6"
+    model, x = build("timm", "resnet18")
+    report = fg.prune(model, [x], cfg, progress=False)
+    assert report.budget is not None and report.budget.kind == "macs"
+    assert abs(report.macs_after / report.macs_before - 0.6) <= 0.02 * 0.6, report.budget
+    # an explicit target_sparsity wins over the config's budget
+    model, x = build("timm", "resnet18")
+    assert fg.prune(model, [x], cfg, target_sparsity=0.25, progress=False).budget is None
+
+    model, x = build("timm", "resnet18")
+    fg.convert_to_fermi(model, fg.FermiConfig(granularity="channel", budget="params:0.7"), example_inputs=x)
+    opt = fg.FermiAnnealer(torch.optim.Adam(model.parameters(), 1e-3), model, total_steps=4)
+    for _ in range(4):
+        opt.zero_grad()
+        run(model, x).float().square().mean().backward()
+        opt.step()
+    assert opt.budget_result.kind == "params" and opt.budget_result.predicted == pytest.approx(0.7, rel=0.02)
+
+
+@pytest.mark.parametrize("bad,match", [("macs=0.5", "budget must be"), ("macs:1.5", "fraction kept"), (0.5, "budget")])
+def test_bad_budget_in_the_config_names_the_field(bad, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        fg.FermiConfig(granularity="channel", budget=bad)
+    with pytest.raises(ValueError, match="granularity 'channel'"):
+        fg.FermiConfig(granularity="weight", budget="macs:0.5")
+
+
+def test_recipe_sets_the_budget():
+    from fermigates.recipe import load_recipe
+
+    recipe = load_recipe("timm_cnn", ["convert.budget=macs:0.5"])
+    assert recipe.fermi_config().budget == "macs:0.5"
+    with pytest.raises(ValueError, match="budget"):
+        load_recipe("timm_cnn", ["convert.budget=macs"]).fermi_config()

@@ -116,6 +116,19 @@ def test_prune_end_to_end_on_a_tiny_timm_model(tmp_path):
     assert ins.returncode == 0 and "timm:test_resnet" in ins.stdout
 
 
+def test_prune_to_a_budget_set_on_the_command_line(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(TINY.format(steps=0))  # one-shot prune
+    out = tmp_path / "out"
+    run = fermigates("prune", recipe, "--model", "timm:test_resnet", "--set", "model.kwargs={num_classes: 5}",
+                     "--set", "convert.budget=macs:0.5", "--data", _timm_data(tmp_path), "--out", out)
+    assert run.returncode == 0, run.stderr
+    assert "budget       macs kept 0.500, got 0.5" in run.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert abs(report["macs"]["after"] / report["macs"]["before"] - 0.5) <= 0.01
+    assert report["budget"]["kind"] == "macs" and report["budget"]["allocation"] == "uniform"
+
+
 def _tiny_bert(tmp_path):
     import transformers as tf
 

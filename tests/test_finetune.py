@@ -229,6 +229,41 @@ def test_trainer_callback_adds_the_sparsity_term_and_logs(tmp_path):
     assert abs(fg.compute_sparsity(model).overall - 0.5) <= 0.02
 
 
+def test_trainer_callback_steers_to_a_budget(tmp_path):
+    tf = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, num_labels=3)
+    model = tf.BertForSequenceClassification(cfg)
+    example = {"input_ids": torch.randint(0, 99, (1, 8))}
+    fg.convert_to_fermi(model, fg.FermiConfig(granularity="channel", budget="macs:0.6"), example_inputs=example)
+    before = fg.count_macs(model, example)
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return 32
+
+        def __getitem__(self, i):
+            ids = torch.randint(0, 99, (8,), generator=torch.Generator().manual_seed(i))
+            return {"input_ids": ids, "labels": int(ids[0] % 3)}
+
+    args = tf.TrainingArguments(str(tmp_path), max_steps=8, per_device_train_batch_size=4, report_to=[],
+                                use_cpu=True, save_strategy="no", disable_tqdm=True, learning_rate=1e-3)
+    with pytest.raises(ValueError, match="either budget= or target_sparsity="):
+        fg.fermi_trainer_callback(model, budget="macs:0.5", target_sparsity=0.5)
+    callback = fg.fermi_trainer_callback(model)  # the budget comes from the model's FermiConfig
+    trainer = tf.Trainer(model=model, args=args, train_dataset=Data(), callbacks=[callback])
+    trainer.train()
+    assert callback.budget_result.kind == "macs"
+    logged = trainer.state.log_history[-1]
+    # the logged target is the budget's unit share, which the decided gates then hold exactly
+    assert logged["fermi/target_sparsity"] == pytest.approx(logged["fermi/sparsity"], abs=0.01)
+    fg.convert_from_fermi(model, example_inputs=example, progress=False)
+    got = fg.count_macs(model, example) / before
+    assert abs(got - 0.6) <= 0.02 * 0.6, (got, callback.budget_result)
+
+
 def test_bake_when_decided_trains_the_small_model_after_the_freeze():
     model, x, y = _converted()
     data = _batches(x, y)

@@ -198,6 +198,15 @@ class _BudgetSteer:
             raise ValueError(f"budget {kind} kept {target:g} cannot be met: with every gate at its floor "
                              f"(min_keep={min_keep!r}) the model keeps {floor_kept:.4f} of its {kind}")
 
+    def maybe_update(self, step: int, hard_step: int) -> None:
+        """Re-allocate at ``BUDGET_UPDATES`` points of the ramp (and on the first call, e.g. after a resume),
+        never once the decisions are frozen."""
+        if step >= hard_step:
+            return
+        every = max(1, hard_step // BUDGET_UPDATES)
+        if step % every == 0 or step == hard_step - 1 or self.result is None:
+            self.update()
+
     @torch.no_grad()
     def update(self) -> None:
         from ...budget import BudgetResult, _importance, _solve
@@ -267,14 +276,19 @@ def undecided_units(model: nn.Module, eps: float = 0.01) -> int:
 def anneal_stats(model: nn.Module, schedule: AnnealSchedule, step: int) -> dict[str, float]:
     """Step, temperature, scheduled and actual sparsity, undecided units, whether decisions are frozen."""
     kept = total = 0
+    scheduled, steered = 0.0, False
     for gate, owner in _distinct_gates(model):
         keep = gate.keep(owner.weight.abs() if owner is not None else gate.score())
         kept += int(keep.sum())
         total += keep.numel()
+        share = schedule.gate_final(gate)
+        steered = steered or share is not None
+        scheduled += keep.numel() * schedule.sparsity_at(step, gate.kind, share)
     return {
         "step": step,
         "temperature": schedule.temperature_at(step),
-        "target_sparsity": schedule.sparsity_at(step),
+        # with a budget every gate has its own share: the scheduled fraction of all gated units
+        "target_sparsity": scheduled / max(total, 1) if steered else schedule.sparsity_at(step),
         "sparsity": 1.0 - kept / max(total, 1),
         "undecided": undecided_units(model),
         "decided": float(step >= schedule.hard_step),
@@ -315,7 +329,8 @@ class FermiAnnealer(Optimizer):
 
     Behaves as the wrapped optimizer for LR schedulers and trainers (``param_groups``, ``state``,
     ``zero_grad``); ``state_dict()`` adds the step count so an interrupted run resumes exactly.
-    ``target_sparsity`` defaults to the one in the model's ``FermiConfig``.
+    ``budget`` / ``target_sparsity`` default to the model's ``FermiConfig`` (its ``budget`` when set, else its
+    ``target_sparsity``).
     """
 
     def __init__(
@@ -355,6 +370,8 @@ class FermiAnnealer(Optimizer):
         if budget is not None and target_sparsity is not None:
             raise ValueError("give FermiAnnealer either budget= or target_sparsity=, not both (a budget sets each "
                              "gate's share)")
+        if budget is None and target_sparsity is None and state.config.budget is not None:
+            budget = state.config.budget
         if target_sparsity is None:
             target_sparsity = state.config.target_sparsity
         self.optimizer = optimizer
@@ -380,12 +397,8 @@ class FermiAnnealer(Optimizer):
 
     def _steer(self) -> None:
         """Re-allocate the budget across gates from the current scores, until the decisions freeze."""
-        if self.budget is None or self.step_count >= self.schedule.hard_step:
-            return
-        every = max(1, self.schedule.hard_step // BUDGET_UPDATES)
-        if self.step_count % every == 0 or self.step_count == self.schedule.hard_step - 1 \
-                or self.budget.result is None:
-            self.budget.update()
+        if self.budget is not None:
+            self.budget.maybe_update(self.step_count, self.schedule.hard_step)
 
     @property
     def budget_result(self) -> Any:

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from ...state import fermi_state
-from .anneal import AnnealSchedule, anneal_stats, sparsity_loss
+from .anneal import AnnealSchedule, _BudgetSteer, anneal_stats, sparsity_loss
 
 
 def fermi_trainer_callback(
@@ -20,6 +20,10 @@ def fermi_trainer_callback(
     total_steps: int | None = None,
     *,
     sparsity_weight: float = 1.0,
+    budget: Any = None,
+    allocation: str = "uniform",
+    min_keep: float | int = 0.1,
+    example_inputs: Any = None,
     **schedule_kwargs: Any,
 ):
     """A ``transformers.TrainerCallback`` that anneals the gates of ``model`` like :class:`FermiAnnealer`.
@@ -31,12 +35,21 @@ def fermi_trainer_callback(
     Trainer's ``global_step``, so a run resumed from a Trainer checkpoint continues where it was (a run
     resumed inside its hard phase decides again from the loaded weights). Under ``accelerate`` / DDP every
     process computes the same schedule from the same synchronised weights. ``total_steps`` defaults to the
-    Trainer's ``max_steps``. Use: ``Trainer(..., callbacks=[fermigates.fermi_trainer_callback(model)])``.
+    Trainer's ``max_steps``. ``budget`` / ``allocation`` / ``min_keep`` steer the gates to a MAC, parameter
+    or unit budget as in :class:`FermiAnnealer` (default: the model's ``FermiConfig.budget``, when set); the
+    shares are re-allocated from the current scores, so a resumed run steers on from its loaded weights.
+    Use: ``Trainer(..., callbacks=[fermigates.fermi_trainer_callback(model)])``.
     """
     from transformers import TrainerCallback
 
     config = fermi_state(model).config
+    if budget is not None and target_sparsity is not None:
+        raise ValueError("give fermi_trainer_callback either budget= or target_sparsity=, not both (a budget sets "
+                         "each gate's share)")
+    if budget is None and target_sparsity is None:
+        budget = config.budget
     sparsity = config.target_sparsity if target_sparsity is None else target_sparsity
+    steer = None if budget is None else _BudgetSteer(model, budget, allocation, min_keep, example_inputs)
     if not isinstance(temperature, (tuple, list)):
         raise TypeError(f"temperature must be a pair (T_start, T_end), e.g. (1.0, 0.01), got {temperature!r}")
     if sparsity_weight < 0:
@@ -58,8 +71,19 @@ def fermi_trainer_callback(
                 )
             return self.schedule
 
+        def _apply(self, state) -> None:
+            schedule = self._ensure(state)
+            if steer is not None:
+                steer.maybe_update(state.global_step, schedule.hard_step)
+            schedule.apply(model, state.global_step)
+
+        @property
+        def budget_result(self) -> Any:
+            """With a budget: the latest :class:`fermigates.BudgetResult` (requested, predicted, units kept)."""
+            return None if steer is None else steer.result
+
         def on_train_begin(self, args, state, control, **kwargs):
-            self._ensure(state).apply(model, state.global_step)
+            self._apply(state)
 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
             if sparsity_weight == 0:
@@ -70,7 +94,7 @@ def fermi_trainer_callback(
                     loss.backward()
 
         def on_step_end(self, args, state, control, **kwargs):
-            self._ensure(state).apply(model, state.global_step)
+            self._apply(state)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             stats = anneal_stats(model, self._ensure(state), state.global_step)
