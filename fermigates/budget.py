@@ -254,9 +254,9 @@ def _keep_masks(gates: list, ranked: list, removed: list[int]) -> list[torch.Ten
 
 
 #: a latency budget is re-measured on the shrunk candidate until it lands this close (relative), at most
-#: ``LATENCY_ROUNDS`` times
+#: ``LATENCY_ROUNDS`` times (and as many again when the level has to be bracketed by the floor)
 LATENCY_TOLERANCE = 0.025
-LATENCY_ROUNDS = 4
+LATENCY_ROUNDS = 6
 
 
 def _latency_closed_loop(model: nn.Module, gates: list, ranked: list, cost: "_CostModel", solve: Any,
@@ -264,8 +264,11 @@ def _latency_closed_loop(model: nn.Module, gates: list, ranked: list, cost: "_Co
     """Tables rank the units; the level is set by timing the shrunk candidate against the dense model.
 
     Per-layer tables interpolate between measured widths and miss what a kernel does at the widths in
-    between (vector-width padding, a change of algorithm), so each candidate allocation is shrunk (on a copy)
-    and timed round-robin against the dense model, and the table target is corrected multiplicatively.
+    between (vector-width padding, a change of algorithm) and what the whole model pays besides its layers,
+    so each candidate allocation is shrunk (on a copy) and timed round-robin against the dense model. The
+    table-level ``aim`` is searched against the measured time: multiplicative steps until the target is
+    bracketed, then safeguarded secant steps inside the bracket (the measured time is monotone in ``aim`` but
+    far from proportional to it, so plain multiplicative correction can oscillate).
     """
     import copy
 
@@ -277,27 +280,48 @@ def _latency_closed_loop(model: nn.Module, gates: list, ranked: list, cost: "_Co
     state = fermi_state(model)
     dense = cost.latency.dense_model
     example = cost.latency_example
+    timed_once: dict[tuple[int, ...], float] = {}
 
     def measure(removed: list[int]) -> float:
-        keep = {g.group_id: m for g, m in zip(gates, _keep_masks(gates, ranked, removed))}
-        candidate = copy.deepcopy(dense)
-        shrink_model(candidate, state.graph, keep)
-        timed = compare_latency({"dense": lambda: call_model(dense, example),
-                                 "candidate": lambda: call_model(candidate, example)})
-        return timed["candidate"] / timed["dense"]
+        key = tuple(removed)
+        if key not in timed_once:
+            keep = {g.group_id: m for g, m in zip(gates, _keep_masks(gates, ranked, removed))}
+            candidate = copy.deepcopy(dense)
+            shrink_model(candidate, state.graph, keep)
+            timed = compare_latency({"dense": lambda: call_model(dense, example),
+                                     "candidate": lambda: call_model(candidate, example)})
+            timed_once[key] = timed["candidate"] / timed["dense"]
+        return timed_once[key]
 
     best: tuple[float, list[int], float] | None = None
-    aim = target
-    for _ in range(LATENCY_ROUNDS):
-        removed = solve(aim)
-        got = measure(removed)
-        miss = abs(got - target) / target
-        if best is None or miss < best[0]:
-            best = (miss, removed, got)
-        if miss <= LATENCY_TOLERANCE:
-            break
-        aim = min(1.0, max(1e-4, aim * target / got))
-    if best[2] > target * (1 + 2 * LATENCY_TOLERANCE):
+    lo: tuple[float, float] | None = None  # (aim, measured) at or below the target: fast enough
+    hi: tuple[float, float] | None = None  # (aim, measured) above it: too slow
+
+    def search(aim: float, rounds: int) -> None:
+        nonlocal best, lo, hi
+        for _ in range(rounds):
+            removed = solve(aim)
+            got = measure(removed)
+            miss = abs(got - target) / target
+            if best is None or miss < best[0]:
+                best = (miss, removed, got)
+            if miss <= LATENCY_TOLERANCE:
+                return
+            if got > target:
+                hi = (aim, got) if hi is None or aim < hi[0] else hi
+            else:
+                lo = (aim, got) if lo is None or aim > lo[0] else lo
+            if lo is not None and hi is not None:
+                (a0, g0), (a1, g1) = lo, hi
+                if a1 - a0 < 1e-6:
+                    return  # the units allow nothing in between
+                aim = a0 + (target - g0) * (a1 - a0) / (g1 - g0) if g1 > g0 else (a0 + a1) / 2
+                aim = min(max(aim, a0 + 0.1 * (a1 - a0)), a1 - 0.1 * (a1 - a0))
+            else:
+                aim = min(1.0, max(1e-4, aim * target / got))
+
+    search(target, LATENCY_ROUNDS)
+    if lo is None and best[0] > LATENCY_TOLERANCE:  # never fast enough: is the target reachable at all?
         floors = [g.n_units - f for g, f in zip(gates, floor_units)]
         at_floor = measure(floors)
         if at_floor > target * (1 + 2 * LATENCY_TOLERANCE):
@@ -305,8 +329,14 @@ def _latency_closed_loop(model: nn.Module, gates: list, ranked: list, cost: "_Co
                              f"model measured {at_floor:.3f} of the dense latency here (the rest is time pruning "
                              "does not change: call overhead, memory-bound layers); ask for a larger budget, lower "
                              "min_keep or time a larger batch (example_inputs)")
-        if at_floor < best[2]:
+        if abs(at_floor - target) / target < best[0]:
             best = (abs(at_floor - target) / target, floors, at_floor)
+        if best[0] > LATENCY_TOLERANCE and at_floor <= target:
+            floor_aim = cost.kept("latency", floors)
+            lo = (floor_aim, at_floor)
+            if hi is not None and hi[0] > floor_aim:
+                (a0, g0), (a1, g1) = lo, hi
+                search(a0 + (target - g0) * (a1 - a0) / (g1 - g0) if g1 > g0 else (a0 + a1) / 2, LATENCY_ROUNDS)
     return best[1], best[2]
 
 
