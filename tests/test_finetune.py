@@ -191,6 +191,17 @@ def test_fine_tune_refuses_bad_input():
         fg.fine_tune(model, [(x[:8] * float("nan"), y[:8])], steps=1, progress=False)
 
 
+class _TokenLabels(torch.utils.data.Dataset):
+    """32 fixed random 8-token sequences (vocabulary 99) with 3 classes, for the Trainer tests."""
+
+    def __len__(self):
+        return 32
+
+    def __getitem__(self, i):
+        ids = torch.randint(0, 99, (8,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": ids, "attention_mask": torch.ones(8, dtype=torch.long), "labels": int(ids[0] % 3)}
+
+
 def test_trainer_callback_adds_the_sparsity_term_and_logs(tmp_path):
     tf = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
@@ -199,14 +210,6 @@ def test_trainer_callback_adds_the_sparsity_term_and_logs(tmp_path):
                         intermediate_size=64, num_labels=3)
     model = tf.BertForSequenceClassification(cfg)
     fg.convert_to_fermi(model, fg.FermiConfig(target_sparsity=0.5))
-
-    class Data(torch.utils.data.Dataset):
-        def __len__(self):
-            return 32
-
-        def __getitem__(self, i):
-            ids = torch.randint(0, 99, (8,), generator=torch.Generator().manual_seed(i))
-            return {"input_ids": ids, "attention_mask": torch.ones(8, dtype=torch.long), "labels": int(ids[0] % 3)}
 
     args = tf.TrainingArguments(str(tmp_path), max_steps=8, per_device_train_batch_size=4, report_to=[],
                                 use_cpu=True, save_strategy="no", logging_steps=2, disable_tqdm=True,
@@ -220,7 +223,7 @@ def test_trainer_callback_adds_the_sparsity_term_and_logs(tmp_path):
         seen.append(any(p.grad is not None and bool(p.grad.abs().sum() > 0)
                         for g in fg.methods.fermi.model.all_gates(model) for p in [g.mu]))
     callback.on_pre_optimizer_step = spy
-    trainer = tf.Trainer(model=model, args=args, train_dataset=Data(), callbacks=[callback])
+    trainer = tf.Trainer(model=model, args=args, train_dataset=_TokenLabels(), callbacks=[callback])
     trainer.train()
     assert any(seen)  # the sparsity term reached the gates' Fermi levels
     logged = [h for h in trainer.state.log_history if "fermi/sparsity" in h]
@@ -240,20 +243,12 @@ def test_trainer_callback_steers_to_a_budget(tmp_path):
     fg.convert_to_fermi(model, fg.FermiConfig(granularity="channel", budget="macs:0.6"), example_inputs=example)
     before = fg.count_macs(model, example)
 
-    class Data(torch.utils.data.Dataset):
-        def __len__(self):
-            return 32
-
-        def __getitem__(self, i):
-            ids = torch.randint(0, 99, (8,), generator=torch.Generator().manual_seed(i))
-            return {"input_ids": ids, "labels": int(ids[0] % 3)}
-
     args = tf.TrainingArguments(str(tmp_path), max_steps=8, per_device_train_batch_size=4, report_to=[],
                                 use_cpu=True, save_strategy="no", disable_tqdm=True, learning_rate=1e-3)
     with pytest.raises(ValueError, match="either budget= or target_sparsity="):
         fg.fermi_trainer_callback(model, budget="macs:0.5", target_sparsity=0.5)
     callback = fg.fermi_trainer_callback(model)  # the budget comes from the model's FermiConfig
-    trainer = tf.Trainer(model=model, args=args, train_dataset=Data(), callbacks=[callback])
+    trainer = tf.Trainer(model=model, args=args, train_dataset=_TokenLabels(), callbacks=[callback])
     trainer.train()
     assert callback.budget_result.kind == "macs"
     logged = trainer.state.log_history[-1]

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 from torch.optim import Optimizer
 
+from ...budget import budget_from
 from ...state import fermi_state
 from .model import _distinct_gates, all_gates, gate_scores, hard_gates, soft_probabilities
 from ...config import check_sparsity
@@ -367,11 +368,7 @@ class FermiAnnealer(Optimizer):
                 "FermiAnnealer needs whole weights: FSDP2 (fully_shard) shards them, so a gate's score and its "
                 "quantiles would be computed on one shard. Train with torch.nn.parallel.DistributedDataParallel "
                 "(or accelerate's DDP) instead, where every process holds the full model")
-        if budget is not None and target_sparsity is not None:
-            raise ValueError("give FermiAnnealer either budget= or target_sparsity=, not both (a budget sets each "
-                             "gate's share)")
-        if budget is None and target_sparsity is None and state.config.budget is not None:
-            budget = state.config.budget
+        budget = budget_from(budget, target_sparsity, state.config, "FermiAnnealer")
         if target_sparsity is None:
             target_sparsity = state.config.target_sparsity
         self.optimizer = optimizer

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ...budget import budget_from
 from ...state import fermi_state
 from .anneal import AnnealSchedule, _BudgetSteer, anneal_stats, sparsity_loss
 
@@ -43,11 +44,7 @@ def fermi_trainer_callback(
     from transformers import TrainerCallback
 
     config = fermi_state(model).config
-    if budget is not None and target_sparsity is not None:
-        raise ValueError("give fermi_trainer_callback either budget= or target_sparsity=, not both (a budget sets "
-                         "each gate's share)")
-    if budget is None and target_sparsity is None:
-        budget = config.budget
+    budget = budget_from(budget, target_sparsity, config, "fermi_trainer_callback")
     sparsity = config.target_sparsity if target_sparsity is None else target_sparsity
     steer = None if budget is None else _BudgetSteer(model, budget, allocation, min_keep, example_inputs)
     if not isinstance(temperature, (tuple, list)):
