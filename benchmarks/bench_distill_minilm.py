@@ -28,6 +28,12 @@ Rows:
   trained). Also reported: the trained gated model, the bake without calibration, ``trained_vs_baked`` and whether
   the bake's guard reverted the calibration. ``s`` is found by bisection on a hard one-shot prune so that the
   shrunk model keeps 0.50 of the MACs (one uniform share of heads and neurons).
+* ``fg anneal init=obs (+calib)``: the same, with ``fine_tune(init="obs", calibration_data=<the calibration
+  sentences>)``: the anneal starts from the order in which the one-shot pruner would remove the units (trainable
+  per-unit Fermi levels), not from the weights' magnitude order.
+* ``fg anneal init=obs, early bake``: the same start, and ``bake_when_decided=True``: at the freeze (a quarter of
+  the run) the model is baked, ridge-calibrated toward the teacher (the original model, what the distillation
+  loss asks for), and the small plain model is fine-tuned for the rest of the steps.
 * ``fg prune + FT``: ``fermigates.prune(budget="macs:0.5")`` (library defaults: uniform allocation, OBS
   selection, ridge calibration toward the dense model), then the distillation fine-tune.
 * ``TP magnitude + FT``: Torch-Pruning ``MetaPruner`` with L2 ``MagnitudeImportance``, heads (``num_heads``,
@@ -86,7 +92,7 @@ import fermigates.oneshot
 import fermigates.surgery.macs
 from fermigates.methods.fermi.anneal import AnnealSchedule
 
-METHODS = ("fg anneal (+calib)", "fg prune + FT", "TP magnitude + FT", "TP magnitude iterative", "TP Taylor + FT")
+METHODS = ("fg anneal (+calib)", "fg anneal init=obs (+calib)", "fg anneal init=obs, early bake", "fg prune + FT", "TP magnitude + FT", "TP magnitude iterative", "TP Taylor + FT")
 TARGET_MACS = 0.5
 TP_STAGES = 8
 EXAMPLE: dict = {}  # the one example sentence every MAC count runs on (set in main)
@@ -189,13 +195,19 @@ class Ctx:
         return fidelity(embed(model.eval(), self.evals), self.ref)
 
 
-def run_fg_anneal(ctx: Ctx, s: float, stream: list):
+def run_fg_anneal(ctx: Ctx, s: float, stream: list, init: str = "scores", early: bool = False):
     model = ctx.student()
     t0 = time.perf_counter()
     fg.convert_to_fermi(model, fg_config(s), example_inputs=EXAMPLE)
-    log = fg.fine_tune(model, stream, steps=len(stream), lr=ctx.lr, distill="hidden", progress=False)  # teacher:
-    seconds = time.perf_counter() - t0                                    # default (the original, gates open)
+    calib = ctx.calib if init != "scores" or early else None
+    log = fg.fine_tune(model, stream, steps=len(stream), lr=ctx.lr, distill="hidden", progress=False,  # teacher:
+                       init=init, bake_when_decided=early, calibration_data=calib)  # default: the original
+    seconds = time.perf_counter() - t0
     extra = {"final_loss": log.final_loss}
+    if early:
+        extra.update({"trained_vs_baked": log.report.trained_vs_baked, "calib_reference": log.report.reference,
+                      "calibration_reverted": log.report.calibration_reverted})
+        return model, extra, seconds
     extra["cos_trained"], extra["nn_trained"] = ctx.score(model)
     plain = copy.deepcopy(model)
     with warnings.catch_warnings(record=True) as caught:
@@ -298,7 +310,10 @@ def run_tp_iterative(ctx: Ctx, ratio: float, stream: list):
     return model, {}, time.perf_counter() - t0
 
 
-RUNNERS = {"fg anneal (+calib)": run_fg_anneal, "fg prune + FT": run_fg_prune, "TP magnitude + FT": run_tp_magnitude,
+RUNNERS = {"fg anneal (+calib)": run_fg_anneal,
+           "fg anneal init=obs (+calib)": lambda ctx, s, stream: run_fg_anneal(ctx, s, stream, init="obs"),
+           "fg anneal init=obs, early bake": lambda ctx, s, stream: run_fg_anneal(ctx, s, stream, "obs", True),
+           "fg prune + FT": run_fg_prune, "TP magnitude + FT": run_tp_magnitude,
            "TP magnitude iterative": run_tp_iterative, "TP Taylor + FT": run_tp_taylor}
 
 

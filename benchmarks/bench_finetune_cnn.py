@@ -13,6 +13,9 @@ Methods:
 * ``fg anneal, early bake``: the same, with ``fine_tune(..., bake_when_decided=True)``: baked, shrunk and
   calibrated (toward the model as trained) when the decisions freeze; the small plain model is fine-tuned
   for the rest of the run.
+* ``fg anneal init=obs`` / ``fg anneal init=obs, early bake``: the same two, with ``fine_tune(init="obs")``: the
+  anneal starts from the order in which the one-shot pruner would remove the channels on the calibration images
+  (trainable per-unit Fermi levels), not from the weights' magnitude order.
 * ``fg prune + FT``: ``fermigates.prune`` (score quantile + ridge calibration toward the dense model), then
   plain fine-tuning.
 * ``TP magnitude + FT``: Torch-Pruning ``MagnitudePruner`` (L2, local) one-shot, then fine-tuning.
@@ -49,7 +52,8 @@ from fermigates.methods.fermi.anneal import AnnealSchedule  # noqa: E402
 
 EXAMPLE = torch.zeros(1, 1, 28, 28)
 ROUND_TO = [1]  # channel multiple for both libraries (the MobileNetV2 benchmark sets 8)
-METHODS = ("fg anneal", "fg anneal, global budget", "fg anneal, early bake", "fg prune + FT", "TP magnitude + FT", "TP magnitude iterative", "TP Taylor + FT", "dense FT")
+METHODS = ("fg anneal", "fg anneal, global budget", "fg anneal, early bake", "fg anneal init=obs",
+           "fg anneal init=obs, early bake", "fg prune + FT", "TP magnitude + FT", "TP magnitude iterative", "TP Taylor + FT", "dense FT")
 
 
 class CNN(nn.Module):
@@ -147,13 +151,13 @@ BAKE_EARLY = [False]
 BUDGET_KEPT = [1.0]  # the MAC fraction kept at the current budget (for the budget-steered annealer)
 
 
-def run_fg_anneal(dense, s, batches, calib, lr, test, bake_early=False, steer=None):
+def run_fg_anneal(dense, s, batches, calib, lr, test, bake_early=False, steer=None, init="scores"):
     model = copy.deepcopy(dense)
     fg.convert_to_fermi(model, fg_config(s), example_inputs=EXAMPLE)
     anneal = dict(ANNEAL)
     if steer is not None:  # the annealer allocates the MAC budget across layers itself
         anneal.update(budget=f"macs:{BUDGET_KEPT[0]:.6f}", allocation=steer)
-    log = fg.fine_tune(model, batches, steps=len(batches), lr=lr, anneal=anneal, progress=False,
+    log = fg.fine_tune(model, batches, steps=len(batches), lr=lr, anneal=anneal, progress=False, init=init,
                        bake_when_decided=bake_early or BAKE_EARLY[0], calibration_data=calib)
     if log.report is not None:  # baked (and calibrated) when the decisions froze; fine-tuned small since
         return model, {"acc_trained": accuracy(model, *test), "trained_vs_baked": log.report.trained_vs_baked}
@@ -221,7 +225,9 @@ def run_dense(dense, knob, batches, calib, lr, test):
 
 RUNNERS = {"fg anneal": run_fg_anneal,
            "fg anneal, global budget": lambda *a: run_fg_anneal(*a, steer="global"),
-           "fg anneal, early bake": lambda *a: run_fg_anneal(*a, bake_early=True), "fg prune + FT": run_fg_prune, "TP magnitude + FT": run_tp_magnitude,
+           "fg anneal, early bake": lambda *a: run_fg_anneal(*a, bake_early=True),
+           "fg anneal init=obs": lambda *a: run_fg_anneal(*a, init="obs"),
+           "fg anneal init=obs, early bake": lambda *a: run_fg_anneal(*a, bake_early=True, init="obs"), "fg prune + FT": run_fg_prune, "TP magnitude + FT": run_tp_magnitude,
            "TP magnitude iterative": run_tp_iterative, "TP Taylor + FT": run_tp_taylor, "dense FT": run_dense}
 
 

@@ -29,7 +29,8 @@ from .state import _STATE_ATTR
 
 @dataclass
 class TrainLog:
-    """One row per logged step: step, loss, and for gated models T, sparsity and undecided units."""
+    """One row per logged step: step, loss, and for gated models T, sparsity and undecided units (after a
+    ``bake_when_decided`` bake: the baked decisions' values, and ``baked: 1.0``)."""
 
     rows: list[dict[str, float]] = field(default_factory=list)
     distill: str | None = None
@@ -64,6 +65,7 @@ def fine_tune(
     anneal: bool | dict[str, Any] = True,
     bake_when_decided: bool = False,
     calibration_data: Any = None,
+    init: str = "scores",
     log_every: int = 10,
     progress: bool = True,
 ) -> TrainLog:
@@ -86,7 +88,14 @@ def fine_tune(
             shrink the model (:func:`fermigates.convert_from_fermi`), ridge-calibrated on ``calibration_data``
             (default: the first 8 training batches) toward the model as trained just before the freeze, and
             fine-tune the small plain model for the rest of the run (a fresh optimizer). The model returned is
-            then already baked; the bake's report is ``log.report``.
+            then already baked; the bake's report is ``log.report``. When distilling from the default teacher
+            (the original network) the calibration fits toward the teacher instead: that is what the loss asks
+            the student to match.
+        calibration_data: the batches ``init="obs"`` ranks units on and ``bake_when_decided`` calibrates on
+            (default: the first 8 training batches).
+        init: for a converted model with channel / head gates: ``"scores"`` starts the anneal from the weight
+            scores' order of units, ``"obs"`` from the order in which the one-shot pruner
+            (:func:`fermigates.prune`) would remove them on ``calibration_data`` (see ``FermiAnnealer(init=)``).
         log_every: a log row every this many steps (and at the last).
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
@@ -104,7 +113,8 @@ def fine_tune(
         with torch.no_grad():
             out = _call(model.eval(), _split(first)[0], device)
         distill = "logits" if getattr(out, "logits", None) is not None or isinstance(out, torch.Tensor) else "hidden"
-    if distill is not None and teacher is None:
+    own_teacher = distill is not None and teacher is None
+    if own_teacher:
         teacher = copy.deepcopy(model)
         if getattr(teacher, _STATE_ATTR, None) is not None:
             disable_gates(teacher)
@@ -116,18 +126,27 @@ def fine_tune(
         opt = optimizer
     else:
         opt = (optimizer or torch.optim.AdamW)(params, lr=lr, weight_decay=weight_decay)
+    converted = getattr(model, _STATE_ATTR, None) is not None
+    if bake_when_decided and not (converted and anneal is not False):
+        raise ValueError("bake_when_decided=True needs a converted model trained with the annealer (anneal=True)")
+    if init != "scores" and not (converted and anneal is not False and not isinstance(opt, FermiAnnealer)):
+        raise ValueError(f"init={init!r} sets where the annealer starts: it needs a converted model, anneal=True "
+                         "and no FermiAnnealer passed as optimizer (pass init= to that FermiAnnealer instead)")
+    calib = None
+    if bake_when_decided or init != "scores":
+        calib = list(calibration_data) if calibration_data is not None else list(itertools.islice(data, 8))
     annealer = None
-    if getattr(model, _STATE_ATTR, None) is not None and anneal is not False:
-        kwargs = anneal if isinstance(anneal, dict) else {}
+    if converted and anneal is not False:
+        kwargs = dict(anneal) if isinstance(anneal, dict) else {}
+        if init != "scores":
+            kwargs.update(init=init, calibration_data=calib)
         annealer = opt if isinstance(opt, FermiAnnealer) else FermiAnnealer(opt, model, total_steps=steps, **kwargs)
         opt = annealer
+    if not bake_when_decided:
+        calib = None
 
     log = TrainLog(distill=distill)
-    if bake_when_decided and annealer is None:
-        raise ValueError("bake_when_decided=True needs a converted model trained with the annealer (anneal=True)")
-    calib = None
-    if bake_when_decided:
-        calib = list(calibration_data) if calibration_data is not None else list(itertools.islice(data, 8))
+    after_bake = None
     batches = itertools.chain.from_iterable(itertools.repeat(data))  # re-iterates a DataLoader every epoch
     model.train()
     bar = tqdm(range(1, steps + 1), desc="fine-tuning", disable=not progress, leave=False)
@@ -149,29 +168,38 @@ def fine_tune(
         total = loss + annealer.sparsity_loss().to(loss.device) if annealer is not None else loss
         opt.zero_grad(set_to_none=True)
         total.backward()
-        if calib is not None and annealer is not None and annealer.step_count + 1 >= annealer.schedule.hard_step:
+        if (calib is not None and annealer is not None and not own_teacher
+                and annealer.step_count + 1 >= annealer.schedule.hard_step):
             soft = copy.deepcopy(model)  # the model as trained, the moment before its decisions freeze
         opt.step()
         if calib is not None and annealer is not None and annealer.decided:
-            opt, annealer = _bake_and_continue(model, soft, calib, opt, lr, weight_decay, optimizer, log), None
-            del soft
+            stats = annealer.stats()  # the decisions the bake fixes: the rows after it carry them on
+            after_bake = {k: stats[k] for k in ("temperature", "sparsity", "target_sparsity", "undecided")}
+            after_bake["baked"] = 1.0
+            reference = teacher if own_teacher else soft
+            opt, annealer = _bake_and_continue(model, reference, calib, lr, weight_decay, optimizer, log), None
+            del reference
         if step % log_every == 0 or step == steps:
             row = {"step": step, "loss": float(loss.detach())}
             if annealer is not None:
                 stats = annealer.stats()
                 row.update({k: stats[k] for k in ("temperature", "sparsity", "target_sparsity", "undecided")})
+            elif after_bake is not None:
+                row.update(after_bake)
             log.rows.append(row)
             bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in row.items() if k != "step"})
     model.eval()
     return log
 
 
-def _bake_and_continue(model, soft, calib, opt, lr, weight_decay, optimizer, log) -> torch.optim.Optimizer:
+def _bake_and_continue(model, reference, calib, lr, weight_decay, optimizer, log) -> torch.optim.Optimizer:
+    """Bake ``model`` calibrated toward ``reference`` (the soft model as trained, or the teacher); a new
+    optimizer on the small model's parameters."""
     from .bake import convert_from_fermi
 
-    for gate in all_gates(soft):
+    for gate in all_gates(reference):
         gate.decided = None
-    log.report = convert_from_fermi(model, calibration_data=calib, reference=soft, progress=False)
+    log.report = convert_from_fermi(model, calibration_data=calib, reference=reference, progress=False)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     if isinstance(optimizer, torch.optim.Optimizer):  # a user's optimizer: same hyper-parameters, new params

@@ -304,9 +304,12 @@ def _fine_tune(model: Any, config: Any, recipe: Recipe, train: list, calib: list
     anneal = {"temperature": tuple(a.temperature), "schedule": a.schedule, "sparsity_schedule": a.sparsity_schedule,
               "ramp": a.ramp, "sparsity_weight": a.sparsity_weight}
     result = fine_tune(model, train, steps=t.steps, lr=t.lr, optimizer=optimizer, weight_decay=t.weight_decay,
-                       anneal=anneal, log_every=max(1, t.steps // 50), progress=not quiet)
+                       anneal=anneal, log_every=max(1, t.steps // 50), progress=not quiet, init=a.init,
+                       bake_when_decided=a.bake_when_decided, calibration_data=calib or None)
     log.extend(result.rows)
     model.eval()
+    if result.report is not None:  # baked when the decisions froze, then fine-tuned small
+        return result.report
     return convert_from_fermi(model, shrink=recipe.shrink, calibration_data=calib or None,
                               ridge=recipe.calibration.ridge, calibrate_layers=recipe.calibration.layers,
                               example_inputs=example, progress=not quiet)

@@ -78,6 +78,7 @@ class ModelSection:
 
 SCHEDULES = ("linear", "exponential", "cosine")
 SPARSITY_SCHEDULES = ("cubic", "linear", "constant")
+ANNEAL_INITS = ("scores", "obs")
 
 
 @dataclass
@@ -90,8 +91,16 @@ class AnnealSection:
     sparsity_schedule: str = _f("cubic", f"sparsity ramp, one of {SPARSITY_SCHEDULES}")
     ramp: float = _f(0.5, "fraction of the steps over which the sparsity target ramps up (0 < ramp <= 1)")
     sparsity_weight: float = _f(1.0, "weight of the sparsity regulariser added to the loss")
+    init: str = _f("scores", f"one of {ANNEAL_INITS}: the order in which units start, by weight scores or as the "
+                             "one-shot pruner ranks them on the calibration samples")
+    bake_when_decided: bool = _f(False, "bake + calibrate when the decisions freeze and fine-tune the small model "
+                                        "for the rest of the steps")
 
     def validate(self, where: str) -> None:
+        if self.init not in ANNEAL_INITS:
+            raise _bad(f"{where}.init", f"one of {ANNEAL_INITS}", self.init)
+        if not isinstance(self.bake_when_decided, bool):
+            raise _bad(f"{where}.bake_when_decided", "true or false", self.bake_when_decided)
         t = self.temperature
         if not isinstance(t, (list, tuple)) or len(t) != 2 or not all(_is_number(v) and v > 0 for v in t):
             raise _bad(f"{where}.temperature", "a pair [T_start, T_end] of positive numbers", t)
@@ -208,6 +217,13 @@ class Recipe:
         if self.train.steps == 0 and self.calibration.samples == 0:
             raise RecipeError("train.steps is 0 (one-shot pruning), which reads its decisions' calibration data: "
                               "give calibration.samples > 0", key="calibration.samples")
+        if self.train.steps > 0 and self.calibration.samples == 0 and (self.anneal.init != "scores"
+                                                                         or self.anneal.bake_when_decided):
+            raise RecipeError(f"anneal.init={self.anneal.init!r} / anneal.bake_when_decided read the calibration "
+                              "samples: give calibration.samples > 0", key="calibration.samples")
+        if self.train.steps > 0 and self.anneal.init == "obs" and "weight" in grans:
+            raise RecipeError("anneal.init 'obs' ranks channel and head gates: use convert.granularity 'channel' "
+                              "and/or 'head', or anneal.init 'scores'", key="anneal.init")
         if self.train.steps == 0 and "weight" in grans:
             raise RecipeError("train.steps is 0 (one-shot pruning), which needs convert.granularity 'channel' "
                               "and/or 'head'; give train.steps > 0 for unstructured ('weight') gates",

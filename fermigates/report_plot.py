@@ -98,6 +98,9 @@ def _training_plot(plt: Any, log: list[dict[str, float]], path: Path) -> str:
     ax.plot(steps, [r["sparsity"] for r in log], label="sparsity")
     if "target_sparsity" in log[0]:
         ax.plot(steps, [r["target_sparsity"] for r in log], "--", label="target sparsity")
+    baked = [r["step"] for r in log if r.get("baked")]
+    if baked:
+        ax.axvline(baked[0], color="tab:gray", linestyle=":", label="baked (small model fine-tuned after)")
     ax.set_xlabel("step")
     ax.set_ylabel("sparsity")
     ax.set_ylim(0, 1)

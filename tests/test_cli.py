@@ -116,6 +116,20 @@ def test_prune_end_to_end_on_a_tiny_timm_model(tmp_path):
     assert ins.returncode == 0 and "timm:test_resnet" in ins.stdout
 
 
+def test_prune_with_an_obs_start_and_an_early_bake(tmp_path):
+    import timm
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(TINY.format(steps=6))
+    out = tmp_path / "out"
+    run = fermigates("prune", recipe, "--model", "timm:test_resnet", "--set", "model.kwargs={num_classes: 5}",
+                     "--set", "anneal.init=obs", "--set", "anneal.bake_when_decided=true",
+                     "--data", _timm_data(tmp_path), "--out", out)
+    assert run.returncode == 0, run.stderr
+    _, report = _check_run(out, timm.create_model("test_resnet", pretrained=False, num_classes=5))
+    assert report["shrunk"] is True and report["trained_vs_baked"] == 0.0
+
+
 def test_prune_to_a_budget_set_on_the_command_line(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(TINY.format(steps=0))  # one-shot prune

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import fermigates as fg
 from fermigates.methods.fermi.gates import fermi_probability
+from fermigates.methods.fermi.model import all_gates
 
 
 def _task(seed=0, n=512):
@@ -202,13 +203,18 @@ class _TokenLabels(torch.utils.data.Dataset):
         return {"input_ids": ids, "attention_mask": torch.ones(8, dtype=torch.long), "labels": int(ids[0] % 3)}
 
 
-def test_trainer_callback_adds_the_sparsity_term_and_logs(tmp_path):
+def _tiny_bert(layers):
+    """transformers (skipped without it and accelerate) and a random 32-wide BERT classifier."""
     tf = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     torch.manual_seed(0)
-    cfg = tf.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+    cfg = tf.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
                         intermediate_size=64, num_labels=3)
-    model = tf.BertForSequenceClassification(cfg)
+    return tf, tf.BertForSequenceClassification(cfg)
+
+
+def test_trainer_callback_adds_the_sparsity_term_and_logs(tmp_path):
+    tf, model = _tiny_bert(1)
     fg.convert_to_fermi(model, fg.FermiConfig(target_sparsity=0.5))
 
     args = tf.TrainingArguments(str(tmp_path), max_steps=8, per_device_train_batch_size=4, report_to=[],
@@ -233,12 +239,7 @@ def test_trainer_callback_adds_the_sparsity_term_and_logs(tmp_path):
 
 
 def test_trainer_callback_steers_to_a_budget(tmp_path):
-    tf = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")
-    torch.manual_seed(0)
-    cfg = tf.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, num_labels=3)
-    model = tf.BertForSequenceClassification(cfg)
+    tf, model = _tiny_bert(2)
     example = {"input_ids": torch.randint(0, 99, (1, 8))}
     fg.convert_to_fermi(model, fg.FermiConfig(granularity="channel", budget="macs:0.6"), example_inputs=example)
     before = fg.count_macs(model, example)
@@ -265,6 +266,8 @@ def test_bake_when_decided_trains_the_small_model_after_the_freeze():
     log = fg.fine_tune(model, data, steps=40, lr=3e-3, calibration_data=data[:4], bake_when_decided=True,
                        progress=False)
     assert log.report is not None and log.report.shrunk and log.report.trained_vs_baked == 0.0
+    after = [r for r in log.rows if r.get("baked")]  # the rows of the small model's run keep the decisions
+    assert after and after[-1]["step"] == 40 and after[0]["sparsity"] == pytest.approx(0.5, abs=0.02)
     assert not hasattr(model, "_fermigates") and model[0].out_features == 32
     assert not any(isinstance(m, fg.FermiGate) for m in model.modules())
     with pytest.raises(ValueError, match="needs a converted model"):
@@ -298,3 +301,98 @@ def test_sparsity_loss_after_the_task_backward_still_works_with_channel_gates():
     loss = opt.sparsity_loss()
     assert loss.requires_grad
     loss.backward()  # a freed graph would raise here
+
+
+def _kept_by_prune(data, selection):
+    model = _mlp()
+    report = fg.prune(model, data, fg.FermiConfig(granularity="channel"), target_sparsity=0.5,
+                      example_inputs=data[0][0][:1], selection=selection, progress=False)
+    return {k: [None if t is None else t.tolist() for t in v] for k, v in report.kept.items()}
+
+
+def _kept_at_the_freeze(init, data):
+    model, _, _ = _converted()
+    opt = fg.FermiAnnealer(torch.optim.SGD(model.parameters(), lr=0.0), model, total_steps=8, init=init,
+                           calibration_data=data)
+    opt.schedule.apply(model, opt.schedule.hard_step)  # weights unchanged: the decisions of the starting order
+    report = fg.convert_from_fermi(model, progress=False)
+    return {k: [None if t is None else t.tolist() for t in v] for k, v in report.kept.items()}
+
+
+def test_init_obs_starts_the_anneal_from_the_one_shot_selection():
+    x, y = _task()
+    data = _batches(x, y)[:4]
+    obs = _kept_at_the_freeze("obs", data)
+    assert obs == _kept_by_prune(data, "obs")
+    assert _kept_at_the_freeze("scores", data) == _kept_by_prune(data, "magnitude")
+    assert obs != _kept_by_prune(data, "magnitude")  # the prior changed which units the anneal starts from
+
+
+def test_init_obs_levels_are_trained_and_validated():
+    model, x, y = _converted()
+    data = _batches(x, y)
+    inner = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    opt = fg.FermiAnnealer(inner, model, total_steps=20, init="obs", calibration_data=data[:4])
+    offsets = [g.mu_offset for g in all_gates(model)]
+    assert all(o is not None and o.requires_grad for o in offsets)
+    assert {id(p) for p in inner.param_groups[-1]["params"]} == {id(o) for o in offsets}
+    assert inner.param_groups[-1]["weight_decay"] == 0.0
+    start = [o.detach().clone() for o in offsets]
+    for xb, yb in data[:3]:
+        (F.cross_entropy(model(xb), yb) + opt.sparsity_loss()).backward()
+        opt.step()
+        opt.zero_grad()
+    assert any(not torch.equal(o, s) for o, s in zip(offsets, start))
+    with pytest.raises(ValueError, match="calibration_data"):
+        fg.FermiAnnealer(torch.optim.SGD(model.parameters(), lr=0.1), model, total_steps=4, init="obs")
+    with pytest.raises(ValueError, match="init must be one of"):
+        fg.FermiAnnealer(torch.optim.SGD(model.parameters(), lr=0.1), model, total_steps=4, init="taylor")
+    weights, _, _ = _converted("weight")
+    with pytest.raises(ValueError, match="channel"):
+        fg.FermiAnnealer(torch.optim.SGD(weights.parameters(), lr=0.1), weights, total_steps=4, init="obs",
+                         calibration_data=data[:4])
+    assert all(g.mu_offset is None for g in all_gates(weights))  # refused: nothing was added
+    with pytest.raises(ValueError, match="init="):
+        fg.fine_tune(_mlp(), data, steps=2, init="obs", progress=False)
+
+
+def test_distilling_bake_when_decided_calibrates_toward_the_teacher(monkeypatch):
+    import fermigates.finetune as ft
+
+    dense = _mlp()
+    model, x, _ = _converted()
+    seen = {}
+    real = ft._bake_and_continue
+
+    def spy(model, reference, *args):
+        with torch.no_grad():
+            seen["gap"] = float((reference(x) - dense(x)).abs().max())
+        return real(model, reference, *args)
+
+    monkeypatch.setattr(ft, "_bake_and_continue", spy)
+    data = list(x.split(32))  # no labels: distillation toward the model as it was (the teacher)
+    log = fg.fine_tune(model, data, steps=24, lr=3e-3, init="obs", calibration_data=data[:4],
+                       bake_when_decided=True, progress=False)
+    assert log.distill == "logits" and log.report is not None and log.report.reference == "module"
+    assert seen["gap"] == 0.0  # the reference was the original network, not the student as trained
+    assert model[0].out_features == 32
+
+
+def test_trainer_callback_init_obs_puts_the_levels_in_the_trainers_optimizer(tmp_path):
+    tf, model = _tiny_bert(1)
+    calib = [{"input_ids": torch.randint(0, 99, (4, 8))} for _ in range(2)]
+    fg.convert_to_fermi(model, fg.FermiConfig(granularity=("channel", "head"), target_sparsity=0.5),
+                        example_inputs={"input_ids": calib[0]["input_ids"][:1]})
+    with pytest.raises(ValueError, match="calibration_data"):
+        fg.fermi_trainer_callback(model, init="obs")
+    callback = fg.fermi_trainer_callback(model, init="obs", calibration_data=calib)
+    offsets = [g.mu_offset for g in all_gates(model)]
+    assert offsets and all(o is not None for o in offsets) and any(bool(o.abs().sum() > 0) for o in offsets)
+    args = tf.TrainingArguments(str(tmp_path), max_steps=16, per_device_train_batch_size=4, report_to=[],
+                                use_cpu=True, save_strategy="no", disable_tqdm=True, learning_rate=1e-2)
+    trainer = tf.Trainer(model=model, args=args, train_dataset=_TokenLabels(), callbacks=[callback])
+    start = [o.detach().clone() for o in offsets]
+    trainer.train()
+    held = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert all(id(o) in held for o in offsets)
+    assert any(not torch.equal(o.detach(), s) for o, s in zip(offsets, start))

@@ -101,3 +101,16 @@ def test_one_shot_needs_calibration_samples():
 
 def test_empty_sections_take_their_defaults():
     assert Recipe.from_yaml("shrink:\nexport:\nmodel:\ntrain:\n", deep=False) == Recipe()
+
+
+def test_anneal_init_and_early_bake_are_validated():
+    r = Recipe.from_yaml("convert:\n  granularity: channel\ntrain:\n  steps: 8\nanneal:\n  init: obs\n"
+                         "  bake_when_decided: true\n")
+    assert r.anneal.init == "obs" and r.anneal.bake_when_decided is True
+    with pytest.raises(RecipeError, match="anneal.init"):
+        Recipe.from_yaml("train:\n  steps: 8\nanneal:\n  init: taylor\n")
+    with pytest.raises(RecipeError, match="calibration.samples"):
+        Recipe.from_yaml("convert:\n  granularity: channel\ntrain:\n  steps: 8\nanneal:\n  init: obs\n"
+                         "calibration:\n  samples: 0\n")
+    with pytest.raises(RecipeError, match="anneal.init"):
+        Recipe.from_yaml("convert:\n  granularity: weight\ntrain:\n  steps: 8\nanneal:\n  init: obs\n")

@@ -30,6 +30,7 @@ from ...state import fermi_state
 from .model import _distinct_gates, all_gates, gate_scores, hard_gates, soft_probabilities
 from ...config import check_sparsity
 from .gates import check_temperature, kth_quantile
+from .prior import INITS, set_rank_prior
 
 TEMPERATURE_SCHEDULES = ("linear", "exponential", "cosine")
 SPARSITY_SCHEDULES = ("cubic", "linear", "constant")
@@ -325,6 +326,36 @@ def _check_finite(gates: list, what: str, step: int) -> None:
                              "optimizer step; lower the learning rate or exclude the gates from weight decay")
 
 
+def _check_init(init: str, calibration_data: Any) -> None:
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if init == "obs" and calibration_data is None:
+        raise ValueError("init='obs' ranks the units on calibration inputs: pass calibration_data= (a few "
+                         "batches of training inputs)")
+
+
+def _set_start(model: nn.Module, init: str, calibration_data: Any, min_keep: float | int) -> list[torch.Tensor]:
+    """Apply ``init`` (see ``FermiAnnealer``); the per-unit levels it created, for the optimizer."""
+    _check_init(init, calibration_data)
+    if init == "scores":
+        return []
+    from ...budget import _check_min_keep
+    from ...calibration.engine import _batches, check_batches_finite
+
+    _check_min_keep(min_keep)
+    batches = _batches(calibration_data, 64, None, "calibration_data")
+    check_batches_finite(batches, "calibration_data")
+    return set_rank_prior(model, batches, min_keep)
+
+
+def _add_params(optimizer: Optimizer, params: list[torch.Tensor]) -> None:
+    """Give ``optimizer`` the parameters it does not hold yet (new per-unit levels), without weight decay."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    new = [p for p in params if id(p) not in held]
+    if new:
+        optimizer.add_param_group({"params": new, "weight_decay": 0.0})
+
+
 class FermiAnnealer(Optimizer):
     """Wraps any torch optimizer: ``step()`` steps it, then anneals the gates of ``model``.
 
@@ -332,6 +363,12 @@ class FermiAnnealer(Optimizer):
     ``zero_grad``); ``state_dict()`` adds the step count so an interrupted run resumes exactly.
     ``budget`` / ``target_sparsity`` default to the model's ``FermiConfig`` (its ``budget`` when set, else its
     ``target_sparsity``).
+
+    ``init`` says in which order each channel / head gate's units start: ``"scores"`` by their weight scores,
+    ``"obs"`` as the one-shot pruner (:func:`fermigates.prune`) ranks them on ``calibration_data``, written into
+    trainable per-unit Fermi levels that are added to ``optimizer`` (see :mod:`fermigates.methods.fermi.prior`).
+    Under DistributedDataParallel build the annealer before wrapping the model (DDP synchronises only the
+    parameters it saw when it was built), with the same calibration batches on every process.
     """
 
     def __init__(
@@ -352,6 +389,8 @@ class FermiAnnealer(Optimizer):
         allocation: str = "uniform",
         min_keep: float | int = 0.1,
         example_inputs: Any = None,
+        init: str = "scores",
+        calibration_data: Any = None,
     ) -> None:
         if isinstance(temperature, (int, float, str)) or not isinstance(temperature, (tuple, list)):
             raise TypeError(f"temperature must be a pair (T_start, T_end), e.g. (1.0, 0.01), got {temperature!r}")
@@ -368,11 +407,13 @@ class FermiAnnealer(Optimizer):
                 "FermiAnnealer needs whole weights: FSDP2 (fully_shard) shards them, so a gate's score and its "
                 "quantiles would be computed on one shard. Train with torch.nn.parallel.DistributedDataParallel "
                 "(or accelerate's DDP) instead, where every process holds the full model")
+        _check_init(init, calibration_data)
         budget = budget_from(budget, target_sparsity, state.config, "FermiAnnealer")
         if target_sparsity is None:
             target_sparsity = state.config.target_sparsity
         self.optimizer = optimizer
         self.model = model
+        _add_params(optimizer, _set_start(model, init, calibration_data, min_keep))
         self.budget = None if budget is None else _BudgetSteer(model, budget, allocation, min_keep, example_inputs)
         self.schedule = AnnealSchedule(
             total_steps, tuple(temperature), schedule, target_sparsity, sparsity_schedule,

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from ...budget import budget_from
 from ...state import fermi_state
-from .anneal import AnnealSchedule, _BudgetSteer, anneal_stats, sparsity_loss
+from .anneal import AnnealSchedule, _BudgetSteer, _set_start, anneal_stats, sparsity_loss
 
 
 def fermi_trainer_callback(
@@ -25,6 +25,8 @@ def fermi_trainer_callback(
     allocation: str = "uniform",
     min_keep: float | int = 0.1,
     example_inputs: Any = None,
+    init: str = "scores",
+    calibration_data: Any = None,
     **schedule_kwargs: Any,
 ):
     """A ``transformers.TrainerCallback`` that anneals the gates of ``model`` like :class:`FermiAnnealer`.
@@ -39,6 +41,9 @@ def fermi_trainer_callback(
     Trainer's ``max_steps``. ``budget`` / ``allocation`` / ``min_keep`` steer the gates to a MAC, parameter
     or unit budget as in :class:`FermiAnnealer` (default: the model's ``FermiConfig.budget``, when set); the
     shares are re-allocated from the current scores, so a resumed run steers on from its loaded weights.
+    ``init="obs"`` with ``calibration_data`` starts the anneal from the one-shot pruner's order of units (as
+    ``FermiAnnealer(init="obs")``); the per-unit levels are set when the callback is made, so they are
+    parameters of ``model`` by the time ``trainer.train()`` builds its optimizer.
     Use: ``Trainer(..., callbacks=[fermigates.fermi_trainer_callback(model)])``.
     """
     from transformers import TrainerCallback
@@ -51,6 +56,7 @@ def fermi_trainer_callback(
         raise TypeError(f"temperature must be a pair (T_start, T_end), e.g. (1.0, 0.01), got {temperature!r}")
     if sparsity_weight < 0:
         raise ValueError(f"sparsity_weight must be >= 0, got {sparsity_weight!r}")
+    _set_start(model, init, calibration_data, min_keep)
 
     class FermiCallback(TrainerCallback):
         """Anneals Fermi gates inside a ``transformers.Trainer`` (see :func:`fermi_trainer_callback`)."""
