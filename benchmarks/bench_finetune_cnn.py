@@ -7,13 +7,14 @@ images; MACs are counted by one counter (``fermigates.count_macs``, per sample a
 each library's width knob is searched so that its MACs land on the budget.
 
 Methods:
-* ``fg anneal``: ``convert_to_fermi(channel)`` -> ``fine_tune`` under ``FermiAnnealer`` (defaults: cubic ramp
-  over the first quarter, decisions frozen for the rest) -> ``convert_from_fermi(calibration_data=...)``
+* ``fg anneal``: ``convert_to_fermi(channel)`` -> ``fine_tune(init="scores")`` under ``FermiAnnealer`` (units
+  start in their weights' magnitude order, the default before ``init="auto"``; cubic ramp over the first
+  quarter, decisions frozen for the rest) -> ``convert_from_fermi(calibration_data=...)``
   (reference: the trained model). Also reported: the trained gated model, and the bake without calibration.
 * ``fg anneal, early bake``: the same, with ``fine_tune(..., bake_when_decided=True)``: baked, shrunk and
   calibrated (toward the model as trained) when the decisions freeze; the small plain model is fine-tuned
   for the rest of the run.
-* ``fg anneal init=obs`` / ``fg anneal init=obs, early bake``: the same two, with ``fine_tune(init="obs")``: the
+* ``fg anneal init=obs`` / ``fg anneal init=obs, early bake``: the same two, with ``fine_tune(init="obs")`` (what ``fine_tune``'s default ``init="auto"`` does for channel gates): the
   anneal starts from the order in which the one-shot pruner would remove the channels on the calibration images
   (trainable per-unit Fermi levels), not from the weights' magnitude order.
 * ``fg prune + FT``: ``fermigates.prune`` (score quantile + ridge calibration toward the dense model), then

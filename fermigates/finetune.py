@@ -21,10 +21,11 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .calibration.engine import _device
+from .calibration.engine import _batches, _device, check_batches_finite
 from .losses import DISTILL, _call, _split, _task_loss, distill_loss
 from .methods.fermi.anneal import FermiAnnealer
 from .methods.fermi.model import all_gates, disable_gates
+from .methods.fermi.prior import INITS, structured_gates
 from .state import _STATE_ATTR
 
 @dataclass
@@ -65,7 +66,7 @@ def fine_tune(
     anneal: bool | dict[str, Any] = True,
     bake_when_decided: bool = False,
     calibration_data: Any = None,
-    init: str = "scores",
+    init: str = "auto",
     log_every: int = 10,
     progress: bool = True,
 ) -> TrainLog:
@@ -96,6 +97,8 @@ def fine_tune(
         init: for a converted model with channel / head gates: ``"scores"`` starts the anneal from the weight
             scores' order of units, ``"obs"`` from the order in which the one-shot pruner
             (:func:`fermigates.prune`) would remove them on ``calibration_data`` (see ``FermiAnnealer(init=)``).
+            ``"auto"`` (default): ``"obs"`` when the annealer is built here and the model has channel / head
+            gates, else ``"scores"``.
         log_every: a log row every this many steps (and at the last).
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
@@ -129,17 +132,29 @@ def fine_tune(
     converted = getattr(model, _STATE_ATTR, None) is not None
     if bake_when_decided and not (converted and anneal is not False):
         raise ValueError("bake_when_decided=True needs a converted model trained with the annealer (anneal=True)")
-    if init != "scores" and not (converted and anneal is not False and not isinstance(opt, FermiAnnealer)):
+    builds_annealer = converted and anneal is not False and not isinstance(opt, FermiAnnealer)
+    anneal_kwargs = dict(anneal) if isinstance(anneal, dict) else {}
+    if "init" in anneal_kwargs:  # FermiAnnealer's own keyword, passed through anneal={...}
+        if init != "auto":
+            raise ValueError("init given twice: as init= and in anneal={'init': ...}; pass one")
+        init = anneal_kwargs.pop("init")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if init == "auto":
+        init = "obs" if builds_annealer and structured_gates(model) else "scores"
+    if init != "scores" and not builds_annealer:
         raise ValueError(f"init={init!r} sets where the annealer starts: it needs a converted model, anneal=True "
                          "and no FermiAnnealer passed as optimizer (pass init= to that FermiAnnealer instead)")
     calib = None
     if bake_when_decided or init != "scores":
         calib = list(calibration_data) if calibration_data is not None else list(itertools.islice(data, 8))
+        if calibration_data is None:  # the training batches stand in: name them as the user passed them
+            check_batches_finite(_batches(calib, 64, None, "data"), "data")
     annealer = None
     if converted and anneal is not False:
-        kwargs = dict(anneal) if isinstance(anneal, dict) else {}
+        kwargs = {**anneal_kwargs, "init": init}
         if init != "scores":
-            kwargs.update(init=init, calibration_data=calib)
+            kwargs["calibration_data"] = calib
         annealer = opt if isinstance(opt, FermiAnnealer) else FermiAnnealer(opt, model, total_steps=steps, **kwargs)
         opt = annealer
     if not bake_when_decided:

@@ -78,7 +78,7 @@ class ModelSection:
 
 SCHEDULES = ("linear", "exponential", "cosine")
 SPARSITY_SCHEDULES = ("cubic", "linear", "constant")
-ANNEAL_INITS = ("scores", "obs")
+ANNEAL_INITS = ("auto", "scores", "obs")
 
 
 @dataclass
@@ -91,8 +91,9 @@ class AnnealSection:
     sparsity_schedule: str = _f("cubic", f"sparsity ramp, one of {SPARSITY_SCHEDULES}")
     ramp: float = _f(0.5, "fraction of the steps over which the sparsity target ramps up (0 < ramp <= 1)")
     sparsity_weight: float = _f(1.0, "weight of the sparsity regulariser added to the loss")
-    init: str = _f("scores", f"one of {ANNEAL_INITS}: the order in which units start, by weight scores or as the "
-                             "one-shot pruner ranks them on the calibration samples")
+    init: str = _f("auto", f"one of {ANNEAL_INITS}: the order in which units start, by weight scores or as the "
+                           "one-shot pruner ranks them on the calibration samples; auto: the latter for channel / "
+                           "head gates")
     bake_when_decided: bool = _f(False, "bake + calibrate when the decisions freeze and fine-tune the small model "
                                         "for the rest of the steps")
 
@@ -217,7 +218,7 @@ class Recipe:
         if self.train.steps == 0 and self.calibration.samples == 0:
             raise RecipeError("train.steps is 0 (one-shot pruning), which reads its decisions' calibration data: "
                               "give calibration.samples > 0", key="calibration.samples")
-        if self.train.steps > 0 and self.calibration.samples == 0 and (self.anneal.init != "scores"
+        if self.train.steps > 0 and self.calibration.samples == 0 and (self.anneal.init == "obs"
                                                                          or self.anneal.bake_when_decided):
             raise RecipeError(f"anneal.init={self.anneal.init!r} / anneal.bake_when_decided read the calibration "
                               "samples: give calibration.samples > 0", key="calibration.samples")

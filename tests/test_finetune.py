@@ -188,8 +188,12 @@ def test_fine_tune_refuses_bad_input():
         fg.fine_tune(model, _batches(x, y), steps=1, distill="kl")
     with pytest.raises(ValueError, match="data is empty"):
         fg.fine_tune(model, [], steps=1)
+    bad = [(x[:8] * float("nan"), y[:8])]
+    with pytest.raises(ValueError, match="data batch 0"):  # the default start ranks units on these batches
+        fg.fine_tune(model, bad, steps=1, progress=False)
+    assert all(g.mu_offset is None for g in all_gates(model))  # refused before anything was set
     with pytest.raises(FloatingPointError, match="loss is nan"):
-        fg.fine_tune(model, [(x[:8] * float("nan"), y[:8])], steps=1, progress=False)
+        fg.fine_tune(model, bad, steps=1, init="scores", progress=False)
 
 
 class _TokenLabels(torch.utils.data.Dataset):
@@ -354,6 +358,35 @@ def test_init_obs_levels_are_trained_and_validated():
     assert all(g.mu_offset is None for g in all_gates(weights))  # refused: nothing was added
     with pytest.raises(ValueError, match="init="):
         fg.fine_tune(_mlp(), data, steps=2, init="obs", progress=False)
+
+
+def test_init_auto_starts_channel_gates_from_the_one_shot_selection_and_weight_gates_from_scores():
+    x, y = _task()
+    data = _batches(x, y)
+    assert _kept_at_the_freeze("auto", data[:4]) == _kept_at_the_freeze("obs", data[:4])
+    bare, _, _ = _converted()
+    fg.FermiAnnealer(torch.optim.SGD(bare.parameters(), lr=0.1), bare, total_steps=4)  # no calibration data
+    assert all(g.mu_offset is None for g in all_gates(bare))
+
+    default, _, _ = _converted()
+    explicit, _, _ = _converted()
+    fg.fine_tune(default, data, steps=1, lr=0.0, progress=False)  # lr 0: the levels stay where they started
+    fg.fine_tune(explicit, data, steps=1, lr=0.0, init="obs", calibration_data=data[:8], progress=False)
+    levels = [g.mu_offset for g in all_gates(default)]
+    assert all(o is not None for o in levels) and any(bool(o.abs().sum() > 0) for o in levels)
+    for a, b in zip(levels, (g.mu_offset for g in all_gates(explicit))):
+        torch.testing.assert_close(a, b)  # the default ranks on the first 8 training batches
+
+    weights, _, _ = _converted("weight")
+    fg.fine_tune(weights, data, steps=1, progress=False)
+    assert all(g.mu_offset is None for g in all_gates(weights))
+    scores, _, _ = _converted()
+    fg.fine_tune(scores, data, steps=1, anneal={"init": "scores"}, progress=False)
+    assert all(g.mu_offset is None for g in all_gates(scores))
+    with pytest.raises(ValueError, match="init given twice"):
+        fg.fine_tune(scores, data, steps=1, init="obs", anneal={"init": "scores"}, progress=False)
+    with pytest.raises(ValueError, match="init must be one of"):
+        fg.fine_tune(scores, data, steps=1, init="taylor", progress=False)
 
 
 def test_distilling_bake_when_decided_calibrates_toward_the_teacher(monkeypatch):

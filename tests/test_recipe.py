@@ -114,3 +114,6 @@ def test_anneal_init_and_early_bake_are_validated():
                          "calibration:\n  samples: 0\n")
     with pytest.raises(RecipeError, match="anneal.init"):
         Recipe.from_yaml("convert:\n  granularity: weight\ntrain:\n  steps: 8\nanneal:\n  init: obs\n")
+    # the default start needs no calibration samples (it falls back to training batches) and suits any gates
+    assert Recipe.from_yaml("train:\n  steps: 8\n").anneal.init == "auto"
+    Recipe.from_yaml("convert:\n  granularity: weight\ntrain:\n  steps: 8\ncalibration:\n  samples: 0\n")

@@ -30,7 +30,7 @@ from ...state import fermi_state
 from .model import _distinct_gates, all_gates, gate_scores, hard_gates, soft_probabilities
 from ...config import check_sparsity
 from .gates import check_temperature, kth_quantile
-from .prior import INITS, set_rank_prior
+from .prior import INITS, resolve_init, set_rank_prior
 
 TEMPERATURE_SCHEDULES = ("linear", "exponential", "cosine")
 SPARSITY_SCHEDULES = ("cubic", "linear", "constant")
@@ -337,6 +337,7 @@ def _check_init(init: str, calibration_data: Any) -> None:
 def _set_start(model: nn.Module, init: str, calibration_data: Any, min_keep: float | int) -> list[torch.Tensor]:
     """Apply ``init`` (see ``FermiAnnealer``); the per-unit levels it created, for the optimizer."""
     _check_init(init, calibration_data)
+    init = resolve_init(model, init, calibration_data)
     if init == "scores":
         return []
     from ...budget import _check_min_keep
@@ -366,7 +367,9 @@ class FermiAnnealer(Optimizer):
 
     ``init`` says in which order each channel / head gate's units start: ``"scores"`` by their weight scores,
     ``"obs"`` as the one-shot pruner (:func:`fermigates.prune`) ranks them on ``calibration_data``, written into
-    trainable per-unit Fermi levels that are added to ``optimizer`` (see :mod:`fermigates.methods.fermi.prior`).
+    trainable per-unit Fermi levels that are added to ``optimizer`` (see :mod:`fermigates.methods.fermi.prior`);
+    ``"auto"`` (default) is ``"obs"`` when ``calibration_data`` is given and the model has channel / head gates,
+    else ``"scores"``.
     Under DistributedDataParallel build the annealer before wrapping the model (DDP synchronises only the
     parameters it saw when it was built), with the same calibration batches on every process.
     """
@@ -389,7 +392,7 @@ class FermiAnnealer(Optimizer):
         allocation: str = "uniform",
         min_keep: float | int = 0.1,
         example_inputs: Any = None,
-        init: str = "scores",
+        init: str = "auto",
         calibration_data: Any = None,
     ) -> None:
         if isinstance(temperature, (int, float, str)) or not isinstance(temperature, (tuple, list)):

@@ -18,12 +18,20 @@ import torch.nn as nn
 
 from .model import _distinct_gates
 
-INITS = ("scores", "obs")
+INITS = ("auto", "scores", "obs")
 
 
 def structured_gates(model: nn.Module) -> list:
     """The channel / head gates of ``model`` (those a budget or a one-shot ranking can speak for)."""
     return [g for g, owner in _distinct_gates(model) if owner is None and getattr(g, "group_id", None) is not None]
+
+
+def resolve_init(model: nn.Module, init: str, calibration_data: Any) -> str:
+    """``init`` with ``"auto"`` made concrete: ``"obs"`` where there are calibration inputs and channel / head
+    gates to rank, else ``"scores"``."""
+    if init != "auto":
+        return init
+    return "obs" if calibration_data is not None and structured_gates(model) else "scores"
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ def fermi_trainer_callback(
     allocation: str = "uniform",
     min_keep: float | int = 0.1,
     example_inputs: Any = None,
-    init: str = "scores",
+    init: str = "auto",
     calibration_data: Any = None,
     **schedule_kwargs: Any,
 ):
@@ -41,8 +41,8 @@ def fermi_trainer_callback(
     Trainer's ``max_steps``. ``budget`` / ``allocation`` / ``min_keep`` steer the gates to a MAC, parameter
     or unit budget as in :class:`FermiAnnealer` (default: the model's ``FermiConfig.budget``, when set); the
     shares are re-allocated from the current scores, so a resumed run steers on from its loaded weights.
-    ``init="obs"`` with ``calibration_data`` starts the anneal from the one-shot pruner's order of units (as
-    ``FermiAnnealer(init="obs")``); the per-unit levels are set when the callback is made, so they are
+    ``calibration_data`` (a few batches of training inputs) starts the anneal from the one-shot pruner's order of
+    units (``init="auto"`` or ``"obs"``, as in :class:`FermiAnnealer`); the per-unit levels are set when the callback is made, so they are
     parameters of ``model`` by the time ``trainer.train()`` builds its optimizer.
     Use: ``Trainer(..., callbacks=[fermigates.fermi_trainer_callback(model)])``.
     """
