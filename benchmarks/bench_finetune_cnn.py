@@ -76,11 +76,11 @@ class CNN(nn.Module):
 
 
 def train_dense(x, y, epochs: int, cache: Path) -> CNN:
+    torch.manual_seed(0)  # before the model is built, so that every run starts from the same dense model
     model = CNN()
     if cache.exists():
         model.load_state_dict(torch.load(cache, weights_only=True))
         return model.eval()
-    torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     batches = [(x[i], y[i]) for _ in range(epochs) for i in torch.randperm(len(x), generator=g).split(128)]
     fg.fine_tune(model, batches, steps=len(batches), lr=3e-3, progress=False)
