@@ -25,7 +25,7 @@ from .calibration.engine import _batches, _device, check_batches_finite
 from .losses import DISTILL, _call, _split, _task_loss, distill_loss
 from .methods.fermi.anneal import FermiAnnealer
 from .methods.fermi.model import all_gates, disable_gates
-from .methods.fermi.prior import INITS, structured_gates
+from .methods.fermi.prior import INITS, resolve_init
 from .state import _STATE_ATTR
 
 @dataclass
@@ -140,8 +140,8 @@ def fine_tune(
         init = anneal_kwargs.pop("init")
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    if init == "auto":
-        init = "obs" if builds_annealer and structured_gates(model) else "scores"
+    if init == "auto":  # the training batches stand in for calibration data (``data`` is never None here)
+        init = resolve_init(model, init, data) if builds_annealer else "scores"
     if init != "scores" and not builds_annealer:
         raise ValueError(f"init={init!r} sets where the annealer starts: it needs a converted model, anneal=True "
                          "and no FermiAnnealer passed as optimizer (pass init= to that FermiAnnealer instead)")

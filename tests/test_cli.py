@@ -44,14 +44,14 @@ def test_recipes_lists_and_prints(capsys):
     assert "convert.* " in capsys.readouterr().out
 
 
-def test_help_is_fast_and_imports_no_torch():
-    code = ("import sys, time; t = time.perf_counter()\n"
+def test_help_imports_no_torch():
+    code = ("import sys\n"
             "from fermigates.cli import build_parser\n"
             "p = build_parser(); p.format_help()\n"
-            "print('torch' in sys.modules, time.perf_counter() - t)")
+            "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, check=True)
-    imported, _ = out.stdout.split()
-    # the speed itself is not asserted (a loaded machine would flake); not importing torch is what keeps it fast
+    imported = out.stdout.strip()
+    # not importing torch is what keeps `--help` fast; the time itself is not asserted (a loaded machine flakes)
     assert imported == "False", "building the parser imported torch: `fermigates --help` would take seconds"
     run = fermigates("--help")
     assert run.returncode == 0 and "prune" in run.stdout and "report" in run.stdout
