@@ -4,7 +4,7 @@ uniform vs global allocation, OBS vs magnitude selection, fermigates ``prune`` v
 Data and metrics as in ``bench_calibrate_minilm.py`` (512 stdlib-docstring sentences for calibration, 1,000
 others for evaluation; mean cosine / nearest-neighbour agreement of mean-pooled embeddings vs the dense model).
 Each fermigates row is one whole ``fg.prune`` call (selection + shrink + ridge calibration of the layers that
-lost inputs, or of all layers), timed against one dense forward pass over the 512 calibration sentences run
+lost inputs, or of all layers; ``one-pass``: those layers fitted from the selection pass's Grams), timed against one dense forward pass over the 512 calibration sentences run
 just before and just after it (their mean). ``calibration``: which layers are re-fitted, and whether
 projections feeding a residual stream are fitted to output + residual drift (the default).
 Torch-Pruning rows: ``MetaPruner`` with L2 group-magnitude importance, ``global_pruning`` False / True, no
@@ -50,7 +50,7 @@ def dense_forward_s(dense, calib) -> float:
 
 
 def fermi_row(dense, calib, evals, ref, example, *, granularity, budget=None, target=None, allocation="global",
-              selection="obs", calibrate_layers="pruned", residual=True) -> dict:
+              selection="obs", calibrate_layers="pruned", residual=True, calibration="sequential") -> dict:
     model = copy.deepcopy(dense)
     cfg = fg.FermiConfig(granularity=granularity)
     before = dense_forward_s(dense, calib)
@@ -58,7 +58,7 @@ def fermi_row(dense, calib, evals, ref, example, *, granularity, budget=None, ta
         t0 = time.perf_counter()
         report = fg.prune(model, calib, cfg, budget=budget, target_sparsity=target, allocation=allocation,
                           selection=selection, calibrate_layers=calibrate_layers, residual=residual,
-                          example_inputs=example, progress=False)
+                          calibration=calibration, example_inputs=example, progress=False)
         seconds = time.perf_counter() - t0
     dense_s = (before + dense_forward_s(dense, calib)) / 2
     cos, agree = fidelity(embed(model, evals), ref)
@@ -66,7 +66,9 @@ def fermi_row(dense, calib, evals, ref, example, *, granularity, budget=None, ta
         print(report.budget)
     cal = report.calibration
     return {"method": "fermigates prune", "budget": budget or f"target_sparsity={target}", "allocation": allocation,
-            "selection": selection, "calibration": f"{calibrate_layers}{', residual' if residual else ''}",
+            "selection": selection,
+            "calibration": ("one-pass (selection Grams)" if calibration == "one-pass"
+                            else f"{calibrate_layers}{', residual' if residual else ''}"),
             "cos": cos, "nn_agree": agree,
             "macs_kept": report.macs_after / report.macs_before, "params_kept": report.params_after / report.params_before,
             "prune_s": seconds, "dense_forward_s": dense_s, "prune_vs_dense_forward": seconds / dense_s,
@@ -168,6 +170,8 @@ def main() -> None:
                               allocation="uniform"))
         rows.append(fermi_row(dense, calib, evals, ref, example, granularity="channel", budget=budget,
                               allocation="global"))
+        rows.append(fermi_row(dense, calib, evals, ref, example, granularity="channel", budget=budget,
+                              allocation="uniform", calibration="one-pass"))
         if r == 0.5:
             rows.append(fermi_row(dense, calib, evals, ref, example, granularity="channel", budget=budget,
                                   allocation="uniform", residual=False))
@@ -181,6 +185,8 @@ def main() -> None:
     for allocation in ("uniform", "global"):
         rows.append(fermi_row(dense, calib, evals, ref, example, granularity=("channel", "head"), budget="macs:0.5",
                               allocation=allocation))
+    rows.append(fermi_row(dense, calib, evals, ref, example, granularity=("channel", "head"), budget="macs:0.5",
+                          allocation="uniform", calibration="one-pass"))
     rows.append(fermi_row(dense, calib, evals, ref, example, granularity=("channel", "head"), budget="macs:0.5",
                           allocation="uniform", residual=False))
     rows.append(fermi_row(dense, calib, evals, ref, example, granularity=("channel", "head"), budget="macs:0.5",

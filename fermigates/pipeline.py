@@ -245,7 +245,8 @@ def run_recipe(recipe: Recipe, model: str | None, data: str, out: str | os.PathL
 
         report = prune(net, calib_batches or train_batches[:1], config, ridge=recipe.calibration.ridge,
                        shrink=recipe.shrink, refine_steps=recipe.train.refine_steps,
-                       calibrate_layers=recipe.calibration.layers, example_inputs=example, progress=not quiet)
+                       calibrate_layers=recipe.calibration.layers, calibration=recipe.calibration.mode,
+                       example_inputs=example, progress=not quiet)
     else:
         report = _fine_tune(net, config, recipe, train_batches, calib_batches, example, labels, log, quiet)
     from .io.inspect import _describe

@@ -151,6 +151,7 @@ class TrainSection:
 
 
 CALIBRATE_LAYERS = ("pruned", "all")
+CALIBRATION_MODES = ("sequential", "one-pass")
 
 
 @dataclass
@@ -161,6 +162,8 @@ class CalibrationSection:
     batch_size: int = _f(32, "samples per calibration batch")
     ridge: float = _f(1e-2, "ridge strength of the closed-form re-fit")
     layers: str = _f("pruned", f"one of {CALIBRATE_LAYERS}: re-fit the layers that lost inputs, or every layer")
+    mode: str = _f("sequential", f"one of {CALIBRATION_MODES}: re-fit in a forward of the pruned model, or (one-shot "
+                   "only) from the selection pass's statistics with no second forward")
 
     def validate(self, where: str) -> None:
         for name, low in (("samples", 0), ("batch_size", 1)):
@@ -172,6 +175,11 @@ class CalibrationSection:
         self.ridge = float(self.ridge)
         if self.layers not in CALIBRATE_LAYERS:
             raise _bad(f"{where}.layers", f"one of {CALIBRATE_LAYERS}", self.layers)
+        if self.mode not in CALIBRATION_MODES:
+            raise _bad(f"{where}.mode", f"one of {CALIBRATION_MODES}", self.mode)
+        if self.mode == "one-pass" and self.layers != "pruned":
+            raise RecipeError(f"{where}.mode 'one-pass' re-fits the layers that lost inputs only: use {where}.layers "
+                              "'pruned'", key=f"{where}.mode")
 
 
 EXPORT_FORMATS = ("safetensors", "onnx")
@@ -222,6 +230,10 @@ class Recipe:
                                                                          or self.anneal.bake_when_decided):
             raise RecipeError(f"anneal.init={self.anneal.init!r} / anneal.bake_when_decided read the calibration "
                               "samples: give calibration.samples > 0", key="calibration.samples")
+        if self.train.steps > 0 and self.calibration.mode == "one-pass":
+            raise RecipeError("calibration.mode 'one-pass' fits from the one-shot selection pass: use it with "
+                              "train.steps 0, or calibration.mode 'sequential' after fine-tuning",
+                              key="calibration.mode")
         if self.train.steps > 0 and self.anneal.init == "obs" and "weight" in grans:
             raise RecipeError("anneal.init 'obs' ranks channel and head gates: use convert.granularity 'channel' "
                               "and/or 'head', or anneal.init 'scores'", key="anneal.init")

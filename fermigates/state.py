@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from .config import FermiConfig
@@ -50,6 +51,10 @@ class FermiState:
     #: calibration that follows need not run the dense reference again
     record_reference: str | None = None  # None, "consumers" or "all"
     reference_record: "ReferenceRecord | None" = None
+    #: set by ``prune(calibration="one-pass")``: the selection pass keeps the input Gram of every Linear that
+    #: consumes a gate (``selection_grams``), from which the layers that lose inputs are then re-fitted
+    collect_grams: bool = False
+    selection_grams: "dict[str, torch.Tensor] | None" = None
 
     def weights_changed(self, model: nn.Module) -> bool:
         """True when a gated layer's weight was modified in place (an optimizer step, a load) since conversion."""

@@ -68,6 +68,26 @@ def test_blocked_obs_removes_distinct_columns_and_is_cheaper_than_random():
     assert refit_error(order.tolist()) < random_err
 
 
+def test_obs_downdates_in_float32_keep_the_float64_removal_order():
+    torch.manual_seed(2)
+    lin = nn.Linear(300, 32)
+    x = torch.randn(2000, 300) * torch.rand(300) + torch.randn(2000, 6) @ torch.randn(6, 300)  # correlated
+    x1 = torch.cat([x, torch.ones(2000, 1)], 1).double()
+    o64, c64 = obs_removal_order(lin, x1.T @ x1, 200, loop_dtype=torch.float64)
+    o32, c32 = obs_removal_order(lin, x1.T @ x1, 200)
+    assert o32.tolist() == o64.tolist() and c32.dtype == torch.float64
+    torch.testing.assert_close(c32, c64, rtol=1e-3, atol=1e-9)
+
+
+@pytest.mark.parametrize("p", [7, 8, 13])
+def test_blocked_gram_equals_the_plain_product(monkeypatch, p):
+    monkeypatch.setattr(selection, "GRAM_BLOCK_MIN", 8)
+    x = torch.randn(50, p, dtype=torch.float64)
+    g = selection.gram_of(x)
+    assert g.dtype == torch.float64 and g.shape == (p, p)
+    torch.testing.assert_close(g, x.T @ x)
+
+
 def _minilm_like():
     model, x = build("hf", "bert")
     batches = []

@@ -176,6 +176,19 @@ def test_prune_end_to_end_on_a_tiny_hf_model_with_a_text_file(tmp_path):
     assert report["kept"]["channel"]["kept"] < report["kept"]["channel"]["total"]
 
 
+def test_prune_one_pass_calibration_from_the_command_line(tmp_path):
+    import transformers as tf
+
+    folder, text, cfg = _tiny_bert(tmp_path)
+    out = tmp_path / "out"
+    run = fermigates("prune", "bert_encoder", "--model", f"hf:{folder}", "--data", text, "--out", out,
+                     "--set", "calibration.samples=16", "--set", "calibration.batch_size=8",
+                     "--set", "calibration.mode=one-pass", "--set", "calibration.layers=pruned", "--quiet")
+    assert run.returncode == 0, run.stderr
+    names, report = _check_run(out, tf.BertModel(cfg))
+    assert report["calibration"]["from_selection"] is True and report["calibration"]["layers"]
+
+
 @pytest.mark.parametrize("case", ["yaml", "unknown_key", "wrong_type", "model", "data", "weights", "set"])
 def test_bad_input_is_a_clear_message_exit_2_and_nothing_written(tmp_path, case):
     recipe = tmp_path / "r.yaml"

@@ -117,3 +117,15 @@ def test_anneal_init_and_early_bake_are_validated():
     # the default start needs no calibration samples (it falls back to training batches) and suits any gates
     assert Recipe.from_yaml("train:\n  steps: 8\n").anneal.init == "auto"
     Recipe.from_yaml("convert:\n  granularity: weight\ntrain:\n  steps: 8\ncalibration:\n  samples: 0\n")
+
+
+def test_calibration_mode_is_validated():
+    r = Recipe.from_yaml("convert:\n  granularity: channel\ntrain:\n  steps: 0\ncalibration:\n  mode: one-pass\n")
+    assert r.calibration.mode == "one-pass" and Recipe().calibration.mode == "sequential"
+    with pytest.raises(RecipeError, match="calibration.mode"):
+        Recipe.from_yaml("convert:\n  granularity: channel\ntrain:\n  steps: 0\ncalibration:\n  mode: twice\n")
+    with pytest.raises(RecipeError, match="calibration.mode"):  # it fits from the one-shot selection pass
+        Recipe.from_yaml("convert:\n  granularity: channel\ntrain:\n  steps: 8\ncalibration:\n  mode: one-pass\n")
+    with pytest.raises(RecipeError, match="calibration.layers 'pruned'"):
+        Recipe.from_yaml("convert:\n  granularity: channel\ntrain:\n  steps: 0\ncalibration:\n  mode: one-pass\n"
+                         "  layers: all\n")

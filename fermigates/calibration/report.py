@@ -60,6 +60,9 @@ class CalibrationReport:
     #: False when the reference's outputs were recorded beforehand (by ``prune``'s selection pass) and the
     #: reference model was not run
     reference_run: bool = True
+    #: True for ``prune(calibration="one-pass")``: fitted from the selection pass's input Grams of the dense
+    #: model, with no forward (``n_batches``: the batches those Grams were gathered on)
+    from_selection: bool = False
 
     @property
     def phases(self) -> dict[str, float]:
@@ -79,7 +82,7 @@ class CalibrationReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"ridge": self.ridge, "n_batches": self.n_batches, "seconds": self.seconds,
-                "phases": self.phases, "reference_run": self.reference_run,
+                "phases": self.phases, "reference_run": self.reference_run, "from_selection": self.from_selection,
                 "layers": [asdict(r) for r in self.layers]}
 
     def __str__(self) -> str:
@@ -92,6 +95,11 @@ class CalibrationReport:
         out = [line, "-" * len(line)]
         out += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
         ph = self.phases
+        if self.from_selection:
+            out.append(f"{len(self.layers)} layers calibrated in one pass, from the input Grams of the selection "
+                       f"pass over {self.n_batches} batches of the dense model (no forward), ridge={self.ridge:g}, "
+                       f"{self.seconds:.2f}s")
+            return "\n".join(out)
         ref = "" if self.reference_run else "; reference outputs recorded, reference not run"
         out.append(f"{len(self.layers)} layers calibrated on {self.n_batches} batches, ridge={self.ridge:g}, "
                    f"{self.seconds:.2f}s (forward {ph['forward']:.2f}s, statistics {ph['statistics']:.2f}s, "
