@@ -182,21 +182,19 @@ def main() -> None:
         for g in (False, True):
             rows.append(tp_row(dense, evals, ref, example, ratio=r, heads=False, global_pruning=g))
         print(rows[-1])
-    for allocation in ("uniform", "global"):
-        rows.append(fermi_row(dense, calib, evals, ref, example, granularity=("channel", "head"), budget="macs:0.5",
-                              allocation=allocation))
-    rows.append(fermi_row(dense, calib, evals, ref, example, granularity=("channel", "head"), budget="macs:0.5",
-                          allocation="uniform", calibration="one-pass"))
-    rows.append(fermi_row(dense, calib, evals, ref, example, granularity=("channel", "head"), budget="macs:0.5",
-                          allocation="uniform", residual=False))
-    rows.append(fermi_row(dense, calib, evals, ref, example, granularity=("channel", "head"), budget="macs:0.5",
-                          allocation="uniform", calibrate_layers="all"))
+    macs = {"granularity": ("channel", "head"), "budget": "macs:0.5"}
+    for allocation in ("global", "uniform"):
+        rows.append(fermi_row(dense, calib, evals, ref, example, **macs, allocation=allocation))
+    rows.append(fermi_row(dense, calib, evals, ref, example, **macs, allocation="global", calibration="one-pass"))
+    rows.append(fermi_row(dense, calib, evals, ref, example, **macs, allocation="global", residual=False))
+    rows.append(fermi_row(dense, calib, evals, ref, example, **macs, allocation="global", calibrate_layers="all"))
+    rows.append(fermi_row(dense, calib, evals, ref, example, **macs, allocation="global", selection="magnitude"))
     for g in (False, True):
         rows.append(tp_row(dense, evals, ref, example, ratio=0.5, heads=True, global_pruning=g))
     write_results("budget_minilm", rows, columns=COLUMNS + ["error"], meta={
         "model": "all-MiniLM-L6-v2", "calib_sentences": args.calib, "eval_sentences": args.eval,
         "macs_counted_on": str({k: list(v.shape) for k, v in example.items()}),
-        "default_selection": "obs", "default_allocation": "uniform", "default_calibration": "pruned, residual",
+        "default_selection": "obs", "default_allocation": "auto: uniform for units:, global for macs:", "default_calibration": "pruned, residual",
         "timing": "prune_vs_dense_forward: the prune call over one dense forward pass over the same 512 sentences, "
                   "timed just before and after it (mean)",
         "command": "OMP_NUM_THREADS=1 python benchmarks/bench_budget_minilm.py " + " ".join(sys.argv[1:])})

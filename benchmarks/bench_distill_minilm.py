@@ -35,8 +35,8 @@ Rows:
 * ``fg anneal init=obs, early bake``: the same start, and ``bake_when_decided=True``: at the freeze (a quarter of
   the run) the model is baked, ridge-calibrated toward the teacher (the original model, what the distillation
   loss asks for), and the small plain model is fine-tuned for the rest of the steps.
-* ``fg prune + FT``: ``fermigates.prune(budget="macs:0.5")`` (library defaults: uniform allocation, OBS
-  selection, ridge calibration toward the dense model), then the distillation fine-tune.
+* ``fg prune + FT``: ``fermigates.prune(budget="macs:0.5")`` (library defaults: ``allocation="auto"``, global
+  for a MAC budget; OBS selection, heads by block OBS; ridge calibration toward the dense model), then the distillation fine-tune.
 * ``TP magnitude + FT``: Torch-Pruning ``MetaPruner`` with L2 ``MagnitudeImportance``, heads (``num_heads``,
   ``prune_num_heads``) and MLP neurons of every layer at one ratio (local), the residual-stream writers, the
   embeddings and the pooler ignored (as ``bench_budget_minilm.tp_row``), one-shot, then the fine-tune.
@@ -440,7 +440,8 @@ def main() -> None:
                         "dense_macs": dense_macs, "fg_target_sparsity": knobs["fg"], "tp_ratio": knobs["tp"],
                         "search_macs_kept": kept, "tp_iterative_stages": TP_STAGES,
                         "fg_prune_defaults": {"selection": fermigates.oneshot.DEFAULT_SELECTION,
-                                              "allocation": "uniform", "ridge": 1e-2},
+                                              "allocation": fermigates.oneshot.DEFAULT_ALLOCATION + " (global for macs:)",
+                                              "ridge": 1e-2},
                         "fg_anneal_defaults": "FermiAnnealer defaults: T 1 -> 0.01 exponential, cubic ramp 0.25, "
                                               "tolerance 0.05, sparsity_weight 1, decisions frozen after the ramp",
                         "torch_pruning": torch_pruning.__version__, "wall_s": time.perf_counter() - t_start,

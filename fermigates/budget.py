@@ -364,11 +364,15 @@ def _consumers(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, Any]]]:
     return uses
 
 
-def _single_linear(users: list) -> bool:
+def _single_linear(users: list, width: int | None = 1) -> bool:
+    """One ``nn.Linear`` consumer whose every input column belongs to one unit (``width`` columns per unit;
+    ``None``: more than one, as an attention head's)."""
     if len(users) != 1:
         return False
     _, module, slot = users[0]
-    return isinstance(module, nn.Linear) and slot.index.shape[1] == 1 and slot.index.numel() == module.in_features
+    per_unit = slot.index.shape[1]
+    return (isinstance(module, nn.Linear) and slot.index.numel() == module.in_features
+            and (per_unit > 1 if width is None else per_unit == width))
 
 
 @torch.no_grad()
@@ -384,12 +388,15 @@ def _importance(model: nn.Module, gates: list, floors: list[int], selection: str
             order = score.argsort(stable=True)
             out.append((order, score[order]))
         return out
-    from .calibration.selection import input_stats, obs_removal_order
+    from .calibration.selection import input_stats, obs_group_removal_order, obs_removal_order, output_energy
 
     uses = _consumers(model)
     obs_gates = {i for i, g in enumerate(gates) if _single_linear(uses.get(id(g), []))}
-    gram_names = sorted({uses[id(gates[i])][0][0] for i in obs_gates})
-    moment_names = sorted({name for i, g in enumerate(gates) if i not in obs_gates for name, _, _ in uses[id(g)]})
+    # heads: block OBS on the output projection's columns, on the neurons' scale (globally comparable)
+    group_gates = {i for i, g in enumerate(gates) if _single_linear(uses.get(id(g), []), width=None)}
+    gram_names = sorted({uses[id(gates[i])][0][0] for i in obs_gates | group_gates})
+    moment_names = sorted({name for i, g in enumerate(gates) if i not in obs_gates | group_gates
+                           for name, _, _ in uses[id(g)]})
     from .methods.fermi.model import all_gates
     from .state import ReferenceRecord, fermi_state
 
@@ -420,6 +427,11 @@ def _importance(model: nn.Module, gates: list, floors: list[int], selection: str
         gate_list = list(all_gates(model))
         state.reference_record = ReferenceRecord(list(batches), outputs,
                                                  ReferenceRecord.tensor_versions(model, gate_list))
+    # OBS costs are squared output errors per calibration row, comparable across layers (measured on MiniLM:
+    # better global allocations than costs relative to each layer's own output); one scale for all of them,
+    # the mean output energy of their layers, puts them near the activation-aware scores' (energy fractions)
+    searched = [uses[id(gates[i])][0] for i in sorted(obs_gates | group_gates)]
+    scale = max(sum(output_energy(m, grams[n]) for n, m, _ in searched) / max(len(searched), 1), 1e-30)
     out = []
     for i, g in enumerate(gates):
         users = uses[id(g)]
@@ -433,7 +445,15 @@ def _importance(model: nn.Module, gates: list, floors: list[int], selection: str
             rest = torch.ones(g.n_units, dtype=torch.bool)
             rest[removed] = False
             order = torch.cat([removed, rest.nonzero().flatten()])
-            value = torch.cat([cost, torch.full((int(rest.sum()),), float("inf"), dtype=torch.float64)])
+            value = torch.cat([cost / scale, torch.full((int(rest.sum()),), float("inf"), dtype=torch.float64)])
+        elif i in group_gates:
+            name, module, slot = users[0]
+            removed, cost = obs_group_removal_order(module, grams[name], slot.index.cpu(), g.n_units - floors[i],
+                                                    ridge=ridge)
+            rest = torch.ones(g.n_units, dtype=torch.bool)
+            rest[removed] = False
+            order = torch.cat([removed, rest.nonzero().flatten()])
+            value = torch.cat([cost / scale, torch.full((int(rest.sum()),), float("inf"), dtype=torch.float64)])
         else:
             value = torch.zeros(g.n_units, dtype=torch.float64)
             for name, module, slot in users:
@@ -450,6 +470,20 @@ def _importance(model: nn.Module, gates: list, floors: list[int], selection: str
 
 
 # -- allocation -------------------------------------------------------------------------------------------------
+ALLOCATIONS = ("auto", "global", "uniform")
+
+
+def resolve_allocation(allocation: str, budget: "Budget | None") -> str:
+    """``allocation`` made concrete: ``"auto"`` is ``"global"`` for a MAC / parameter / latency budget (units
+    ranked across layers by the output error per unit of cost) and ``"uniform"`` for a share of units, as
+    measured best on MiniLM and MobileNetV2 (README, budgets)."""
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {', '.join(map(repr, ALLOCATIONS))}, got {allocation!r}")
+    if allocation != "auto":
+        return allocation
+    return "uniform" if budget is None or budget.kind == "units" else "global"
+
+
 def _round_removed(removed: int, n: int, step: int) -> int:
     """Units removed once the kept count is rounded up to a multiple of ``step`` (at most ``n``)."""
     kept = n - removed
@@ -547,9 +581,9 @@ def allocate(
     """Choose which units every structured gate of a converted ``model`` keeps to meet ``budget``, and freeze
     that choice (``gate.decided``): ``convert_from_fermi`` then bakes and shrinks exactly it.
 
-    ``allocation``: ``"global"`` (units ranked across gates by importance per unit of cost) or ``"uniform"``
-    (the same share of every gate). ``selection``: ``"obs"`` (needs ``data``: calibration batches) or
-    ``"magnitude"``. ``min_keep``: every gate keeps at least this fraction (float) or count (int) of its
+    ``allocation``: ``"global"`` (units ranked across gates by importance per unit of cost), ``"uniform"``
+    (the same share of every gate) or ``"auto"`` (see :func:`resolve_allocation`). ``selection``: ``"obs"``
+    (needs ``data``: calibration batches) or ``"magnitude"``. ``min_keep``: every gate keeps at least this fraction (float) or count (int) of its
     units, and never fewer than one. The budget is met as closely as the units allow (within 2% for models
     with more than a few dozen units); the result says what was predicted.
     """
@@ -557,8 +591,7 @@ def allocate(
     from .state import fermi_state
 
     budget = Budget.parse(budget)
-    if allocation not in ("global", "uniform"):
-        raise ValueError(f"allocation must be 'global' or 'uniform', got {allocation!r}")
+    allocation = resolve_allocation(allocation, budget)
     if selection not in ("obs", "magnitude"):
         raise ValueError(f"selection must be 'obs' or 'magnitude', got {selection!r}")
     _check_min_keep(min_keep)

@@ -17,7 +17,7 @@ from .calibration.from_stats import calibrate_from_grams
 from .config import FermiConfig
 from .state import _STATE_ATTR
 from .convert import _swap, convert_to_fermi
-from .budget import Budget, _check_min_keep, allocate, budget_from, select_share
+from .budget import Budget, _check_min_keep, allocate, budget_from, resolve_allocation, select_share
 from .methods.fermi.model import freeze_decisions, gated_modules
 from .methods.fermi.refine import refine_gates
 from .report import FermiReport
@@ -26,6 +26,9 @@ from .report import FermiReport
 #: how ``prune`` chooses the units to remove when ``selection`` is not given: the one the README's budget
 #: table (``benchmarks/results/budget_minilm.json``) ranks first
 DEFAULT_SELECTION = "obs"
+#: how ``prune`` allocates a budget across gates when ``allocation`` is not given: ``"auto"`` is global for a
+#: cost budget (MACs, parameters, latency) and uniform for a share of units -- what that table ranks first
+DEFAULT_ALLOCATION = "auto"
 
 
 def _first_sample(batch: Any) -> Any:
@@ -53,7 +56,7 @@ def prune(
     calibrate_layers: str = "pruned",
     residual: bool = True,
     budget: Budget | str | None = None,
-    allocation: str = "uniform",
+    allocation: str = DEFAULT_ALLOCATION,
     selection: str | None = None,
     min_keep: float | int = 0.1,
     calibration: str = "sequential",
@@ -76,7 +79,8 @@ def prune(
     ``budget`` (a :class:`fermigates.Budget` or ``"macs:0.5"`` / ``"params:0.7"`` / ``"units:0.5"`` /
     ``"latency:0.5"``: the fraction kept, MACs counted and latency measured per forward of ``example_inputs``,
     latency on this machine with the current thread count) replaces ``target_sparsity``: units are
-    chosen across all gates (``allocation="global"``) or as one share of every gate (``"uniform"``), every
+    chosen across all gates (``allocation="global"``) or as one share of every gate (``"uniform"``);
+    ``"auto"`` (default) is global for a MAC / parameter / latency budget and uniform for ``units:``, every
     gate keeping at least ``min_keep`` of its units (a fraction, or a count; never fewer than one).
     ``report.budget`` says what was requested, predicted and measured on the shrunk model. Without
     ``budget=`` and ``target_sparsity=``, ``config.budget`` applies when it is set.
@@ -103,8 +107,7 @@ def prune(
     selection = DEFAULT_SELECTION if selection is None else selection
     if selection not in ("obs", "magnitude"):
         raise ValueError(f"selection must be 'obs' or 'magnitude', got {selection!r}")
-    if allocation not in ("global", "uniform"):
-        raise ValueError(f"allocation must be 'global' or 'uniform', got {allocation!r}")
+    allocation = resolve_allocation(allocation, budget)
     _check_min_keep(min_keep)
     if calibration not in ("sequential", "one-pass"):
         raise ValueError(f"calibration must be 'sequential' or 'one-pass', got {calibration!r}")

@@ -98,23 +98,37 @@ def test_budget_parse():
 
 
 def test_default_selection_is_the_one_the_committed_benchmark_ranks_first():
+    import inspect
+
+    from fermigates.budget import resolve_allocation
     from fermigates.oneshot import DEFAULT_SELECTION
 
     path = ROOT / "benchmarks" / "results" / "budget_minilm.json"
     assert path.exists(), "run OMP_NUM_THREADS=1 python benchmarks/bench_budget_minilm.py and commit its JSON"
-    rows = [r for r in json.loads(path.read_text())["rows"]
-            if r["method"] == "fermigates prune" and r["budget"] == "units:0.5" and "cos" in r]
-    best = max(rows, key=lambda r: r["cos"])
-    assert best["selection"] == DEFAULT_SELECTION
-    import inspect
-
-    import fermigates as fg
-
-    assert best["allocation"] == inspect.signature(fg.prune).parameters["allocation"].default
+    rows = json.loads(path.read_text())["rows"]
+    default = inspect.signature(fg.prune).parameters["allocation"].default
     readme = (ROOT / "README.md").read_text()
     table = readme[readme.index("### Budgets"):]
     first = next(line for line in table.splitlines() if line.startswith("| fermigates"))
-    assert f"`{DEFAULT_SELECTION}`" in first and best["allocation"] in first
+    assert f"`{DEFAULT_SELECTION}`" in first and f"`{default}`" in first
+    for budget in ("units:0.5", "macs:0.5"):  # a share of units, and a cost
+        ranked = [r for r in rows if r["method"] == "fermigates prune" and r["budget"] == budget and "cos" in r]
+        best = max(ranked, key=lambda r: r["cos"])
+        assert best["selection"] == DEFAULT_SELECTION, (budget, best)
+        assert best["allocation"] == resolve_allocation(default, Budget.parse(budget)), (budget, best)
+
+
+def test_auto_allocation_is_global_for_costs_and_uniform_for_units():
+    from fermigates.budget import resolve_allocation
+
+    assert [resolve_allocation("auto", Budget.parse(b)) for b in ("macs:0.5", "params:0.5", "latency:0.5",
+                                                                     "units:0.5")] == ["global"] * 3 + ["uniform"]
+    assert resolve_allocation("uniform", Budget.parse("macs:0.5")) == "uniform"
+    with pytest.raises(ValueError, match="allocation must be one of"):
+        resolve_allocation("even", None)
+    model, x = build("hf", "bert")
+    assert fg.prune(copy.deepcopy(model), [x], budget="macs:0.6", progress=False).budget.allocation == "global"
+    assert fg.prune(model, [x], budget="units:0.6", progress=False).budget.allocation == "uniform"
 
 
 def test_uniform_budget_lands_when_rounding_makes_the_shares_jump():

@@ -25,7 +25,8 @@ _logger = logging.getLogger(__name__)
 RECORD_LIMIT_BYTES = 2 << 30
 
 __all__ = ["oneshot_channel_scores", "select_channels", "input_channel_rms", "input_gram", "select_channels_obs",
-           "input_stats", "obs_removal_order"]
+           "input_stats", "obs_removal_order", "obs_group_removal_order",
+           "output_energy"]
 
 
 def oneshot_channel_scores(consumer: nn.Module, *, input_rms: torch.Tensor | None = None) -> torch.Tensor:
@@ -283,14 +284,23 @@ def input_stats(model: nn.Module, data: Iterable[Any], gram_names: list[str], mo
     return grams, {n: (sums[n] / max(counts[n], 1)).float() for n in moment_names if n in sums}, outputs
 
 
+def output_energy(consumer: nn.Linear, gram: torch.Tensor) -> float:
+    """The mean squared output ``||[x, 1] [W, b]ᵀ||²`` of ``consumer`` per row of its input Gram ``gram``."""
+    w = consumer.weight.detach().float()
+    w = torch.cat([w, consumer.bias.detach().float()[:, None] if consumer.bias is not None
+                   else w.new_zeros(w.shape[0], 1)], dim=1)
+    g = gram.to(w.device).float()
+    return float(((w @ g) * w).sum()) / max(float(g[-1, -1]), 1.0)
+
+
 @torch.no_grad()
 def obs_removal_order(consumer: nn.Linear, gram: torch.Tensor, n_remove: int, ridge: float = 1e-2,
                       blocks: int = 64, loop_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy OBS removal of ``n_remove`` input columns of ``consumer``, in about ``blocks`` steps.
 
     Returns ``(order, cost)``: the removed column indices in removal order, and each one's cost (the increase
-    of the squared output error, after least-squares compensation by the remaining columns, relative to the
-    layer's output energy ``||[X, 1] [W, b]ᵀ||²``). Each step removes the cheapest columns of that step
+    of the squared output error per calibration row, after least-squares compensation by the remaining
+    columns; :func:`output_energy` is the layer's output on that scale). Each step removes the cheapest columns of that step
     together (their joint closed-form update), so ``blocks`` trades exactness of the greedy order for speed.
     ``loop_dtype``: the dtype of the per-step downdates of ``H⁻¹`` (formed in float64 first); float32 halves
     their cost and, with the ridge bounding the condition number, keeps the same removal order in practice.
@@ -306,7 +316,7 @@ def obs_removal_order(consumer: nn.Linear, gram: torch.Tensor, n_remove: int, ri
     w = torch.cat([w, consumer.bias.detach().double()[:, None] if consumer.bias is not None
                    else w.new_zeros(w.shape[0], 1)], dim=1)
     g = gram.double()
-    energy = max(float(((w.float() @ g.float()) * w.float()).sum()), 1e-30)  # a scale: float32 is ample
+    n_rows = max(float(g[n, n]), 1.0)  # the ones column's square sum
     h = g.clone()
     h.diagonal()[:n] += ridge * h.diagonal()[:n].mean()
     chol, info = torch.linalg.cholesky_ex(h)
@@ -336,10 +346,57 @@ def obs_removal_order(consumer: nn.Linear, gram: torch.Tensor, n_remove: int, ri
         hinv.addmm_(hinv[:, picked], rows, alpha=-1)
         alive[picked] = False
         order.append(index[picked])
-        costs.append((per / energy).double())
+        costs.append((per / n_rows).double())
         if int(alive.sum()) < 0.75 * m and done < n_remove:
             live = alive.nonzero().flatten()
             keep = torch.cat([live, torch.tensor([m])])
             w, hinv = w.index_select(1, keep), hinv.index_select(0, keep).index_select(1, keep)
             index, alive = index[live], torch.ones(live.numel(), dtype=torch.bool)
     return torch.cat(order), torch.cat(costs)
+
+
+def obs_group_removal_order(consumer: nn.Linear, gram: torch.Tensor, groups: torch.Tensor, n_remove: int,
+                            ridge: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy block-OBS removal of ``n_remove`` groups of input columns of ``consumer`` (an attention head's
+    columns of the output projection), one group per step.
+
+    ``groups``: ``(n_groups, size)`` column indices. Returns ``(order, cost)``: the removed groups in removal
+    order and each one's cost, ``tr(W_S [H⁻¹]_SS⁻¹ W_Sᵀ)`` for its columns ``S`` after the previous removals'
+    compensation, per calibration row (the scale of :func:`obs_removal_order`'s, so heads and neurons can be
+    ranked against each other).
+    """
+    n = consumer.in_features
+    if gram.shape != (n + 1, n + 1):
+        raise ValueError(f"gram must have shape {(n + 1, n + 1)} (input_gram's), got {tuple(gram.shape)}")
+    if groups.dim() != 2 or int(groups.max()) >= n or int(groups.min()) < 0:
+        raise ValueError(f"groups must be a (n_groups, size) tensor of column indices below {n}, "
+                         f"got shape {tuple(groups.shape)}")
+    if not 0 <= n_remove < groups.shape[0]:
+        raise ValueError(f"n_remove must be in [0, {groups.shape[0]}), got {n_remove!r}")
+    if n_remove == 0:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
+    w = consumer.weight.detach().double()
+    w = torch.cat([w, consumer.bias.detach().double()[:, None] if consumer.bias is not None
+                   else w.new_zeros(w.shape[0], 1)], dim=1)
+    g = gram.double()
+    n_rows = max(float(g[n, n]), 1.0)
+    h = g.clone()
+    h.diagonal()[:n] += ridge * h.diagonal()[:n].mean()
+    hinv = torch.linalg.pinv(h, hermitian=True)
+    groups = groups.to(torch.long).cpu()
+    alive = torch.ones(groups.shape[0], dtype=torch.bool)
+    order, costs = [], []
+    for _ in range(n_remove):
+        sub_inv = torch.linalg.pinv(hinv[groups[:, :, None], groups[:, None, :]], hermitian=True)  # (G, s, s)
+        wg = w[:, groups].permute(1, 0, 2)  # (G, out, s)
+        cost = ((wg @ sub_inv) * wg).sum((1, 2))
+        cost[~alive] = float("inf")
+        j = int(cost.argmin())
+        cols = groups[j]
+        rows = sub_inv[j] @ hinv[cols]
+        w.addmm_(w[:, cols], rows, alpha=-1)
+        hinv.addmm_(hinv[:, cols], rows, alpha=-1)
+        alive[j] = False
+        order.append(j)
+        costs.append(float(cost[j]) / n_rows)
+    return torch.tensor(order, dtype=torch.long), torch.tensor(costs, dtype=torch.float64)
