@@ -6,8 +6,8 @@ The only data is unlabeled text: sentences split from Python standard-library do
 the calibration set, [512, 1512) the 1,000 held-out evaluation sentences, and all the others (3,404) the
 unlabeled training stream, shuffled by a fixed generator per seed (never the evaluation sentences).
 
-Every method ends at the same width -- 0.50 of the encoder MACs (half the heads and half the MLP neurons of every
-layer), counted by one counter for every row (``fermigates.count_macs`` on the same example sentence) -- and gets
+Every method ends at the same cost -- 0.50 of the encoder MACs (half the heads and half the MLP neurons of every
+layer; ``fg prune + FT`` allocates the same MACs globally, its default for a MAC budget), counted by one counter for every row (``fermigates.count_macs`` on the same example sentence) -- and gets
 the **same** fine-tuning budget: the same number of AdamW steps (weight decay 0), learning rate, batch size (32)
 and data order per seed, all through ``fermigates.fine_tune`` with the **same** loss: distillation toward the
 original model's ``last_hidden_state`` (``distill="hidden"``: squared error relative to the teacher's mean square,
