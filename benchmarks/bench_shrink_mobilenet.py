@@ -320,6 +320,7 @@ def timed_in_groups(models: dict[str, nn.Module], groups: list[list[str]], batch
     import subprocess
     import tempfile
 
+    # a server runs one model; 18 models interleaved would overflow oneDNN's kernel cache (1024 entries)
     env = {**os.environ, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8192")}
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
@@ -353,36 +354,13 @@ def timed_in_processes(models: dict[str, nn.Module], batch: int, runs: int, warm
     the same model's time by 10-25% on this machine. Each repeat gives one speedup per model; the table
     reports their median and range, the JSON every repeat's.
     """
-    import random
-    import subprocess
-    import tempfile
-
-    # a server runs one model; 18 models interleaved would overflow oneDNN's kernel cache (1024 entries)
-    env = {**os.environ, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8192")}
-
-    def run_worker(path: str, result: str) -> dict[str, list[float]]:
-        subprocess.run([sys.executable, os.path.abspath(__file__), "--time-only", path, result,
-                        "--batch", str(batch), "--runs", str(runs), "--threads", str(threads),
-                        "--warmup", str(warmup)], check=True, env=env)
-        with open(result) as f:
-            return json.load(f)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        groups = [[k] for k in models] if isolate else [list(models)]
-        paths = []
-        for i, keys in enumerate(groups):
-            paths.append(os.path.join(tmp, f"models{i}.pt"))
-            torch.save({k: models[k] for k in keys}, paths[-1])
-        out = []
-        for r in range(repeats):
-            order = list(range(len(groups)))
-            random.Random(r).shuffle(order)
-            times: dict[str, list[float]] = {}
-            for i in order:
-                times.update(run_worker(paths[i], os.path.join(tmp, f"times{r}_{i}.json")))
-            out.append(times)
-            print(f"  repeat {r + 1}/{repeats}: dense {statistics.median(times['dense']):.1f} ms "
-                  f"({'one process per model' if isolate else 'all models in one process'})", flush=True)
+    groups = [[k] for k in models] if isolate else [list(models)]
+    out = []
+    for r, per_group in enumerate(timed_in_groups(models, groups, batch, runs, warmup, threads, repeats)):
+        times = {k: v for group in per_group for k, v in group.items()}
+        out.append(times)
+        print(f"  repeat {r + 1}/{repeats}: dense {statistics.median(times['dense']):.1f} ms "
+              f"({'one process per model' if isolate else 'all models in one process'})", flush=True)
     return out
 
 

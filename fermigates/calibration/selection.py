@@ -132,6 +132,22 @@ def input_gram(model: nn.Module, data: Iterable[Any], names: list[str],
 
 
 @torch.no_grad()
+def _weight_and_bias(consumer: nn.Linear, dtype: torch.dtype) -> torch.Tensor:
+    """``[W, b]`` of ``consumer`` (a zero column without a bias), the layout of a Gram with its ones column."""
+    w = consumer.weight.detach().to(dtype)
+    b = consumer.bias.detach().to(dtype)[:, None] if consumer.bias is not None else w.new_zeros(w.shape[0], 1)
+    return torch.cat([w, b], dim=1)
+
+
+def _damped(gram: torch.Tensor, ridge: float) -> torch.Tensor:
+    """A copy of ``gram`` with ``ridge`` times its mean input diagonal added to the input diagonal (not the
+    ones column's)."""
+    h = gram.clone()
+    n = h.shape[0] - 1
+    h.diagonal()[:n] += ridge * h.diagonal()[:n].mean()
+    return h
+
+
 def select_channels_obs(consumer: nn.Linear, gram: torch.Tensor, keep: float | int,
                         ridge: float = 1e-2) -> torch.Tensor:
     """Input channels of ``consumer`` to keep, by greedy OBS removal (see module docstring).
@@ -144,12 +160,9 @@ def select_channels_obs(consumer: nn.Linear, gram: torch.Tensor, keep: float | i
     if gram.shape != (n + 1, n + 1):
         raise ValueError(f"gram must have shape {(n + 1, n + 1)} (input_gram's), got {tuple(gram.shape)}")
     k = select_channels(torch.zeros(n), keep).numel()
-    h = gram.double().clone()
-    h.diagonal()[:n] += ridge * h.diagonal()[:n].mean()
+    h = _damped(gram.double(), ridge)
     hinv = torch.linalg.inv(h)
-    w = consumer.weight.detach().double()
-    w = torch.cat([w, consumer.bias.detach().double()[:, None] if consumer.bias is not None
-                   else w.new_zeros(w.shape[0], 1)], dim=1)
+    w = _weight_and_bias(consumer, torch.float64)
     alive = torch.ones(n + 1, dtype=torch.bool)
     for _ in range(n - k):
         d = hinv.diagonal()[:n].clamp_min(1e-30)
@@ -286,9 +299,7 @@ def input_stats(model: nn.Module, data: Iterable[Any], gram_names: list[str], mo
 
 def output_energy(consumer: nn.Linear, gram: torch.Tensor) -> float:
     """The mean squared output ``||[x, 1] [W, b]ᵀ||²`` of ``consumer`` per row of its input Gram ``gram``."""
-    w = consumer.weight.detach().float()
-    w = torch.cat([w, consumer.bias.detach().float()[:, None] if consumer.bias is not None
-                   else w.new_zeros(w.shape[0], 1)], dim=1)
+    w = _weight_and_bias(consumer, torch.float32)
     g = gram.to(w.device).float()
     return float(((w @ g) * w).sum()) / max(float(g[-1, -1]), 1.0)
 
@@ -312,13 +323,10 @@ def obs_removal_order(consumer: nn.Linear, gram: torch.Tensor, n_remove: int, ri
         raise ValueError(f"n_remove must be in [0, {n}), got {n_remove!r}")
     if n_remove == 0:
         return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
-    w = consumer.weight.detach().double()
-    w = torch.cat([w, consumer.bias.detach().double()[:, None] if consumer.bias is not None
-                   else w.new_zeros(w.shape[0], 1)], dim=1)
+    w = _weight_and_bias(consumer, torch.float64)
     g = gram.double()
     n_rows = max(float(g[n, n]), 1.0)  # the ones column's square sum
-    h = g.clone()
-    h.diagonal()[:n] += ridge * h.diagonal()[:n].mean()
+    h = _damped(g, ridge)
     chol, info = torch.linalg.cholesky_ex(h)
     hinv = torch.cholesky_inverse(chol) if int(info) == 0 else torch.linalg.pinv(h, hermitian=True)
     # the inverse is formed in float64; its low-rank downdates below run in ``loop_dtype``
@@ -375,13 +383,10 @@ def obs_group_removal_order(consumer: nn.Linear, gram: torch.Tensor, groups: tor
         raise ValueError(f"n_remove must be in [0, {groups.shape[0]}), got {n_remove!r}")
     if n_remove == 0:
         return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
-    w = consumer.weight.detach().double()
-    w = torch.cat([w, consumer.bias.detach().double()[:, None] if consumer.bias is not None
-                   else w.new_zeros(w.shape[0], 1)], dim=1)
+    w = _weight_and_bias(consumer, torch.float64)
     g = gram.double()
     n_rows = max(float(g[n, n]), 1.0)
-    h = g.clone()
-    h.diagonal()[:n] += ridge * h.diagonal()[:n].mean()
+    h = _damped(g, ridge)
     hinv = torch.linalg.pinv(h, hermitian=True)
     groups = groups.to(torch.long).cpu()
     alive = torch.ones(groups.shape[0], dtype=torch.bool)
