@@ -90,7 +90,7 @@ from bench_shrink_mobilenet import (  # noqa: E402
 )
 
 import fermigates as fg  # noqa: E402
-import fermigates.latency as fg_latency  # noqa: E402
+import fermigates.allocation.latency as fg_latency  # noqa: E402
 from fermigates.surgery.macs import count_macs  # noqa: E402
 
 COLUMNS = ["section", "model", "method", "allocation", "knob", "budget", "MACs kept", "MAC err vs budget",

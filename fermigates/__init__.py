@@ -10,7 +10,8 @@ Public API::
 from typing import TYPE_CHECKING, Any
 
 # Names are imported on first use (PEP 562), so that ``import fermigates`` -- and ``fermigates --help`` -- do
-# not pay for torch until something needs it. Importing any submodule registers the family converters.
+# not pay for torch until something needs it. The family converters register themselves the first time the
+# library looks up per-family knowledge (fermigates.core.registry.load_families).
 if TYPE_CHECKING:
     from .methods.fermi.anneal import AnnealSchedule, FermiAnnealer, sparsity_at, temperature_at
     from .calibration.engine import CalibrationError, CalibrationReport, calibrate
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from .config import FermiConfig
     from .recipe import Recipe, RecipeError, list_recipes, load_recipe
     from .report_plot import write_report
-    from .state import ConversionSummary, summary
+    from .core.state import ConversionSummary, summary
     from .convert import convert_to_fermi
     from .surgery.fold import BatchNormFold, fold_batchnorm
     from .methods.fermi.gates import FermiGate, fermi_probability
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
     from .methods.fermi.layers import FermiConv1d, FermiConv2d, FermiConv3d, FermiLinear
     from .io.onnx import export_onnx
     from .oneshot import prune
-    from .budget import Budget, BudgetResult
+    from .allocation.budget import Budget, BudgetResult
     from .methods.fermi.refine import RefineResult, refine_gates
     from .methods.base import Method
     from .methods.registry import get_method, make_optimizer, register_method
@@ -71,8 +72,8 @@ _EXPORTS: dict[str, str] = {
     "list_recipes": ".recipe",
     "load_recipe": ".recipe",
     "write_report": ".report_plot",
-    "ConversionSummary": ".state",
-    "summary": ".state",
+    "ConversionSummary": ".core.state",
+    "summary": ".core.state",
     "convert_to_fermi": ".convert",
     "BatchNormFold": ".surgery.fold",
     "fold_batchnorm": ".surgery.fold",
@@ -94,8 +95,8 @@ _EXPORTS: dict[str, str] = {
     "FermiLinear": ".methods.fermi.layers",
     "export_onnx": ".io.onnx",
     "prune": ".oneshot",
-    "Budget": ".budget",
-    "BudgetResult": ".budget",
+    "Budget": ".allocation.budget",
+    "BudgetResult": ".allocation.budget",
     "RefineResult": ".methods.fermi.refine",
     "refine_gates": ".methods.fermi.refine",
     "Method": ".methods.base",
@@ -122,7 +123,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 
-_SUBPACKAGES = ("converters", "recipes", "methods", "surgery", "calibration", "io")
+_SUBPACKAGES = ("converters", "recipes", "core", "methods", "surgery", "calibration", "io", "allocation")
 
 
 def __getattr__(name: str) -> Any:
@@ -133,7 +134,6 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'fermigates' has no attribute {name!r}")
-    import_module(".converters", __name__)  # registers the family converters (no timm/transformers)
     value = getattr(import_module(module, __name__), name)
     globals()[name] = value
     return value

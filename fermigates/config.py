@@ -2,35 +2,19 @@
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-import yaml
+from .allocation.budget import Budget, check_sparsity
+from .core.options import Options, option
+from .methods.registry import get_method
 
-from .methods.fermi.gates import check_temperature
-
-GRANULARITIES = ("weight", "channel", "head")
 CONFIG_VERSION = 1
-
-
-def check_sparsity(value: Any, granularities: tuple[str, ...] = GRANULARITIES) -> None:
-    """``value`` is a fraction in [0, 1) or a dict of them keyed by granularity."""
-    items = value.items() if isinstance(value, dict) else [(None, value)]
-    for key, fraction in items:
-        if key is not None and key not in granularities:
-            raise ValueError(f"target_sparsity keys must be among the granularities {granularities}, got {key!r}")
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction < 1.0:
-            raise ValueError(f"target_sparsity must be in [0, 1) (or a dict of such per granularity), got {value!r}")
-
-
-def _help(text: str, **kwargs: Any) -> Any:
-    return field(metadata={"help": text}, **kwargs)
+_help = option
 
 
 @dataclass
-class FermiConfig:
+class FermiConfig(Options):
     """How ``convert_to_fermi`` gates a model. Every field carries its help text in ``metadata``."""
 
     granularity: str | tuple[str, ...] = _help(
@@ -93,13 +77,17 @@ class FermiConfig:
     )
     version: int = _help("Config format version.", default=CONFIG_VERSION)
 
-    def __post_init__(self) -> None:
-        self.validate()
+    what = "FermiConfig"
 
     @property
     def granularities(self) -> tuple[str, ...]:
         g = self.granularity
         return (g,) if isinstance(g, str) else tuple(g)
+
+    @property
+    def structured(self) -> bool:
+        """Whether the method's decisions remove whole units (channels, heads) that the shared shrink cuts."""
+        return get_method(self.method).structured(self)
 
     def validate(self) -> None:
         """Raise ``ValueError`` / ``TypeError`` naming the field when a value has the wrong type or range."""
@@ -108,37 +96,16 @@ class FermiConfig:
             raise ValueError(
                 f"granularity must be 'weight', 'channel', 'head' or a non-empty tuple of them, got {g!r}"
             )
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
-            raise TypeError(
-                f"temperature must be a number > 0 (e.g. 1.0), got {type(self.temperature).__name__} "
-                f"{self.temperature!r}"
-            )
         if isinstance(self.min_units, bool) or not isinstance(self.min_units, int) or self.min_units < 0:
             raise ValueError(f"min_units must be an int >= 0 (e.g. 8), got {self.min_units!r}")
         if not isinstance(self.keep_classifier, bool):
             raise TypeError(f"keep_classifier must be True or False, got {self.keep_classifier!r}")
         if isinstance(self.version, bool) or not isinstance(self.version, int):
             raise TypeError(f"version must be an int, got {self.version!r}")
-        for g in self.granularities:
-            if g not in GRANULARITIES:
-                raise ValueError(f"granularity must be one of {GRANULARITIES} (or a tuple of them), got {g!r}")
-        if "weight" in self.granularities and len(self.granularities) > 1:
-            raise ValueError("granularity 'weight' cannot be combined with structured granularities")
-        check_sparsity(self.target_sparsity, self.granularities)
         if self.budget is not None:
-            from .budget import Budget  # noqa: PLC0415 - budget imports the gate machinery
-
             if not isinstance(self.budget, (str, dict, Budget)):
                 raise TypeError(f"budget must be a string like 'macs:0.5' or None, got {type(self.budget).__name__}")
             self.budget = str(Budget.parse(self.budget))  # a string, so the config stays YAML
-            if not self.structured:
-                raise ValueError(f"budget={self.budget!r} chooses channels / heads: use granularity 'channel' and/or "
-                                 "'head' (weight gates take target_sparsity)")
-        check_temperature(self.temperature)
-        if self.mu_init != "open" and not (
-            isinstance(self.mu_init, (int, float)) and not isinstance(self.mu_init, bool) and 0 <= self.mu_init < 1
-        ):
-            raise ValueError(f"mu_init must be 'open' or a percentile in [0, 1), got {self.mu_init!r}")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, list, tuple)):
@@ -149,49 +116,15 @@ class FermiConfig:
             raise ValueError(f"config version {self.version} is newer than this fermigates ({CONFIG_VERSION})")
         if self.method_options is not None and not isinstance(self.method_options, dict):
             raise TypeError(f"method_options must be a dict or None, got {type(self.method_options).__name__}")
-        from .methods.registry import get_method  # noqa: PLC0415 - the methods import this module's users
-
-        get_method(self.method).check_config(self)
-
-    @property
-    def structured(self) -> bool:
-        return "weight" not in self.granularities
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        if isinstance(d["granularity"], tuple):
-            d["granularity"] = list(d["granularity"])
-        return d
+        method = get_method(self.method)
+        method.check_config(self)  # granularities, method_options and the method's own fields
+        check_sparsity(self.target_sparsity, self.granularities)
+        if self.budget is not None and not method.structured(self):
+            raise ValueError(f"budget={self.budget!r} chooses channels / heads: use granularity 'channel' and/or "
+                             "'head' (weight gates take target_sparsity)")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "FermiConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown FermiConfig fields {unknown}; known fields: {sorted(known)}")
-        data = dict(data)
+    def _from_dict_values(cls, data: dict[str, Any]) -> dict[str, Any]:
         if isinstance(data.get("granularity"), list):
             data["granularity"] = tuple(data["granularity"])
-        return cls(**data)
-
-    def to_yaml(self, path: str | Path | None = None) -> str:
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
-
-    @classmethod
-    def from_yaml(cls, source: str | Path) -> "FermiConfig":
-        """From a YAML file path or a YAML string."""
-        text = Path(source).read_text() if Path(str(source)).suffix in (".yaml", ".yml") else str(source)
-        data = yaml.safe_load(text) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"a FermiConfig YAML must be a mapping, got {type(data).__name__}")
-        return cls.from_dict(data)
-
-    @staticmethod
-    def help() -> dict[str, str]:
-        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(FermiConfig)}
-
-
-# Recipes (the whole pipeline as one YAML file) live in fermigates.recipe: Recipe, load_recipe, list_recipes.
+        return data

@@ -11,9 +11,11 @@ import torch
 import torch.nn as nn
 
 from .config import FermiConfig
-from .state import _STATE_ATTR, ConversionSummary, FermiState
-from .converters.registry import EXAMPLE_INPUTS, FIXED_INPUT_WIDTH
-from .methods.fermi.layers import is_gated, twin_factory
+from .core import registry
+from .core.modules import swap_modules
+from .core.state import ConversionState, ConversionSummary, attach_state, find_state
+from .core.twin import is_twin
+from .methods.base import Method
 from .methods.registry import get_method
 
 _logger = logging.getLogger(__name__)
@@ -69,9 +71,11 @@ def classifier_names(model: nn.Module, candidates: list[str]) -> set[str]:
 
 
 def select_targets(
-    model: nn.Module, config: FermiConfig, filter_fn: FilterFn | None = None
+    model: nn.Module, config: FermiConfig, filter_fn: FilterFn | None = None, method: Method | None = None
 ) -> tuple[dict[str, nn.Module], list[tuple[str, str]]]:
-    """The modules ``config`` and ``filter_fn`` ask to gate (name -> module), and the skipped ones with why."""
+    """The modules ``config`` and ``filter_fn`` ask to convert (name -> module) that the method can convert, and
+    the skipped ones with why."""
+    method = method or get_method(config.method)
     all_names = [n for n, _ in model.named_modules() if n]
     _check_pattern(config.target_modules, all_names, "target_modules")
     _check_pattern(config.exclude_modules, all_names, "exclude_modules")
@@ -86,18 +90,19 @@ def select_targets(
             continue
         if filter_fn is not None and not filter_fn(module, name):
             continue
-        if twin_factory(module) is None:
-            if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and not is_gated(module):
-                skipped.append((name, f"{type(module).__name__} overrides forward or has no gated twin"))
+        verdict = method.target(module)
+        if verdict is not True:
+            if isinstance(verdict, str):
+                skipped.append((name, verdict))
             continue
         gateable[name] = module
-    if config.structured:
-        for fixed in FIXED_INPUT_WIDTH:
+    if method.structured(config):
+        for fixed in registry.entries(registry.FIXED_INPUT_WIDTH):
             for name, why in fixed(model).items():
                 if gateable.pop(name, None) is not None:
                     skipped.append((name, why))
-    if not config.structured and config.keep_classifier:
-        every = [n for n, m in model.named_modules() if n and twin_factory(m) is not None]
+    if not method.structured(config) and config.keep_classifier:
+        every = [n for n, m in model.named_modules() if n and method.target(m) is True]
         for name in classifier_names(model, every):
             if gateable.pop(name, None) is not None:
                 skipped.append((name, "final classifier (keep_classifier=True)"))
@@ -105,32 +110,6 @@ def select_targets(
 
 
 # -- conversion -----------------------------------------------------------------------------------
-def _locations(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
-    """Every (parent, attribute) where each module object sits: shared modules appear more than once."""
-    where: dict[int, list[tuple[nn.Module, str]]] = {}
-    for parent in model.modules():
-        for key, child in parent._modules.items():
-            if child is not None:
-                where.setdefault(id(child), []).append((parent, key))
-    return where
-
-
-def _swap(model: nn.Module, replacements: dict[int, nn.Module]) -> None:
-    """Put each replacement where its original sits; undo every swap if one fails."""
-    where = _locations(model)
-    done: list[tuple[nn.Module, str, nn.Module]] = []
-    try:
-        for old_id, new in replacements.items():
-            for parent, key in where.get(old_id, []):
-                old = parent._modules[key]
-                parent._modules[key] = new
-                done.append((parent, key, old))
-    except BaseException:
-        for parent, key, old in reversed(done):
-            parent._modules[key] = old
-        raise
-
-
 def _check_materialised(model: nn.Module) -> None:
     """Refuse a model whose parameters or buffers are on the meta device (they hold no values to score)."""
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
@@ -192,7 +171,7 @@ def _warn_all_zero(twins: dict[str, nn.Module], structured: bool) -> None:
 
 def default_example_inputs(model: nn.Module) -> Any:
     """Example inputs for a model, from the family converters (timm input size, HF config), else None."""
-    for factory in EXAMPLE_INPUTS:
+    for factory in registry.entries(registry.EXAMPLE_INPUTS):
         try:
             inputs = factory(model)
         except Exception as err:  # noqa: BLE001 - a converter that cannot tell is not an error
@@ -228,8 +207,8 @@ def convert_to_fermi(
     config.validate()
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn must be callable as filter_fn(module, fqn), got {type(filter_fn).__name__}")
-    if getattr(model, _STATE_ATTR, None) is not None or any(is_gated(m) for m in model.modules()):
-        previous = getattr(getattr(getattr(model, _STATE_ATTR, None), "config", None), "method", None)
+    if find_state(model) is not None or any(is_twin(m) for m in model.modules()):
+        previous = getattr(getattr(find_state(model), "config", None), "method", None)
         how = f" (method {previous!r})" if previous else ""
         raise ValueError(
             f"{type(model).__name__} is already converted{how}; call "
@@ -237,30 +216,35 @@ def convert_to_fermi(
         )
 
     _check_materialised(model)
-    targets, skipped = select_targets(model, config, filter_fn)
+    method = get_method(config.method)
+    targets, skipped = select_targets(model, config, filter_fn, method)
     if not targets:
         raise ValueError(
-            f"nothing to convert in {type(model).__name__}: no nn.Linear / nn.Conv1d/2d/3d (or registered "
-            "linear-like layer) is selected; check target_modules / exclude_modules / filter_fn"
+            f"nothing to convert in {type(model).__name__}: no module that method={config.method!r} converts "
+            "(nn.Linear / nn.Conv1d/2d/3d or a registered linear-like layer for the gate and rewiring methods) "
+            "is selected; check target_modules / exclude_modules / filter_fn"
         )
-    summary_ = ConversionSummary(granularity=config.granularities, skipped=skipped)
-    state = FermiState(config=config, summary=summary_)
-    if config.structured and example_inputs is None:
+    summary_ = ConversionSummary(granularity=config.granularities, skipped=skipped, method=config.method)
+    state = ConversionState(config=config, summary=summary_)
+    if method.structured(config) and example_inputs is None:
         example_inputs = default_example_inputs(model)
     state.example_inputs = example_inputs  # kept for every granularity: the bake checks its outputs on them
-    twins = get_method(config.method).convert(model, config, targets, state, example_inputs)
+    twins = method.convert(model, config, targets, state, example_inputs)
 
     _check_ties(model, twins)
-    _warn_all_zero(twins, config.structured)
+    _warn_all_zero(twins, method.structured(config))
 
     modules = dict(model.named_modules())
-    _swap(model, {id(modules[name]): twin for name, twin in twins.items()})
-    summary_.modules = list(twins)
-    state.weight_versions = {id(t.weight): t.weight._version for t in twins.values()}
-    if config.method == "fermi":
-        from .methods.fermi.layers import new_forward
-
-        state.hook_id = model.register_forward_pre_hook(new_forward).id
-    setattr(model, _STATE_ATTR, state)
+    swap_modules(model, {id(modules[name]): twin for name, twin in twins.items()})
+    try:
+        summary_.modules = list(twins)
+        method.on_converted(model, state)
+        state.record_fingerprints(model, method.own_tensors(model))
+    except BaseException:
+        for hook_id in state.hook_ids:
+            model._forward_pre_hooks.pop(hook_id, None)
+        swap_modules(model, {id(twin): modules[name] for name, twin in twins.items()})
+        raise
+    attach_state(model, state)
     _logger.info("%s", summary_)
     return model

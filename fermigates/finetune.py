@@ -9,7 +9,6 @@ model itself as it was when ``fine_tune`` started (gates open), i.e. the origina
 from __future__ import annotations
 
 import copy
-import itertools
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -21,12 +20,19 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .calibration.engine import _batches, _device, check_batches_finite
-from .losses import DISTILL, _call, _split, _task_loss, distill_loss
-from .methods.fermi.anneal import FermiAnnealer
-from .methods.fermi.model import all_gates, disable_gates
-from .methods.fermi.prior import INITS, resolve_init
-from .state import _STATE_ATTR
+from .bake import convert_from_fermi
+from .core.batches import (
+    BatchStream,
+    as_batches,
+    call_inputs,
+    check_batches_finite,
+    device_of,
+    split_batch,
+)
+from .core.modules import restore, snapshot
+from .core.state import find_state
+from .losses import DISTILL, distill_loss, task_loss
+from .methods.registry import method_of
 
 @dataclass
 class TrainLog:
@@ -37,9 +43,14 @@ class TrainLog:
     distill: str | None = None
     #: the bake's FermiReport when ``fine_tune(..., bake_when_decided=True)`` baked during the run
     report: Any = None
+    #: how a budget was met (a :class:`fermigates.BudgetResult`) when the method's optimizer steered to one
+    budget: Any = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"distill": self.distill, "rows": self.rows}
+        budget = None if self.budget is None else {
+            "kind": self.budget.kind, "requested": self.budget.requested, "predicted": self.budget.predicted,
+            "allocation": self.budget.allocation}
+        return {"distill": self.distill, "rows": self.rows, "budget": budget}
 
     def save(self, path: str | Path) -> Path:
         """Write the log as JSON (what ``fermigates report`` plots as the run's curves)."""
@@ -74,7 +85,9 @@ def fine_tune(
 
     Args:
         data: a DataLoader or an iterable of batches: ``(inputs, labels)`` tuples, bare input tensors, or
-            Hugging Face style dicts (``labels`` key optional). Re-iterated when exhausted.
+            Hugging Face style dicts (``labels`` key optional). A list or a DataLoader is re-read every epoch; a
+            one-shot iterator (a generator) with fewer batches than ``steps`` stops with an error saying so. No
+            batch is lost to looking at the first ones (calibration, the choice of loss).
         optimizer: an optimizer class / factory called as ``optimizer(params, lr=lr, weight_decay=...)``, or an
             optimizer already built on the model's parameters; default ``torch.optim.AdamW``.
         loss_fn: ``loss_fn(outputs, labels) -> loss``; default cross-entropy on the logits (or the HF
@@ -83,8 +96,10 @@ def fine_tune(
             labels when the batches have them, else ``"logits"`` for outputs with ``logits``, ``"hidden"``
             otherwise (e.g. a sentence encoder's last hidden state).
         teacher: the model to distil from; default a frozen copy of ``model`` as it is now, gates open.
-        anneal: for a converted model, wrap the optimizer in :class:`FermiAnnealer` (``True``, or a dict of its
-            keyword arguments); ``False`` trains the gated model without annealing. Ignored for plain models.
+        anneal: for a converted model, train with its method's optimizer (``True``, or a dict of that
+            optimizer's keyword arguments: :class:`FermiAnnealer`'s for the Fermi method, which wraps
+            ``optimizer``); ``False`` trains the converted model with ``optimizer`` alone. Ignored for plain
+            models.
         bake_when_decided: for a converted model: as soon as the annealer freezes the decisions, bake and
             shrink the model (:func:`fermigates.convert_from_fermi`), ridge-calibrated on ``calibration_data``
             (default: the first 8 training batches) toward the model as trained just before the freeze, and
@@ -105,115 +120,166 @@ def fine_tune(
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     if distill is not None and distill not in DISTILL:
         raise ValueError(f"distill must be None or one of {DISTILL}, got {distill!r}")
-    if isinstance(data, (torch.Tensor, Mapping, str, bytes)) or not isinstance(data, Iterable):
-        raise TypeError(f"data must be a DataLoader or an iterable of batches, got {type(data).__name__}")
-    first = next(iter(data), None)
-    if first is None:
+    stream = BatchStream(data, "data")
+    first = stream.peek(1)
+    if not first:
         raise ValueError("data is empty: it yielded no batch")
-    device = _device(model)
-    _, labels = _split(first)
-    if distill is None and labels is None:
-        with torch.no_grad():
-            out = _call(model.eval(), _split(first)[0], device)
-        distill = "logits" if getattr(out, "logits", None) is not None or isinstance(out, torch.Tensor) else "hidden"
-    own_teacher = distill is not None and teacher is None
-    if own_teacher:
-        teacher = copy.deepcopy(model)
-        if getattr(teacher, _STATE_ATTR, None) is not None:
-            disable_gates(teacher)
-    if teacher is not None:
-        teacher.eval().requires_grad_(False)
+    was_training = model.training
+    saved = snapshot(model)  # a failure before the first step leaves the model as it was
+    try:
+        return _fine_tune(model, stream, first[0], steps=steps, lr=lr, optimizer=optimizer,
+                          weight_decay=weight_decay, loss_fn=loss_fn, distill=distill, teacher=teacher,
+                          anneal=anneal, bake_when_decided=bake_when_decided, calibration_data=calibration_data,
+                          init=init, log_every=log_every, progress=progress, saved=saved)
+    except BaseException:
+        model.train(was_training)
+        raise
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    if isinstance(optimizer, torch.optim.Optimizer):
-        opt = optimizer
-    else:
-        opt = (optimizer or torch.optim.AdamW)(params, lr=lr, weight_decay=weight_decay)
-    converted = getattr(model, _STATE_ATTR, None) is not None
-    if bake_when_decided and not (converted and anneal is not False):
-        raise ValueError("bake_when_decided=True needs a converted model trained with the annealer (anneal=True)")
-    builds_annealer = converted and anneal is not False and not isinstance(opt, FermiAnnealer)
-    anneal_kwargs = dict(anneal) if isinstance(anneal, dict) else {}
-    if "init" in anneal_kwargs:  # FermiAnnealer's own keyword, passed through anneal={...}
-        if init != "auto":
-            raise ValueError("init given twice: as init= and in anneal={'init': ...}; pass one")
-        init = anneal_kwargs.pop("init")
-    if init not in INITS:
-        raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    if init == "auto":  # the training batches stand in for calibration data (``data`` is never None here)
-        init = resolve_init(model, init, data) if builds_annealer else "scores"
-    if init != "scores" and not builds_annealer:
-        raise ValueError(f"init={init!r} sets where the annealer starts: it needs a converted model, anneal=True "
-                         "and no FermiAnnealer passed as optimizer (pass init= to that FermiAnnealer instead)")
-    calib = None
-    if bake_when_decided or init != "scores":
-        calib = list(calibration_data) if calibration_data is not None else list(itertools.islice(data, 8))
-        if calibration_data is None:  # the training batches stand in: name them as the user passed them
-            check_batches_finite(_batches(calib, 64, None, "data"), "data")
-    annealer = None
-    if converted and anneal is not False:
-        kwargs = {**anneal_kwargs, "init": init}
-        if init != "scores":
-            kwargs["calibration_data"] = calib
-        annealer = opt if isinstance(opt, FermiAnnealer) else FermiAnnealer(opt, model, total_steps=steps, **kwargs)
-        opt = annealer
-    if not bake_when_decided:
-        calib = None
+
+def _fine_tune(model, stream, first, *, steps, lr, optimizer, weight_decay, loss_fn, distill, teacher, anneal,
+               bake_when_decided, calibration_data, init, log_every, progress, saved) -> TrainLog:
+    device = device_of(model)
+    converted = find_state(model) is not None
+    method = method_of(model) if converted else None
+    try:
+        _, labels = split_batch(first)
+        if distill is None and labels is None:
+            with torch.no_grad():
+                out = call_inputs(model.eval(), split_batch(first)[0], device)
+            distill = ("logits" if getattr(out, "logits", None) is not None or isinstance(out, torch.Tensor)
+                       else "hidden")
+        own_teacher = distill is not None and teacher is None
+        if own_teacher:
+            teacher = copy.deepcopy(model)
+            if converted:
+                method.make_dense(teacher)
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+        opt, trainer = _optimizer(model, method, stream, steps=steps, lr=lr, optimizer=optimizer,
+                                  weight_decay=weight_decay, anneal=anneal, init=init,
+                                  calibration_data=calibration_data, bake_when_decided=bake_when_decided)
+    except BaseException:
+        restore(saved)
+        raise
+    calib = _calibration(stream, calibration_data) if bake_when_decided else None
 
     log = TrainLog(distill=distill)
     after_bake = None
-    batches = itertools.chain.from_iterable(itertools.repeat(data))  # re-iterates a DataLoader every epoch
     model.train()
     bar = tqdm(range(1, steps + 1), desc="fine-tuning", disable=not progress, leave=False)
     for step in bar:
-        inputs, labels = _split(next(batches))
-        out = _call(model, inputs, device)
+        inputs, labels = split_batch(next(stream))
+        out = call_inputs(model, inputs, device)
         if distill is not None:
             with torch.no_grad():
-                target = _call(teacher, inputs, device)
+                target = call_inputs(teacher, inputs, device)
             mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
             loss = distill_loss(out, target, distill, mask)
         elif loss_fn is not None:
             loss = loss_fn(out, labels)
         else:
-            loss = _task_loss(out, labels)
+            loss = task_loss(out, labels)
         if not math.isfinite(float(loss.detach())):
             raise FloatingPointError(f"fine_tune step {step}: the loss is {float(loss.detach())}; nothing was stepped "
                                      "(lower lr, or check the batch)")
-        total = loss + annealer.sparsity_loss().to(loss.device) if annealer is not None else loss
+        regularizer = getattr(trainer, "sparsity_loss", None)
+        total = loss + regularizer().to(loss.device) if regularizer is not None else loss
         opt.zero_grad(set_to_none=True)
         total.backward()
-        if (calib is not None and annealer is not None and not own_teacher
-                and annealer.step_count + 1 >= annealer.schedule.hard_step):
+        if calib is not None and trainer is not None and not own_teacher and getattr(trainer, "decides_next_step", False):
             soft = copy.deepcopy(model)  # the model as trained, the moment before its decisions freeze
         opt.step()
-        if calib is not None and annealer is not None and annealer.decided:
-            stats = annealer.stats()  # the decisions the bake fixes: the rows after it carry them on
-            after_bake = {k: stats[k] for k in ("temperature", "sparsity", "target_sparsity", "undecided")}
+        if calib is not None and trainer is not None and getattr(trainer, "decided", False):
+            after_bake = {k: v for k, v in _stats(trainer).items() if k in _DECISION_STATS}
             after_bake["baked"] = 1.0
+            log.budget = getattr(trainer, "budget_result", None)
             reference = teacher if own_teacher else soft
-            opt, annealer = _bake_and_continue(model, reference, calib, lr, weight_decay, optimizer, log), None
+            opt, trainer = _bake_and_continue(model, reference, calib, lr, weight_decay, optimizer, log), None
             del reference
         if step % log_every == 0 or step == steps:
             row = {"step": step, "loss": float(loss.detach())}
-            if annealer is not None:
-                stats = annealer.stats()
-                row.update({k: stats[k] for k in ("temperature", "sparsity", "target_sparsity", "undecided")})
+            if trainer is not None:
+                row.update({k: v for k, v in _stats(trainer).items() if k in _DECISION_STATS})
             elif after_bake is not None:
                 row.update(after_bake)
             log.rows.append(row)
             bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in row.items() if k != "step"})
+    if trainer is not None:
+        log.budget = getattr(trainer, "budget_result", None)
+    if log.report is not None and log.budget is not None:
+        log.report.budget = log.budget
     model.eval()
     return log
+
+
+#: the statistics of a method's optimizer that a log row carries
+_DECISION_STATS = ("temperature", "sparsity", "target_sparsity", "undecided")
+
+
+def _stats(trainer: Any) -> dict[str, float]:
+    stats = getattr(trainer, "stats", None)
+    return stats() if callable(stats) else {}
+
+
+def _calibration(stream: BatchStream, calibration_data: Any) -> list:
+    """The calibration batches: ``calibration_data``, else the first 8 training batches (still trained on)."""
+    if calibration_data is not None:
+        return list(calibration_data)
+    calib = stream.peek(8)
+    check_batches_finite(as_batches(calib, 64, None, "data"), "data")  # named as the user passed them
+    return calib
+
+
+def _optimizer(model, method, stream, *, steps, lr, optimizer, weight_decay, anneal, init, calibration_data,
+               bake_when_decided) -> tuple[torch.optim.Optimizer, Any]:
+    """``(the optimizer to step, the method's optimizer or None)``."""
+    anneal_kwargs = dict(anneal) if isinstance(anneal, dict) else {}
+    if "init" in anneal_kwargs:  # the method optimizer's own keyword, passed through anneal={...}
+        if init != "auto":
+            raise ValueError("init given twice: as init= and in anneal={'init': ...}; pass one")
+        init = anneal_kwargs.pop("init")
+    given = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
+    uses_method = method is not None and anneal is not False and not (given is not None and method.is_method_optimizer(given))
+    if bake_when_decided and not (method is not None and anneal is not False):
+        raise ValueError("bake_when_decided=True needs a converted model trained with its method's optimizer "
+                         "(anneal=True)")
+    if init != "auto" and not uses_method:
+        raise ValueError(f"init={init!r} sets where the method's optimizer starts: it needs a converted model, "
+                         "anneal=True and no method optimizer (e.g. a FermiAnnealer) passed as optimizer (pass init= "
+                         "to that optimizer instead)")
+    if not uses_method:
+        if given is not None:
+            opt = given
+        else:
+            params = [p for p in model.parameters() if p.requires_grad]
+            opt = (optimizer or torch.optim.AdamW)(params, lr=lr, weight_decay=weight_decay)
+        trainer = opt if method is not None and anneal is not False else None
+        if bake_when_decided and not hasattr(trainer, "decided"):
+            raise ValueError("bake_when_decided=True needs an optimizer that freezes the decisions (e.g. "
+                             "FermiAnnealer)")
+        return opt, trainer
+    options = {**anneal_kwargs, **({"init": init} if init != "auto" else {})}
+    # the method checks these when it uses them (the Fermi method ranks units on them for its start)
+    calib = list(calibration_data) if calibration_data is not None else stream.peek(8)
+    if method.wraps_optimizer:
+        if given is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+            given = (optimizer or torch.optim.AdamW)(params, lr=lr, weight_decay=weight_decay)
+        opt = method.optimizer(model, total_steps=steps, base=given, calibration_data=calib, **options)
+    else:
+        if optimizer is not None:
+            raise ValueError(f"method={method.name!r} trains with its own optimizer: pass no optimizer= (or "
+                             "anneal=False to train the converted model with yours)")
+        opt = method.optimizer(model, lr=lr, total_steps=steps, calibration_data=calib, **options)
+    if bake_when_decided and not hasattr(opt, "decided"):
+        raise ValueError(f"bake_when_decided=True needs a method whose decisions freeze during the run; "
+                         f"method={method.name!r} decides at every step")
+    return opt, opt
 
 
 def _bake_and_continue(model, reference, calib, lr, weight_decay, optimizer, log) -> torch.optim.Optimizer:
     """Bake ``model`` calibrated toward ``reference`` (the soft model as trained, or the teacher); a new
     optimizer on the small model's parameters."""
-    from .bake import convert_from_fermi
-
-    for gate in all_gates(reference):
-        gate.decided = None
     log.report = convert_from_fermi(model, calibration_data=calib, reference=reference, progress=False)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -9,27 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .calibration.engine import _DROP_KEYS, _to
 
 DISTILL = ("logits", "hidden")
-
-
-def _split(batch: Any) -> tuple[Any, Any]:
-    """``(model inputs, labels or None)`` of a batch: a tensor, ``(x, y, ...)`` or an HF-style mapping."""
-    if isinstance(batch, torch.Tensor):
-        return batch, None
-    if isinstance(batch, Mapping):
-        labels = next((batch[k] for k in _DROP_KEYS if k in batch), None)
-        return {k: v for k, v in batch.items() if k not in _DROP_KEYS}, labels
-    if isinstance(batch, (tuple, list)) and batch:
-        return batch[0], (batch[1] if len(batch) > 1 else None)
-    raise TypeError(f"a training batch must be a tensor, a tuple (inputs, labels) or a dict, got {type(batch).__name__}")
-
-
-def _call(model: nn.Module, inputs: Any, device: torch.device) -> Any:
-    if isinstance(inputs, Mapping):
-        return model(**{k: _to(v, device) for k, v in inputs.items()})
-    return model(_to(inputs, device))
 
 
 def _logits(out: Any) -> torch.Tensor:
@@ -60,7 +41,9 @@ def distill_loss(student: Any, teacher: Any, kind: str, mask: torch.Tensor | Non
     return err.sum() / norm.sum().clamp_min(1e-12)
 
 
-def _task_loss(out: Any, labels: torch.Tensor) -> torch.Tensor:
+def task_loss(out: Any, labels: torch.Tensor) -> torch.Tensor:
+    """The model's own ``loss`` when its output has one (a Hugging Face model given labels), else cross-entropy
+    of the logits against ``labels``."""
     loss = getattr(out, "loss", None)
     if isinstance(loss, torch.Tensor):
         return loss

@@ -9,17 +9,21 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .methods.fermi.anneal import AnnealSchedule
-from .surgery.verify import call_model
+from .allocation.allocate import allocate as allocate_units
+from .allocation.allocate import allocate_share
+from .allocation.budget import Budget, BudgetResult, budget_from, check_min_keep, resolve_allocation
+from .allocation.importance import check_selection
+from .allocation.latency import compare_latency
 from .bake import convert_from_fermi
-from .calibration.engine import _DROP_KEYS, _batches, check_batches_finite
+from .calibration.engine import check_ridge
 from .calibration.from_stats import calibrate_from_grams
 from .config import FermiConfig
-from .state import _STATE_ATTR
-from .convert import _swap, convert_to_fermi
-from .budget import Budget, _check_min_keep, allocate, budget_from, resolve_allocation, select_share
-from .methods.fermi.model import freeze_decisions, gated_modules
-from .methods.fermi.refine import refine_gates
+from .convert import convert_to_fermi
+from .core.batches import as_batches, call_model, check_batches_finite, first_sample
+from .core.layouts import weight_axes
+from .core.modules import swap_modules
+from .core.state import detach_state, get_state
+from .methods.registry import method_of
 from .report import FermiReport
 
 
@@ -29,17 +33,6 @@ DEFAULT_SELECTION = "obs"
 #: how ``prune`` allocates a budget across gates when ``allocation`` is not given: ``"auto"`` is global for a
 #: cost budget (MACs, parameters, latency) and uniform for a share of units -- what that table ranks first
 DEFAULT_ALLOCATION = "auto"
-
-
-def _first_sample(batch: Any) -> Any:
-    """The first sample of a calibration batch, as the example inputs (labels dropped)."""
-    if isinstance(batch, Mapping):
-        return {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k not in _DROP_KEYS}
-    if isinstance(batch, (tuple, list)):
-        batch = batch[0]
-    if not isinstance(batch, torch.Tensor):
-        raise TypeError(f"a calibration batch must be a tensor, a tuple (inputs, ...) or a dict, got {type(batch).__name__}")
-    return batch[:1]
 
 
 @torch.no_grad()
@@ -94,6 +87,9 @@ def prune(
     needs ``selection="obs"``, ``calibrate_layers="pruned"`` and ``nn.Linear`` layers; ``residual`` does not
     apply to it.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_ridge(ridge)
     config = config or FermiConfig(granularity=("channel", "head"))
     budget = budget_from(budget, target_sparsity, config, "prune")
     if target_sparsity is not None:
@@ -104,11 +100,9 @@ def prune(
         raise ValueError(f"refine_steps must be an int >= 0, got {refine_steps!r}")
     if calibrate_layers not in ("pruned", "all"):
         raise ValueError(f"calibrate_layers must be 'pruned' or 'all', got {calibrate_layers!r}")
-    selection = DEFAULT_SELECTION if selection is None else selection
-    if selection not in ("obs", "magnitude"):
-        raise ValueError(f"selection must be 'obs' or 'magnitude', got {selection!r}")
+    selection = check_selection(DEFAULT_SELECTION if selection is None else selection)
     allocation = resolve_allocation(allocation, budget)
-    _check_min_keep(min_keep)
+    check_min_keep(min_keep)
     if calibration not in ("sequential", "one-pass"):
         raise ValueError(f"calibration must be 'sequential' or 'one-pass', got {calibration!r}")
     one_pass = calibration == "one-pass"
@@ -119,9 +113,9 @@ def prune(
         if refine_steps:
             raise ValueError("refine_steps keeps each gate's own share and cannot meet a budget: use one or "
                              "the other")
-    batches = _batches(calibration_data, 32, None, name="calibration_data")  # read once: a generator is used up
+    batches = as_batches(calibration_data, 32, None, name="calibration_data")  # read once: a generator is used up
     check_batches_finite(batches, "calibration_data")
-    first = _first_sample(batches[0])
+    first = first_sample(batches[0])
     example = first if example_inputs is None else example_inputs
     was_training = model.training
     model.eval()
@@ -131,12 +125,11 @@ def prune(
         model.train(was_training)
         raise ValueError(f"the model rejects the first calibration batch: {type(err).__name__}: {err}") from err
     convert_to_fermi(model, config, example_inputs=example)
+    method = method_of(model)
     # the selection pass keeps the dense outputs of the layers calibration will fit, so it need not rerun them
-    state = getattr(model, _STATE_ATTR)
+    state = get_state(model)
     state.record_reference = None if one_pass else "all" if calibrate_layers == "all" else "consumers"
     state.collect_grams = one_pass
-    AnnealSchedule(total_steps=1, temperature=(1e-4, 1e-4), target_sparsity=config.target_sparsity,
-                   sparsity_schedule="constant", tolerance=0.0, hard_after=1.0).apply(model, 1)
     refined = budget_result = None
     try:
         if budget is not None:
@@ -144,13 +137,14 @@ def prune(
                                      data=batches if selection == "obs" else None, allocation=allocation,
                                      selection=selection, min_keep=min_keep, ridge=ridge)
         elif refine_steps:
-            refined = refine_gates(model, batches, steps=refine_steps, target_sparsity=config.target_sparsity,
-                                   init="obs" if selection == "obs" else "scores", progress=progress)
-        elif selection == "obs":
-            select_share(model, batches, ridge=ridge)
-        freeze_decisions(model)  # one-shot: the decision is the model; nothing is left half-open
+            refined = method.refine(model, batches, steps=refine_steps, target_sparsity=config.target_sparsity,
+                                    init="obs" if selection == "obs" else "scores", progress=progress)
+        else:
+            target = method.allocatable(model)
+            method.set_keep(model, allocate_share(target, config.target_sparsity, selection=selection,
+                                                  data=batches, ridge=ridge))
         if one_pass:
-            grams, dense = state.selection_grams or {}, _lost_inputs(model)
+            grams, dense = state.selection_grams or {}, _lost_inputs(model, method)
             missing = [n for n in dense if n not in grams]
             if missing:
                 raise ValueError(f"calibration='one-pass' re-fits nn.Linear layers from the selection pass's input "
@@ -168,7 +162,7 @@ def prune(
                                         ridge=ridge, calibrate_layers=calibrate_layers, residual=residual,
                                         example_inputs=example, progress=progress)
     except BaseException:
-        _unconvert(model)  # convert_from_fermi undoes itself; this undoes the conversion: the model as it was
+        unconvert(model)  # convert_from_fermi undoes itself; this undoes the conversion: the model as it was
         raise
     finally:
         model.train(was_training)
@@ -178,8 +172,6 @@ def prune(
                          (report.params_before, report.params_after) if budget_result.kind == "params" else
                          (None, None))
         if budget_result.kind == "latency":
-            from .latency import compare_latency
-
             dense, budget_result.latency.dense_model = budget_result.latency.dense_model, None
             timed = compare_latency({"before": lambda: call_model(dense, example),
                                      "after": lambda: call_model(model, example)})
@@ -190,26 +182,45 @@ def prune(
     return report
 
 
-def _lost_inputs(model: nn.Module) -> dict[str, tuple]:
-    """The gated layers whose hard decisions remove input columns: ``{name: (weight, bias, kept_in, None)}``,
-    copies of their dense weights (the bake zeroes and shrinks them)."""
+@torch.no_grad()
+def allocate(model: nn.Module, budget: Budget | str, *, example_inputs: Any, data: list | None = None,
+             allocation: str = "global", selection: str = "obs", min_keep: float | int = 0.1,
+             ridge: float = 1e-2) -> BudgetResult:
+    """Choose which units of a converted ``model`` to keep to meet ``budget`` (see
+    :func:`fermigates.allocation.allocate`) and freeze that choice through the model's method: the bake then
+    shrinks exactly it. Returns how the budget was met."""
+    method = method_of(model)
+    keep, result = allocate_units(method.allocatable(model), budget, example_inputs=example_inputs, data=data,
+                                  allocation=allocation, selection=selection, min_keep=min_keep, ridge=ridge)
+    method.set_keep(model, keep)
+    return result
+
+
+def _lost_inputs(model: nn.Module, method: Any) -> dict[str, tuple]:
+    """The layers whose decisions remove input columns: ``{name: (weight, bias, kept_in, None)}``, copies of
+    their dense weights (the bake zeroes and shrinks them)."""
+    decisions = method.decisions(model)
+    graph = get_state(model).graph
+    lost: dict[str, set[int]] = {}
+    for group in graph.groups:
+        keep = decisions.kept.get(group.id)
+        if keep is None or bool(keep.all()):
+            continue
+        for member in group.members:
+            if member.role == "consumer":
+                lost.setdefault(member.module, set()).update(member.index[~keep.cpu()].reshape(-1).tolist())
+    modules = dict(model.named_modules())
     out = {}
-    for name, twin in gated_modules(model).items():
-        mask = twin.hard_mask()
-        if mask is None:
-            continue
-        cols = mask.expand_as(twin.weight).reshape(twin.weight.shape[0], twin.weight.shape[1], -1).any(2).any(0)
-        if bool(cols.all()):
-            continue
-        bias = getattr(twin, "bias", None)
-        out[name] = (twin.weight.detach().clone(), None if bias is None else bias.detach().clone(),
-                     cols.nonzero().flatten().cpu(), None)
+    for name, cols in lost.items():
+        module = modules[name]
+        n_in = module.weight.shape[weight_axes(module)[0]]
+        kept = torch.tensor(sorted(set(range(n_in)) - cols), dtype=torch.long)
+        bias = getattr(module, "bias", None)
+        out[name] = (module.weight.detach().clone(), None if bias is None else bias.detach().clone(), kept, None)
     return out
 
 
-def _unconvert(model: nn.Module) -> None:
-    """Put the original modules back (the twins share their Parameters; nothing was baked yet)."""
-    keep_all = torch.ones((), dtype=torch.bool)
-    _swap(model, {id(t): t.to_plain(keep_all) for t in gated_modules(model).values()})
-    model._forward_pre_hooks.pop(getattr(model, _STATE_ATTR).hook_id, None)
-    delattr(model, _STATE_ATTR)
+def unconvert(model: nn.Module) -> None:
+    """Undo a conversion: put the original modules back and drop the conversion record (nothing was baked)."""
+    swap_modules(model, method_of(model).unconvert(model))
+    detach_state(model)

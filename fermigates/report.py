@@ -8,113 +8,24 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .converters.registry import LINEAR_LIKE, lookup
-from .methods.fermi.layers import is_gated
-
-
-def _fmt_count(n: float | int | None) -> str:
-    if n is None:
-        return "-"
-    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{unit}"
-    return f"{n:.0f}" if isinstance(n, float) else str(n)
-
-
-def format_table(header: list[str], rows: list[list[Any]]) -> str:
-    """A plain-text table with right-aligned numeric columns."""
-    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    numeric = [all(_is_number(r[i]) for r in cells[1:]) and len(cells) > 1 for i in range(len(header))]
-    lines = []
-    for j, row in enumerate(cells):
-        parts = [c.rjust(w) if numeric[i] and j else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
-        lines.append("  ".join(parts).rstrip())
-        if j == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text.rstrip("%kMG"))
-        return True
-    except ValueError:
-        return False
-
-
-@dataclass
-class LayerSparsity:
-    name: str
-    unit: str  # "weights", "input channels", ...
-    kept: int
-    total: int
-    kind: str = "weight"  # the granularity: "weight", "channel" or "head"
-
-    @property
-    def sparsity(self) -> float:
-        return 1.0 - self.kept / self.total if self.total else 0.0
-
-
-@dataclass
-class SparsityReport:
-    """Per-layer kept/total and the overall fraction removed."""
-
-    layers: list[LayerSparsity] = field(default_factory=list)
-
-    @property
-    def kept(self) -> int:
-        return sum(layer.kept for layer in self.layers)
-
-    @property
-    def total(self) -> int:
-        return sum(layer.total for layer in self.layers)
-
-    @property
-    def overall(self) -> float:
-        return 1.0 - self.kept / self.total if self.total else 0.0
-
-    def __getitem__(self, name: str) -> LayerSparsity:
-        for layer in self.layers:
-            if layer.name == name:
-                return layer
-        raise KeyError(name)
-
-    def __str__(self) -> str:
-        rows = [[l.name, l.unit, l.kept, l.total, f"{100 * l.sparsity:.1f}%"] for l in self.layers]
-        rows.append(["total", "", self.kept, self.total, f"{100 * self.overall:.1f}%"])
-        return format_table(["layer", "unit", "kept", "total", "sparsity"], rows)
+from .core.registry import LINEAR_LIKE, lookup
+from .core.sparsity import LayerSparsity, SparsityReport, format_count, format_table
+from .core.sparsity import count_parameters as core_count
+from .core.state import find_state
+from .methods.registry import method_of
 
 
 @torch.no_grad()
 def compute_sparsity(model: nn.Module) -> SparsityReport:
-    """Sparsity of a model: of its gates' hard decisions if it is Fermi-gated, else of its zero weights.
+    """Sparsity of a model: of its method's current decisions if it is converted, else of its zero weights.
 
-    Gated model: one row per weight gate (kept weights) and per group gate (kept units). Plain model: one row
-    per ``nn.Linear`` / ``nn.Conv*`` with the count of non-zero weights.
+    Converted model: one row per decision unit of its method (a weight gate's kept weights, a group gate's kept
+    units, a rewired layer's active connections). Plain model: one row per ``nn.Linear`` / ``nn.Conv*`` with
+    the count of non-zero weights.
     """
-    config = getattr(getattr(model, "_fermigates", None), "config", None)
-    if getattr(config, "method", "fermi") != "fermi":  # another method: it reports its own decisions
-        from .methods.registry import get_method
-
-        return get_method(config.method).sparsity(model)
+    if find_state(model) is not None:
+        return method_of(model).sparsity(model)
     report = SparsityReport()
-    gated = [(n, m) for n, m in model.named_modules() if is_gated(m)]
-    if gated:
-        seen: set[int] = set()
-        for name, module in gated:
-            if module.weight_gate is not None:
-                keep = module.weight_gate.keep(module.weight.abs())
-                report.layers.append(LayerSparsity(name, "weights", int(keep.sum()), keep.numel()))
-            for slot in module._slots:
-                if id(slot.gate) in seen:
-                    continue
-                seen.add(id(slot.gate))
-                keep = slot.gate.keep_units()
-                label = getattr(slot.gate, "label", name)
-                report.layers.append(LayerSparsity(label, "units", int(keep.sum()), keep.numel(),
-                                                   kind=getattr(slot.gate, "kind", "channel")))
-        return report
     for name, module in model.named_modules():
         if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or lookup(LINEAR_LIKE, module) is not None:
             w = module.weight
@@ -123,15 +34,10 @@ def compute_sparsity(model: nn.Module) -> SparsityReport:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Distinct parameters (tied weights counted once), excluding the gates' own."""
-    seen: set[int] = set()
-    total = 0
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in seen or name.rsplit(".", 1)[-1] == "mu":
-            continue
-        seen.add(id(p))
-        total += p.numel()
-    return total
+    """Distinct parameters (tied weights counted once); for a converted model, without the method's own
+    (gate levels and the like): the network itself."""
+    state = find_state(model)
+    return core_count(model, method_of(model).own_tensors(model) if state is not None else ())
 
 
 @dataclass
@@ -164,7 +70,7 @@ class FermiReport:
     macs_inputs: Any = None
     #: {"before": ms, "after": ms} per forward of the example inputs, when measured
     latency_ms: dict[str, float] | None = None
-    #: how ``prune(..., budget=...)`` met its budget (a ``fermigates.budget.BudgetResult``), or None
+    #: how ``prune(..., budget=...)`` met its budget (a ``fermigates.BudgetResult``), or None
     budget: Any = None
 
     def kept_by_kind(self) -> dict[str, tuple[int, int]]:
@@ -231,11 +137,11 @@ def format_summary(d: dict[str, Any]) -> str:
     """The compact summary of a report dict (:meth:`FermiReport.to_dict`, or ``report.json``)."""
     params, macs = d["params"], d.get("macs") or {}
     lines = ["fermigates report",
-             f"  params       {_fmt_count(params['before'])} -> {_fmt_count(params['after'])} "
+             f"  params       {format_count(params['before'])} -> {format_count(params['after'])} "
              f"({_ratio(params['before'], params['after'])}x)"]
     if macs.get("before") is not None:
         per = f"per forward of {macs['inputs']}" if macs.get("inputs") else "per forward of the example inputs"
-        lines.append(f"  MACs         {_fmt_count(macs['before'])} -> {_fmt_count(macs['after'])} "
+        lines.append(f"  MACs         {format_count(macs['before'])} -> {format_count(macs['after'])} "
                      f"({_ratio(macs['before'], macs['after'])}x), {per}")
     if d.get("latency_ms"):
         lines.append(f"  latency      {d['latency_ms']['before']:.2f} ms -> {d['latency_ms']['after']:.2f} ms")

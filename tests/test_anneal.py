@@ -149,7 +149,7 @@ def test_annealer_needs_a_converted_model():
 
 def test_trainer_callback_anneals_like_the_wrapper():
     pytest.importorskip("transformers")
-    from fermigates.converters.hf_layers import fermi_trainer_callback
+    from fermigates import fermi_trainer_callback
 
     model, x, y = _task()
     fg.convert_to_fermi(model, fg.FermiConfig(target_sparsity=0.5))
@@ -171,7 +171,7 @@ def test_trainer_callback_anneals_like_the_wrapper():
 def test_trainer_callback_inside_a_real_trainer(tmp_path):
     tf = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    from fermigates.converters.hf_layers import fermi_trainer_callback
+    from fermigates import fermi_trainer_callback
 
     torch.manual_seed(0)
     cfg = tf.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-from fermigates.converters import attention as att
-from fermigates.converters import registry
+from fermigates.core import layouts as att
+from fermigates.core import registry
 from fermigates.converters.hf_attention import apply_hf_config_updates, hf_config_updates
 from torch import nn
 

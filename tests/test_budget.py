@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import fermigates as fg
-from fermigates.budget import Budget
+from fermigates.allocation.budget import Budget
 from _family_models import build
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +100,7 @@ def test_budget_parse():
 def test_default_selection_is_the_one_the_committed_benchmark_ranks_first():
     import inspect
 
-    from fermigates.budget import resolve_allocation
+    from fermigates.allocation.budget import resolve_allocation
     from fermigates.oneshot import DEFAULT_SELECTION
 
     path = ROOT / "benchmarks" / "results" / "budget_minilm.json"
@@ -119,7 +119,7 @@ def test_default_selection_is_the_one_the_committed_benchmark_ranks_first():
 
 
 def test_auto_allocation_is_global_for_costs_and_uniform_for_units():
-    from fermigates.budget import resolve_allocation
+    from fermigates.allocation.budget import resolve_allocation
 
     assert [resolve_allocation("auto", Budget.parse(b)) for b in ("macs:0.5", "params:0.5", "latency:0.5",
                                                                      "units:0.5")] == ["global"] * 3 + ["uniform"]

@@ -124,13 +124,11 @@ def test_prune_records_conv_outputs_too():
     # the same calibration with the reference run gives the same weights
     again = copy.deepcopy(ref)
     fg.convert_to_fermi(again, fg.FermiConfig(granularity="channel", target_sparsity=0.5), example_inputs=data[0][:1])
-    fg.AnnealSchedule(total_steps=1, temperature=(1e-4, 1e-4), target_sparsity=0.5, sparsity_schedule="constant",
-                      tolerance=0.0, hard_after=1.0).apply(again, 1)
-    from fermigates.budget import select_share
-    from fermigates.methods.fermi.model import freeze_decisions
+    from fermigates.allocation import allocate_share
+    from fermigates.methods.registry import method_of
 
-    select_share(again, data)  # no record requested: bake runs the reference
-    freeze_decisions(again)
+    method = method_of(again)  # the same share chosen the same way, with no record requested
+    method.set_keep(again, allocate_share(method.allocatable(again), 0.5, data=data))
     r2 = fg.convert_from_fermi(again, calibration_data=data, reference="dense", progress=False)
     assert r2.calibration.reference_run is True
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
@@ -138,8 +136,8 @@ def test_prune_records_conv_outputs_too():
 
 
 def test_a_record_is_not_used_when_the_weights_or_the_batches_changed():
-    from fermigates.budget import allocate
-    from fermigates.state import fermi_state
+    from fermigates.core.state import get_state as fermi_state
+    from fermigates.oneshot import allocate
 
     for change in ("weights", "batches"):
         model, batches = _minilm_like()
@@ -172,7 +170,7 @@ def test_calibration_report_gives_the_time_of_each_phase():
 
 # -- residual-aware targets ---------------------------------------------------------------------------------------
 def test_residual_sources_name_the_projections_that_feed_a_residual_stream():
-    from fermigates.converters import residual_sources
+    from fermigates.core.registry import residual_sources
 
     bert, _ = build("hf", "bert")
     found = residual_sources(bert)

@@ -464,7 +464,7 @@ def test_refine_gates_on_nan_data_is_refused():
 
 
 def test_shrink_check_does_not_pass_on_nan_outputs():
-    from fermigates.surgery.verify import max_relative_diff
+    from fermigates.core.batches import max_relative_diff
 
     nan = torch.tensor([1.0, float("nan")])
     assert max_relative_diff([nan], [nan.clone()]) == float("inf")

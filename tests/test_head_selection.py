@@ -61,7 +61,7 @@ def test_bad_groups_are_refused():
 
 
 def test_budget_removes_the_head_whose_output_the_projection_ignores():
-    from fermigates.budget import allocate
+    from fermigates.oneshot import allocate
 
     model, x = build("hf", "bert")
     heads = model.config.num_attention_heads

@@ -9,9 +9,9 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import fermigates as fg
-import fermigates.latency as latency
-from fermigates.budget import Budget
-from fermigates.latency import LatencyTable
+import fermigates.allocation.latency as latency
+from fermigates.allocation.budget import Budget
+from fermigates.allocation.latency import LatencyTable
 from _models import SmallCNN, randomize_
 
 

@@ -30,8 +30,8 @@ def test_wheel_ships_converters_and_recipes_inside_the_namespace(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
     assert tops <= {"fermigates", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}, tops
-    assert "fermigates/converters/registry.py" in names
-    assert "fermigates/converters/hf_layers.py" in names
+    assert "fermigates/core/registry.py" in names
+    assert "fermigates/converters/hf_attention.py" in names
     assert any(n.startswith("fermigates/recipes/") and n.endswith(".yaml") for n in names)
     # every source module ships (a subpackage missing from pyproject's package list would be dropped)
     sources = {f"fermigates/{p.relative_to(ROOT / 'fermigates').as_posix()}"

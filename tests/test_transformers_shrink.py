@@ -13,7 +13,7 @@ import copy
 
 import pytest
 import torch
-from fermigates.converters import attention as att
+from fermigates.core import layouts as att
 from fermigates.converters.hf_attention import apply_hf_config_updates, hf_config_updates
 
 transformers = pytest.importorskip("transformers")
@@ -134,7 +134,7 @@ def _shrink_by_hand(model, seed, uneven=False):
 # ------------------------------------------------------------------------------------------ graph route
 def _shrink_with_graph(model, inputs, seed, uneven=False):
     from fermigates.surgery.graph import build_dependency_graph
-    from fermigates.methods.fermi.layers import weight_axes
+    from fermigates.core.layouts import weight_axes
     from fermigates.surgery.shrink import shrink_model
 
     graph = build_dependency_graph(model, inputs)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -23,16 +24,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.batches import as_batches, attention_mask, check_batches_finite, feed_no_grad
+from ..core.registry import residual_sources
 from . import stream as co
 from .report import CalibrationReport, LayerCalibration
 from .ridge import SUPPORTED, LayerPlan, RidgeStats, is_supported, ridge_solve, weight_2d
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["calibrate", "CalibrationReport", "LayerCalibration", "CalibrationError"]
+__all__ = ["calibrate", "CalibrationReport", "LayerCalibration", "CalibrationError", "check_batches_finite", "residual_key"]
 
 Targets = Mapping[str, "tuple[torch.Tensor | None, torch.Tensor | None]"]
-_DROP_KEYS = ("labels", "label")
 
 
 class CalibrationError(RuntimeError):
@@ -89,12 +91,11 @@ def calibrate(
     """
     if reference is model:
         raise ValueError("reference must be the dense model before pruning, a different object than model")
-    if ridge < 0:
-        raise ValueError(f"ridge must be >= 0, got {ridge!r}")
+    check_ridge(ridge)
     if precision not in ("auto", "float64"):
         raise ValueError(f"precision must be 'auto' or 'float64', got {precision!r}")
     plans = _make_plans(model, reference, targets)
-    batches = _batches(data, batch_size, max_batches)
+    batches = as_batches(data, batch_size, max_batches)
     report = CalibrationReport(ridge=ridge, n_batches=len(batches))
     residuals = _residual_sources(model, plans) if residual else {}
     needed = [p.name for p in plans] + [residual_key(n) for n in residuals]
@@ -125,6 +126,25 @@ def calibrate(
     return report
 
 
+def check_ridge(ridge: Any) -> float:
+    """``ridge`` as a finite number >= 0, else a ValueError naming it."""
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not math.isfinite(ridge) or ridge < 0:
+        raise ValueError(f"ridge must be a finite number >= 0 (e.g. 1e-2), got {ridge!r}")
+    return float(ridge)
+
+
+def check_stats_finite(name: str, stats: RidgeStats, w0: torch.Tensor) -> None:
+    """Refuse non-finite calibration statistics (inputs so large that their products overflow), naming the layer
+    and the largest input magnitude."""
+    if bool(torch.isfinite(stats.xtx).all()) and bool(torch.isfinite(stats.xty).all()) and \
+            bool(torch.isfinite(stats.yy).all()) and bool(torch.isfinite(w0).all()):
+        return
+    raise CalibrationError(
+        f"the calibration statistics of {name!r} overflowed (sums of squared inputs / outputs are NaN/inf: the "
+        "calibration data or the activations it produces are too large to square in float64/float32); nothing "
+        "was changed: scale the calibration data to the range the model was trained on")
+
+
 # -- targets ------------------------------------------------------------------------------------------------
 def residual_key(name: str) -> str:
     """The key under which the dense residual added to layer ``name``'s output is recorded."""
@@ -134,10 +154,6 @@ def residual_key(name: str) -> str:
 def _residual_sources(model: nn.Module, plans: list[LayerPlan]) -> dict[str, tuple[str, Any]]:
     """Target layers whose output joins a residual stream: ``{layer: (module fqn, getter)}`` (Linear-like only;
     the module must exist in the model)."""
-    try:
-        from fermigates.converters import residual_sources
-    except ImportError:  # pragma: no cover - the converters ship with the package
-        return {}
     found = residual_sources(model)
     mods = dict(model.named_modules())
     return {p.name: found[p.name] for p in plans
@@ -263,67 +279,6 @@ def _infer_plans(mods: dict[str, nn.Module], refs: dict[str, nn.Module]) -> list
     return plans
 
 
-# -- data -----------------------------------------------------------------------------------------------------
-def _batches(data: Any, batch_size: int, max_batches: int | None, name: str = "data") -> list[Any]:
-    """``data`` (a tensor, a DataLoader or an iterable of batches) as a list of batches, read once."""
-    if isinstance(data, torch.Tensor):
-        if data.dim() == 0 or data.shape[0] == 0:
-            raise ValueError(f"{name} is an empty tensor: give at least one sample (a batch dimension first)")
-        batches = list(data.split(batch_size))
-    elif isinstance(data, (Mapping, str, bytes)) or not isinstance(data, Iterable):
-        raise TypeError(f"{name} must be a DataLoader, an iterable of batches or a tensor, got {type(data).__name__}")
-    else:
-        batches = list(data)
-    if max_batches is not None:
-        batches = batches[:max_batches]
-    if not batches:
-        raise ValueError(f"{name} is empty: it yielded no batch (check the DataLoader / max_batches)")
-    return batches
-
-
-def check_batches_finite(batches: list, name: str) -> None:
-    """Raise ``ValueError`` naming the first batch (and key) with NaN / inf floating-point values."""
-    for i, batch in enumerate(batches):
-        items = batch.items() if isinstance(batch, Mapping) else enumerate(
-            batch if isinstance(batch, (tuple, list)) else [batch])
-        for key, value in items:
-            if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                where = f"[{key!r}]" if isinstance(batch, Mapping) else (f"[{key}]" if isinstance(batch, (tuple, list)) else "")
-                raise ValueError(f"{name} batch {i}{where} holds NaN/inf values; nothing was changed")
-
-
-def _device(model: nn.Module) -> torch.device:
-    p = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def _to(x: Any, device: torch.device) -> Any:
-    return x.to(device) if isinstance(x, torch.Tensor) else x
-
-
-def _feed(model: nn.Module, batch: Any) -> Any:
-    """Run ``model`` on one batch (tensor, ``(inputs, ...)`` or keyword mapping; labels dropped) on its device."""
-    device = _device(model)
-    if isinstance(batch, torch.Tensor):
-        return model(batch.to(device))
-    if isinstance(batch, Mapping):
-        return model(**{k: _to(v, device) for k, v in batch.items() if k not in _DROP_KEYS})
-    if isinstance(batch, (tuple, list)) and batch:
-        return model(_to(batch[0], device))
-    raise ValueError(f"cannot feed a batch of type {type(batch)!r} to the model")
-
-
-def _call(model: nn.Module, batch: Any) -> None:
-    with torch.no_grad():
-        _feed(model, batch)
-
-
-def _mask(batch: Any) -> torch.Tensor | None:
-    if isinstance(batch, Mapping) and isinstance(batch.get("attention_mask"), torch.Tensor):
-        return batch["attention_mask"].bool()
-    return None
-
-
 # -- engine ---------------------------------------------------------------------------------------------------
 class _Engine:
     """Drives the suspendable forwards of both models layer by layer (see module docstring)."""
@@ -370,7 +325,7 @@ class _Engine:
 
     def _start(self, role: str, i: int) -> co.Coroutine:
         net = self.model if role == "model" else self.reference
-        c = co.Coroutine(lambda: _call(net, self.batches[i]), role, i)
+        c = co.Coroutine(lambda: feed_no_grad(net, self.batches[i]), role, i)
         self.live.append(c)
         self._step(c)
         return c
@@ -445,7 +400,7 @@ class _Engine:
                     _logger.warning("calibrate: reference never ran %s on batch %d", name, i)
                     continue
                 reference_out = r.pending[1]
-            mask = _mask(self.batches[i])
+            mask = attention_mask(self.batches[i])
             t_stats = time.perf_counter()
             x = plan.features(m.pending[1], mask)
             y = plan.targets(reference_out, mask)
@@ -476,10 +431,18 @@ class _Engine:
             del self.resid[key]  # batches that did not reach the layer
         t_solve = time.perf_counter()
         w0 = plan.current()
+        check_stats_finite(name, stats, w0)
         before = stats.error(w0)
         sol, solver = ridge_solve(stats, w0, self.ridge)
         after = stats.error(sol)
-        plan.write(sol)
+        if not (bool(torch.isfinite(sol).all()) and math.isfinite(after)):
+            raise CalibrationError(f"the ridge solve of {name!r} gave NaN/inf weights (its input statistics are "
+                                   "ill-conditioned); nothing was changed: raise ridge= or check the data")
+        if after <= before:
+            plan.write(sol)
+        else:  # float rounding of an ill-conditioned solve: the layer as it was is the better fit
+            solver += " (not written: no improvement)"
+            after = before
         self.done.add(name)
         done = time.perf_counter()
         row = LayerCalibration.from_plan(plan, stats.n, before, after, solver, done - t0)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..converters.registry import LINEAR_LIKE, lookup
+from ..core.registry import LINEAR_LIKE, lookup
 
 _logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class LayerPlan:
         else:
             if self.sel_in is not None:
                 x = x.index_select(-1, self.sel_in.to(x.device))
-            rows = _masked_rows(x, mask)
+            rows = masked_rows(x, mask)
         g = self.groups
         return rows.reshape(rows.shape[0], g, -1).transpose(0, 1)
 
@@ -133,7 +133,7 @@ class LayerPlan:
             y = y.index_select(ch_dim, self.kept_out.to(y.device))
         if self.sel_out is not None:
             y = y.index_select(ch_dim, self.sel_out.to(y.device))
-        rows = y.movedim(1, -1).reshape(-1, y.shape[1]) if self.is_conv else _masked_rows(y, mask)
+        rows = y.movedim(1, -1).reshape(-1, y.shape[1]) if self.is_conv else masked_rows(y, mask)
         g = self.groups
         return rows.reshape(rows.shape[0], g, -1).transpose(0, 1)
 
@@ -179,7 +179,7 @@ class LayerPlan:
                 bias[so] = new_b
 
 
-def _masked_rows(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def masked_rows(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Flatten leading dims to rows; drop rows where ``mask`` (shaped like the leading dims) is False."""
     rows = t.reshape(-1, t.shape[-1])
     if mask is not None and tuple(t.shape[:-1]) == tuple(mask.shape):

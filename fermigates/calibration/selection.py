@@ -19,6 +19,9 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from ..core.batches import attention_mask, feed_no_grad
+from .ridge import masked_rows
+
 _logger = logging.getLogger(__name__)
 
 #: at most this many bytes of recorded reference outputs (beyond it, calibration runs the reference again)
@@ -65,14 +68,12 @@ def _stream(model: nn.Module, data: Iterable[Any], hooks: dict[str, Any], state:
             max_batches: int | None) -> None:
     """Run ``data`` through ``model`` with forward pre-hooks on the named modules; ``state["mask"]`` holds
     the current batch's attention mask (or None) for the hooks."""
-    from .engine import _call, _mask
-
     mods = dict(model.named_modules())
     handles = [mods[n].register_forward_pre_hook(fn) for n, fn in hooks.items()]
     try:
         for batch in itertools.islice(data, max_batches):
-            state["mask"] = _mask(batch)
-            _call(model, batch)
+            state["mask"] = attention_mask(batch)
+            feed_no_grad(model, batch)
     finally:
         for h in handles:
             h.remove()
@@ -111,8 +112,6 @@ def input_channel_rms(model: nn.Module, data: Iterable[Any], names: list[str],
 def input_gram(model: nn.Module, data: Iterable[Any], names: list[str],
                max_batches: int | None = None) -> dict[str, torch.Tensor]:
     """Float64 Gram ``[X, 1]ᵀ[X, 1]`` of the named Linear layers' inputs (padding rows excluded)."""
-    from .ridge import _masked_rows
-
     mods = dict(model.named_modules())
     bad = [n for n in names if not isinstance(mods.get(n), nn.Linear)]
     if bad:
@@ -122,7 +121,7 @@ def input_gram(model: nn.Module, data: Iterable[Any], names: list[str],
 
     def hook(name: str):
         def fn(mod, args):
-            x = _masked_rows(args[0].detach(), state.get("mask")).double()
+            x = masked_rows(args[0].detach(), state.get("mask")).double()
             x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
             grams[name] = grams.get(name, 0) + x.T @ x
         return fn
@@ -212,8 +211,6 @@ def input_stats(model: nn.Module, data: Iterable[Any], gram_names: list[str], mo
 
     Each batch's Gram product is taken in float32 for float32 inputs and summed in float64.
     """
-    from .ridge import _masked_rows
-
     mods = dict(model.named_modules())
     missing = [n for n in [*gram_names, *moment_names] if n not in mods]
     if missing:
@@ -226,7 +223,7 @@ def input_stats(model: nn.Module, data: Iterable[Any], gram_names: list[str], mo
     def rows(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if isinstance(mod, nn.modules.conv._ConvNd):
             return x.movedim(1, -1).reshape(-1, x.shape[1])
-        return _masked_rows(x, state.get("mask"))
+        return masked_rows(x, state.get("mask"))
 
     def hook(name: str, gram: bool, moment: bool):
         def fn(mod, args):
@@ -256,7 +253,7 @@ def input_stats(model: nn.Module, data: Iterable[Any], gram_names: list[str], mo
             return
         value = value.detach()
         if not isinstance(mod, nn.modules.conv._ConvNd):
-            value = _masked_rows(value, state.get("mask"))  # padding rows are never calibration rows
+            value = masked_rows(value, state.get("mask"))  # padding rows are never calibration rows
         used[0] += value.numel() * value.element_size()
         if used[0] > record_limit:
             outputs = None  # too large to keep: calibration will run the reference instead

@@ -23,7 +23,10 @@ from torch import nn
 from fermigates.io import manifest as mf
 from fermigates.io.inspect import CheckpointSummary, inspect_checkpoint, macs_record
 from fermigates.io.manifest import CheckpointError
-from fermigates.converters.registry import qualname
+from fermigates.core.registry import qualname
+from fermigates.core.state import find_state
+from fermigates.core.twin import is_twin
+from fermigates.io.hf import GENERATION_NAME, hf_factory, will_write_generation, write_hf_config
 from fermigates.surgery.fold import FOLDED_ATTR
 from fermigates.io.onnx import export_onnx
 
@@ -55,10 +58,8 @@ def _is_hf(model: nn.Module) -> bool:
 
 def _check_not_gated(model: nn.Module) -> None:
     """Refuse a model that still carries Fermi gates: the stock class has no place for their tensors."""
-    from fermigates.state import _STATE_ATTR
-
-    gated = [n for n, m in model.named_modules() if callable(getattr(type(m), "gated_weight", None))]
-    if gated or getattr(model, _STATE_ATTR, None) is not None:
+    gated = [n for n, m in model.named_modules() if is_twin(m)]
+    if gated or find_state(model) is not None:
         where = f" ({len(gated)} gated layers, e.g. {gated[0]!r})" if gated else ""
         raise ValueError(
             f"save_shrunk() got a model that still has Fermi gates{where}: its state dict holds gate tensors "
@@ -145,8 +146,6 @@ def save_shrunk(
     is_hf = _is_hf(model)
     written = {mf.WEIGHTS_NAME, mf.MANIFEST_NAME}
     if is_hf:
-        from fermigates.io.hf import GENERATION_NAME, will_write_generation
-
         written |= {mf.CONFIG_NAME} | ({GENERATION_NAME} if will_write_generation(model) else set())
     stale = _plan_overwrite(root, overwrite, written)
     root = mf.ensure_directory(root)
@@ -156,13 +155,11 @@ def save_shrunk(
     mf.atomic_write(root / mf.WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     mf.atomic_write_text(root / mf.MANIFEST_NAME, text + "\n")
     if is_hf:
-        from fermigates.io.hf import write_hf_config
-
         write_hf_config(model, root, manifest["modules"])
     for path in stale:  # only once the new checkpoint is complete: a crash before leaves the old one whole
         path.unlink(missing_ok=True)
     if stale:
-        mf._fsync_dir(root)
+        mf.fsync_dir(root)
     _logger.info("saved %s (%d tensors, %d tied) to %s", type(model).__name__, len(tensors), len(tied), root)
     return root
 
@@ -474,8 +471,6 @@ def from_pretrained(
     The class is ``model_class`` or the config's ``architectures[0]`` looked up in ``transformers``; it is
     built from ``config.json`` on the meta device, resized to the manifest, loaded, and put in eval mode.
     """
-    from fermigates.io.hf import hf_factory
-
     root = Path(directory)
     mf.read_checkpoint(root)  # clear errors for a missing / damaged folder before importing transformers
     model = load_shrunk(hf_factory(root, model_class), root, strict=strict)

@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import nn
 
+from fermigates.core import registry
 from fermigates.io import manifest as mf
 
 _logger = logging.getLogger(__name__)
@@ -51,9 +52,7 @@ def write_hf_config(model: nn.Module, root: Path, plan: dict[str, dict[str, Any]
     config.architectures = [type(model).__name__]
     fields = _native_fields(config.to_dict(), plan)
     try:  # attention head counts: native fields when uniform and rebuildable, else "fermigates_per_layer"
-        from fermigates.converters import hf_config_updates
-
-        fields.update(hf_config_updates(model))
+        fields.update(registry.config_updates(model))
     except Exception as err:  # noqa: BLE001 - a missing or failing family helper only costs the native fields
         _logger.info("no attention config fields for %s (%s)", type(model).__name__, err)
     for name, value in fields.items():

@@ -12,13 +12,12 @@ import torch
 from torch import nn
 
 from fermigates.io import manifest as mf
+from fermigates.surgery.macs import macs_by_module
 
 
 def macs_record(model: nn.Module, example_inputs: Any) -> dict[str, Any]:
     """Multiply-accumulates of one eval-mode forward on ``example_inputs``, per module and in total
-    (counted by :func:`fermigates.report_macs.macs_by_module`)."""
-    from fermigates.surgery.macs import macs_by_module
-
+    (counted by :func:`fermigates.surgery.macs.macs_by_module`)."""
     per_module = macs_by_module(model, example_inputs)
     return {"inputs": _describe(example_inputs), "total": sum(per_module.values()), "modules": per_module}
 

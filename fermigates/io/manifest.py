@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fermigates.converters import registry
+from fermigates.core import registry
 
 _logger = logging.getLogger(__name__)
 
@@ -86,14 +86,6 @@ class CheckpointError(ValueError):
     """A shrunk checkpoint cannot be read, or does not fit the model it is loaded into."""
 
 
-def _load_family_converters() -> None:
-    """Import ``fermigates.converters`` so that family files register their SHAPE_ATTRS."""
-    try:
-        import fermigates.converters  # noqa: F401  (side effect: register(...) calls)
-    except Exception as err:  # noqa: BLE001 - a broken family file must not make checkpoints unreadable
-        _logger.warning("could not import fermigates.converters (%s); only builtin shapes are known", err)
-
-
 def shape_attrs(module: nn.Module, *, builtin_only: bool = False) -> tuple[str, ...]:
     """The names of ``module``'s shape-defining attributes (builtin lists plus ``registry.SHAPE_ATTRS``)."""
     names: list[str] = []
@@ -124,7 +116,7 @@ def coerce_like(value: Any, current: Any) -> Any:
 
 def module_plan(model: nn.Module) -> dict[str, dict[str, Any]]:
     """``{path: {"class": qualname, "attrs": {...}}}`` for every module with known shape attributes."""
-    _load_family_converters()
+    registry.load_families()
     plan: dict[str, dict[str, Any]] = {}
     for path, module in model.named_modules():
         names = shape_attrs(module)
@@ -424,7 +416,7 @@ def read_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[
 # --------------------------------------------------------------------------------------------- atomic I/O
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:  # platforms that cannot open directories (Windows)
@@ -484,7 +476,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def remove_stale_temps(root: Path) -> list[Path]:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fermigates.io.manifest import _fsync_dir
+from fermigates.io.manifest import fsync_dir
 
 _logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def export_onnx(
             with open(item, "rb+") as handle:
                 os.fsync(handle.fileno())
             os.replace(item, target.parent / item.name)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     finally:
         for m, flag in flags.items():
             m.training = flag

@@ -1,14 +1,23 @@
-"""The registered methods, by the name ``FermiConfig.method`` selects."""
+"""The registered methods, by the name ``FermiConfig.method`` selects.
+
+Every method folder registers its own instance when it is imported; the built-in folders are imported by name
+(:data:`BUILTIN_METHODS`) the first time a method is looked up, so the registry never depends on any of them.
+"""
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import torch.nn as nn
 
+from ..core.state import get_state
 from .base import Method
 
 METHODS: dict[str, Method] = {}
+#: the method folders that ship with fermigates (each registers itself when imported)
+BUILTIN_METHODS = ("fermigates.methods.fermi", "fermigates.methods.rewire")
+_loaded = False
 
 
 def register_method(method: Method) -> Method:
@@ -20,13 +29,11 @@ def register_method(method: Method) -> Method:
 
 
 def _load_builtin() -> None:
-    if "fermi" not in METHODS:
-        from .fermi.method import FermiMethod
-        from .rewire.model import RewireMethod
-
-        register_method(FermiMethod())
-        register_method(RewireMethod("deepr"))
-        register_method(RewireMethod("softdeepr"))
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for name in BUILTIN_METHODS:
+            importlib.import_module(name)
 
 
 def method_names() -> tuple[str, ...]:
@@ -44,10 +51,8 @@ def get_method(name: str) -> Method:
 
 
 def method_of(model: nn.Module) -> Method:
-    """The method a converted model was converted with (from its ``FermiState``)."""
-    from ..state import fermi_state
-
-    return get_method(getattr(fermi_state(model).config, "method", "fermi"))
+    """The method a converted model was converted with (from its conversion record)."""
+    return get_method(get_state(model).method)
 
 
 def make_optimizer(model: nn.Module, **kwargs: Any) -> Any:

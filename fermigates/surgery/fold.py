@@ -29,9 +29,14 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
-from .trace import _CONVS, _opaque, _walk
-from .verify import SHRINK_RTOL, _restore, _snapshot, call_model, max_relative_diff, output_tensors
-from ..converters import registry
+from ..core import registry
+from ..core.batches import call_model, max_relative_diff, output_tensors, walk_tensors
+from ..core.layouts import CONVS
+from ..core.modules import restore, snapshot
+from ..core.state import find_state
+from ..core.twin import is_twin
+from .leaves import opaque
+from .verify import SHRINK_RTOL
 
 __all__ = ["BatchNormFold", "fold_batchnorm"]
 
@@ -70,11 +75,9 @@ def _replacement(norm: nn.Module) -> nn.Module | None:
 
 
 def _affine_producer(module: nn.Module) -> bool:
-    from ..methods.fermi.layers import GatedMixin
-
-    if isinstance(module, GatedMixin) or not isinstance(module, (nn.Linear, *_CONVS)):
+    if is_twin(module) or not isinstance(module, (nn.Linear, *CONVS)):
         return False
-    return not (parametrize.is_parametrized(module) or _opaque(module))
+    return not (parametrize.is_parametrized(module) or opaque(module))
 
 
 class _UseCounter(TorchFunctionMode):
@@ -87,8 +90,8 @@ class _UseCounter(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if self.inside_norm == 0 and next(_walk(out), None) is not None:
-            for arg in _walk((args, kwargs or {})):
+        if self.inside_norm == 0 and next(walk_tensors(out), None) is not None:
+            for arg in walk_tensors((args, kwargs or {})):
                 self.uses[id(arg)] = self.uses.get(id(arg), 0) + 1
         return out
 
@@ -97,7 +100,7 @@ def _find_pairs(model: nn.Module, example_inputs: Any, report: BatchNormFold) ->
     """``(norm, producer, replacement)`` for each foldable pair, and the model's outputs on the run."""
     modules = dict(model.named_modules())
     norms = {n: m for n, m in modules.items() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
-    producers = {n: m for n, m in modules.items() if isinstance(m, (nn.Linear, *_CONVS))}
+    producers = {n: m for n, m in modules.items() if isinstance(m, (nn.Linear, *CONVS))}
     calls: dict[str, int] = {}
     made: dict[int, str] = {}  # id(output tensor) -> producer name
     read: dict[str, tuple[int, int]] = {}  # norm -> (id of its input, dim)
@@ -134,7 +137,7 @@ def _find_pairs(model: nn.Module, example_inputs: Any, report: BatchNormFold) ->
     try:
         with torch.no_grad(), counter:
             out = call_model(model, example_inputs)
-        for t in _walk(out):
+        for t in walk_tensors(out):
             counter.uses[id(t)] = counter.uses.get(id(t), 0) + 1
     finally:
         for h in handles:
@@ -211,11 +214,9 @@ def fold_batchnorm(model: nn.Module, example_inputs: Any) -> BatchNormFold:
     if they did, everything is undone and a ``RuntimeError`` says so. The model is left in eval mode.
     Returns what was folded and why the other norms were kept.
     """
-    from ..state import _STATE_ATTR
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if hasattr(model, _STATE_ATTR):
+    if find_state(model) is not None:
         raise ValueError("model is still Fermi-gated: bake it first with convert_from_fermi(model, ...)")
     if example_inputs is None:
         raise ValueError("example_inputs are required: the pairs are found by running the model once")
@@ -224,7 +225,7 @@ def fold_batchnorm(model: nn.Module, example_inputs: Any) -> BatchNormFold:
     pairs, before = _find_pairs(model, example_inputs, report)
     if not pairs:
         return report
-    snapshot = _snapshot(model)
+    saved = snapshot(model)
     try:
         for norm_name, producer_name, replacement in pairs:
             norm, producer = model.get_submodule(norm_name), model.get_submodule(producer_name)
@@ -234,10 +235,10 @@ def fold_batchnorm(model: nn.Module, example_inputs: Any) -> BatchNormFold:
             report.folded[norm_name] = producer_name
         diff = max_relative_diff(before, output_tensors(call_model(model, example_inputs)))
     except BaseException:
-        _restore(snapshot)
+        restore(saved)
         raise
     if not diff <= SHRINK_RTOL:
-        _restore(snapshot)
+        restore(saved)
         raise RuntimeError(
             f"folding changed the outputs by {diff:.3g} (relative, > {SHRINK_RTOL}); the model was restored. "
             "Please report the model: one of the folded pairs is not what it looked like"

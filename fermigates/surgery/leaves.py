@@ -8,14 +8,51 @@ passthrough per-channel axis, attention heads).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from ..core import registry
+from ..core.layouts import CONV_TRANSPOSES, CONVS, attention_spec, head_units, linear_layout
+from ..core.twin import is_twin
 from .labels import NONE, along, join_rows
-from .trace import Tracer, _opaque
-from ..converters.attention import attention_spec, head_units, linear_layout
+
+if TYPE_CHECKING:
+    from .trace import Tracer
+
+
+def leaf_kind(module: nn.Module) -> str | None:
+    """Which leaf handler treats ``module`` (``None``: the trace goes inside it)."""
+    if attention_spec(module) is not None:
+        return "attention"
+    if linear_layout(module) is not None:
+        return "linear"
+    if isinstance(module, CONVS):
+        return "conv"
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return "conv_transpose"
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return "embedding"
+    if isinstance(module, nn.RMSNorm) or registry.lookup(registry.RMS_NORMS, module) is not None:
+        return "rmsnorm"
+    return None
+
+
+def opaque(module: nn.Module) -> bool:
+    """True when a Linear / Conv subclass overrides forward in a way we cannot vouch for (e.g. StdConv2d)."""
+    if is_twin(module) or registry.lookup(registry.LINEAR_LIKE, module) is not None:
+        return False
+    for base in type(module).__mro__:
+        if registry.listed(registry.CHANNEL_SAFE, base) or registry.listed(registry.SAME_FORWARD, base):
+            return False
+        if base in (nn.Linear, *CONVS, *CONV_TRANSPOSES):
+            cls = type(module)
+            conv_forward = getattr(base, "_conv_forward", None)  # where Conv{1,2,3}d apply their weight
+            return cls.forward is not base.forward or (conv_forward is not None and cls._conv_forward is not conv_forward)
+        if "forward" in base.__dict__:
+            return True
+    return False
 
 
 def _input(args: Any, kwargs: dict, keys=("input", "x", "hidden_states")) -> torch.Tensor | None:
@@ -64,7 +101,7 @@ def linear(tr: Tracer, fqn: str, module: nn.Module, args, kwargs, output) -> Non
     vec = _consume(tr, (fqn, "consumer", None, None), x, -1)
     labs = tr.produce(fqn, int(module.weight.shape[layout.out_dim]))
     tr.record((fqn, "producer", None, None), labs)
-    if _opaque(module):
+    if opaque(module):
         why = f"{fqn} ({type(module).__name__}) overrides forward"
         tr.uf.pin(labs, why)
         if vec is not None:
@@ -79,7 +116,7 @@ def conv(tr: Tracer, fqn: str, module: nn.Module, args, kwargs, output) -> None:
     x, y = _input(args, kwargs), _first_out(output)
     n_sp = len(module.kernel_size)
     axis = x.dim() - n_sp - 1 if x is not None else 1
-    opaque = _opaque(module)
+    hidden = opaque(module)
     if module.groups == 1:
         vec = _consume(tr, (fqn, "consumer", None, None), x, axis)
         labs = tr.produce(fqn, module.out_channels)
@@ -96,7 +133,7 @@ def conv(tr: Tracer, fqn: str, module: nn.Module, args, kwargs, output) -> None:
         if bool((labs >= 0).any()):
             tr.record((fqn, "passthrough", None, None), labs)
         pinned = [labs]
-    if opaque:
+    if hidden:
         for v in pinned:
             tr.uf.pin(v, f"{fqn} ({type(module).__name__}) overrides forward")
     if y is not None:
@@ -112,7 +149,7 @@ def conv_transpose(tr: Tracer, fqn: str, module: nn.Module, args, kwargs, output
     vec = _consume(tr, (fqn, "consumer", None, None), x, axis)
     labs = tr.produce(fqn, module.out_channels)
     tr.record((fqn, "producer", None, None), labs)
-    why = f"{fqn} ({type(module).__name__}) overrides forward" if _opaque(module) else (
+    why = f"{fqn} ({type(module).__name__}) overrides forward" if opaque(module) else (
         f"{fqn} is a grouped transposed conv" if module.groups > 1 else None)
     if why:
         for v in (labs, vec):

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..core.batches import call_model
+
 _logger = logging.getLogger(__name__)
 
 
@@ -105,8 +107,6 @@ class _MacMode(TorchFunctionMode):
 
 def macs_by_module(model: nn.Module, example_inputs: Any) -> dict[str, int]:
     """MACs per innermost module (its fqn; ``""`` for calls made by the root) for one forward pass."""
-    from .trace import call_model
-
     stack: list[str] = []
     handles = []
     for name, mod in model.named_modules():

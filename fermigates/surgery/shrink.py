@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..converters import registry
-from ..converters.attention import attention_spec, linear_layout, slice_linear
+from ..core import registry
+from ..core.layouts import attention_spec, linear_layout, slice_linear
 from .graph import ChannelGroup, DependencyGraph
 from .macs import count_macs, macs_by_module
 

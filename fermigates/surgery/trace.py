@@ -20,54 +20,15 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..core.batches import call_model, walk_tensors
 from . import ops as _ops
 from .labels import NONE, UnionFind, along, compress, expand
-from ..converters import registry
-from ..converters.attention import attention_spec, linear_layout
+from .leaves import LEAVES, leaf_kind
 
 _logger = logging.getLogger(__name__)
 
 MemberKey = tuple  # (module fqn, role, parameter name or None, parameter axis or None)
 
-#: subclasses of Linear / Conv whose forward override keeps the channel semantics of the base class
-SAFE_FORWARD = {"timm.layers.linear.Linear", "timm.layers.conv2d_same.Conv2dSame"}
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV_TS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-
-
-def leaf_kind(module: nn.Module) -> str | None:
-    """Which leaf handler treats ``module`` (``None``: the trace goes inside it)."""
-    if attention_spec(module) is not None:
-        return "attention"
-    if linear_layout(module) is not None:
-        return "linear"
-    if isinstance(module, _CONVS):
-        return "conv"
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        return "conv_transpose"
-    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
-        return "embedding"
-    if isinstance(module, nn.RMSNorm) or registry.lookup(registry.RMS_NORMS, module) is not None:
-        return "rmsnorm"
-    return None
-
-
-def _opaque(module: nn.Module) -> bool:
-    """True when a Linear / Conv subclass overrides forward in a way we cannot vouch for (e.g. StdConv2d)."""
-    from ..methods.fermi.layers import GatedMixin
-
-    if isinstance(module, GatedMixin) or registry.lookup(registry.LINEAR_LIKE, module) is not None:
-        return False
-    for base in type(module).__mro__:
-        if registry.qualname(base) in SAFE_FORWARD:
-            return False
-        if base in (nn.Linear, *_CONVS, *_CONV_TS):
-            cls = type(module)
-            conv_forward = getattr(base, "_conv_forward", None)  # where Conv{1,2,3}d apply their weight
-            return cls.forward is not base.forward or (conv_forward is not None and cls._conv_forward is not conv_forward)
-        if "forward" in base.__dict__:
-            return True
-    return False
 
 
 class _Mode(TorchFunctionMode):
@@ -293,15 +254,13 @@ class Tracer:
             if self.depth == 0:
                 self.quiet += 1
                 try:
-                    from .leaves import LEAVES
-
                     LEAVES[kind](self, self.stack[-1], module, args, kwargs, output)
                 finally:
                     self.quiet -= 1
         self.stack.pop()
 
     def pin_output(self, out: Any) -> None:
-        for t in _walk(out):
+        for t in walk_tensors(out):
             lab = self.label(t)
             if lab is not None:
                 self.uf.pin(lab, "reaches the model output")
@@ -318,32 +277,6 @@ class Tracer:
                 self.uf.pin(vec, f"{key[0]} shares a weight with {tied[key[0]]}")
 
 
-def _walk(obj: Any):
-    """Every tensor inside a (nested) tensor / tuple / list / dict / dataclass output."""
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, Mapping):
-        for v in obj.values():
-            yield from _walk(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _walk(v)
-    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        for f in dataclasses.fields(obj):
-            yield from _walk(getattr(obj, f.name, None))
-
-
-def call_model(model: nn.Module, example_inputs: Any) -> Any:
-    if isinstance(example_inputs, torch.Tensor):
-        return model(example_inputs)
-    if isinstance(example_inputs, Mapping):
-        return model(**dict(example_inputs))
-    if isinstance(example_inputs, (list, tuple)):
-        return model(*example_inputs)
-    raise TypeError(f"example_inputs must be a Tensor, a tuple of positional args or a dict of kwargs, "
-                    f"got {type(example_inputs).__name__}")
-
-
 def trace(model: nn.Module, example_inputs: Any) -> Tracer:
     """Run ``model`` once on ``example_inputs`` (eval mode, no grad) and return the filled tracer."""
     tr = Tracer(model)
@@ -357,7 +290,7 @@ def trace(model: nn.Module, example_inputs: Any) -> Tracer:
             handles.append(mod.register_forward_pre_hook(tr.pre_hook, with_kwargs=True))
             handles.append(mod.register_forward_hook(tr.post_hook, with_kwargs=True))
         model.eval()
-        for t in _walk(example_inputs):
+        for t in walk_tensors(example_inputs):
             tr.set_none(t)
         with torch.no_grad(), _Mode(tr):
             out = call_model(model, example_inputs)

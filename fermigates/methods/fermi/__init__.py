@@ -4,3 +4,8 @@
 channel / head group of the dependency graph; ``model`` enumerating a converted model's gates; ``anneal``
 the temperature / sparsity schedules and ``FermiAnnealer``; ``refine`` gate-only training with frozen weights.
 """
+
+from ..registry import register_method
+from .method import FermiMethod
+
+register_method(FermiMethod())

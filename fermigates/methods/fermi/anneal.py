@@ -25,11 +25,29 @@ import torch
 import torch.nn as nn
 from torch.optim import Optimizer
 
-from ...budget import budget_from
-from ...state import fermi_state
-from .model import _distinct_gates, all_gates, gate_scores, hard_gates, soft_probabilities
-from ...config import check_sparsity
+from ...allocation.budget import Budget, BudgetResult, budget_from, check_min_keep, check_sparsity, unit_floor
+from ...allocation.cost import CostModel
+from ...allocation.importance import magnitude
+from ...allocation.solve import solve
+from ...core.batches import (
+    as_batches,
+    call_model,
+    check_batches_finite,
+    max_relative_diff,
+    output_tensors,
+)
+from ...core.state import get_state
 from .gates import check_temperature, kth_quantile
+from .model import (
+    all_gates,
+    allocatable,
+    distinct_gates,
+    gate_scores,
+    hard_gates,
+    soft_probabilities,
+    undecided_units,
+    unit_groups,
+)
 from .prior import INITS, resolve_init, set_rank_prior
 
 TEMPERATURE_SCHEDULES = ("linear", "exponential", "cosine")
@@ -139,12 +157,12 @@ class AnnealSchedule:
         """Set ``T`` and clamp ``mu`` of every gate of ``model`` for ``step``."""
         temperature, band = self.temperature_at(step), self.band_at(step)
         if step >= self.hard_step:
-            for gate, owner in _distinct_gates(model):
+            for gate, owner in distinct_gates(model):
                 gate.set_temperature(temperature)
                 if gate.decided is None:
                     raw = owner.weight.detach().abs() if owner is not None else gate.score().detach()
                     final = self.gate_final(gate)
-                    _pin_to_quantile(gate, gate.normalised(raw.float().flatten()),
+                    pin_to_quantile(gate, gate.normalised(raw.float().flatten()),
                                      self.final_sparsity(gate.kind) if final is None else final)
                     gate.decided = gate.keep(raw).clone()
             return
@@ -159,45 +177,40 @@ class AnnealSchedule:
                 hi = kth_quantile(probe, target + band) if target + band < 1 else math.inf
                 gate.mu.clamp_(lo, hi)
             else:
-                _pin_to_quantile(gate, scores, target)
+                pin_to_quantile(gate, scores, target)
 
 
 #: how many times a budget is re-allocated across the gates (from the current scores) before decisions freeze
 BUDGET_UPDATES = 20
 
 
-class _BudgetSteer:
+class BudgetSteer:
     """Per-gate shares that meet a MAC / parameter / unit budget, from the gates' current normalised scores."""
 
     def __init__(self, model: nn.Module, budget: Any, allocation: str, min_keep: float | int, example: Any) -> None:
-        from ...budget import Budget, _CostModel, _check_min_keep, _floor
-
         self.budget = Budget.parse(budget)
         if self.budget.kind == "latency":
             raise ValueError("FermiAnnealer(budget=) takes 'macs', 'params' or 'units': a latency budget is measured "
                              "on shrunk candidates, which fermigates.prune does")
         if allocation not in ("global", "uniform"):
             raise ValueError(f"allocation must be 'global' or 'uniform', got {allocation!r}")
-        _check_min_keep(min_keep)
-        state = fermi_state(model)
+        check_min_keep(min_keep)
+        state = get_state(model)
         self.model, self.allocation = model, allocation
-        self.gates = [g for g, owner in _distinct_gates(model)
-                      if owner is None and getattr(g, "group_id", None) is not None]
-        if not self.gates:
-            raise ValueError("a budget needs channel or head gates: convert with granularity 'channel' and/or "
-                             "'head'")
+        target = allocatable(model)
+        self.gates = target.groups
         example = state.example_inputs if example is None else example
         if example is None and self.budget.kind == "macs":
             raise ValueError("a MAC budget needs example inputs: pass example_inputs= to FermiAnnealer or to "
                              "convert_to_fermi")
-        self.steps = [max(1, int(getattr(g, "round_to", 1))) for g in self.gates]
-        self.floors = [_floor(g.n_units, min_keep, st) for g, st in zip(self.gates, self.steps)]
-        self.cost = _CostModel(model, self.gates, state.graph, example)
+        self.steps = [g.step for g in self.gates]
+        self.floors = [unit_floor(g.n_units, min_keep, st) for g, st in zip(self.gates, self.steps)]
+        self.cost = CostModel(target, example)
         self.result: Any = None
-        kind, target = self.budget.kind, self.budget.fraction
+        kind, fraction = self.budget.kind, self.budget.fraction
         floor_kept = self.cost.kept(kind, [g.n_units - f for g, f in zip(self.gates, self.floors)])
-        if floor_kept > target * 1.02:
-            raise ValueError(f"budget {kind} kept {target:g} cannot be met: with every gate at its floor "
+        if floor_kept > fraction * 1.02:
+            raise ValueError(f"budget {kind} kept {fraction:g} cannot be met: with every gate at its floor "
                              f"(min_keep={min_keep!r}) the model keeps {floor_kept:.4f} of its {kind}")
 
     def maybe_update(self, step: int, hard_step: int) -> None:
@@ -211,17 +224,17 @@ class _BudgetSteer:
 
     @torch.no_grad()
     def update(self) -> None:
-        from ...budget import BudgetResult, _importance, _solve
-
-        ranked = _importance(self.model, self.gates, self.floors, "magnitude", None, 0.0)
-        kind, target = self.budget.kind, self.budget.fraction
-        removed = _solve(kind, target, self.allocation, self.gates, self.steps, self.floors, self.cost, ranked)
-        result = BudgetResult(kind, target, self.cost.kept(kind, removed), self.allocation, "magnitude (scores)",
+        groups = unit_groups(self.model)
+        ranked = magnitude(groups)
+        kind, fraction = self.budget.kind, self.budget.fraction
+        removed = solve(kind, fraction, self.allocation, groups, self.steps, self.floors, self.cost, ranked)
+        result = BudgetResult(kind, fraction, self.cost.kept(kind, removed), self.allocation, "magnitude (scores)",
                               self.cost.counted_on if kind == "macs" else "over the whole model"
                               if kind == "params" else "over the gated units")
-        for g, r in zip(self.gates, removed):
-            g.budget_share = (r + 0.5) / g.n_units if r else 0.0  # floor(share * n) == r exactly
-            result.kept[getattr(g, "label", str(g.group_id))] = (g.n_units - r, g.n_units)
+        by_id = {g.group_id: g for g, owner in distinct_gates(self.model) if owner is None}
+        for group, r in zip(groups, removed):
+            by_id[group.id].budget_share = (r + 0.5) / group.n_units if r else 0.0  # floor(share * n) == r exactly
+            result.kept[group.label] = (group.n_units - r, group.n_units)
         self.result = result
 
 
@@ -242,7 +255,7 @@ def _probe(gate: nn.Module, scores: torch.Tensor) -> torch.Tensor:
     return scores[index]
 
 
-def _pin_to_quantile(gate: nn.Module, scores: torch.Tensor, target: float) -> None:
+def pin_to_quantile(gate: nn.Module, scores: torch.Tensor, target: float) -> None:
     """Put ``mu`` where ``floor(target * n)`` units fall below it; left alone if it is there already
     (checked in O(n), so the exact O(n) selection runs only when the weights moved a unit across)."""
     n = scores.numel()
@@ -269,17 +282,11 @@ def sparsity_loss(model: nn.Module, schedule: AnnealSchedule, step: int, weight:
 
 
 @torch.no_grad()
-def undecided_units(model: nn.Module, eps: float = 0.01) -> int:
-    """Units of ``model`` whose retention probability lies strictly between ``eps`` and ``1 - eps``."""
-    return sum(int(((p > eps) & (p < 1 - eps)).sum()) for _, p in soft_probabilities(model))
-
-
-@torch.no_grad()
 def anneal_stats(model: nn.Module, schedule: AnnealSchedule, step: int) -> dict[str, float]:
     """Step, temperature, scheduled and actual sparsity, undecided units, whether decisions are frozen."""
     kept = total = 0
     scheduled, steered = 0.0, False
-    for gate, owner in _distinct_gates(model):
+    for gate, owner in distinct_gates(model):
         keep = gate.keep(owner.weight.abs() if owner is not None else gate.score())
         kept += int(keep.sum())
         total += keep.numel()
@@ -334,17 +341,14 @@ def _check_init(init: str, calibration_data: Any) -> None:
                          "batches of training inputs)")
 
 
-def _set_start(model: nn.Module, init: str, calibration_data: Any, min_keep: float | int) -> list[torch.Tensor]:
+def set_start(model: nn.Module, init: str, calibration_data: Any, min_keep: float | int) -> list[torch.Tensor]:
     """Apply ``init`` (see ``FermiAnnealer``); the per-unit levels it created, for the optimizer."""
     _check_init(init, calibration_data)
     init = resolve_init(model, init, calibration_data)
     if init == "scores":
         return []
-    from ...budget import _check_min_keep
-    from ...calibration.engine import _batches, check_batches_finite
-
-    _check_min_keep(min_keep)
-    batches = _batches(calibration_data, 64, None, "calibration_data")
+    check_min_keep(min_keep)
+    batches = as_batches(calibration_data, 64, None, "calibration_data")
     check_batches_finite(batches, "calibration_data")
     return set_rank_prior(model, batches, min_keep)
 
@@ -401,8 +405,8 @@ class FermiAnnealer(Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, FermiAnnealer):
             raise TypeError("optimizer is already a FermiAnnealer; wrap the inner optimizer once")
-        state = fermi_state(model)
-        if state.config.method != "fermi":
+        state = get_state(model)
+        if state.method != "fermi":
             raise ValueError(f"model was converted with method={state.config.method!r}, which has no Fermi gates to "
                              "anneal: train it with fermigates.make_optimizer(model) (its own optimizer)")
         if any(_is_sharded(p) for p in model.parameters()):
@@ -416,14 +420,16 @@ class FermiAnnealer(Optimizer):
             target_sparsity = state.config.target_sparsity
         self.optimizer = optimizer
         self.model = model
-        _add_params(optimizer, _set_start(model, init, calibration_data, min_keep))
-        self.budget = None if budget is None else _BudgetSteer(model, budget, allocation, min_keep, example_inputs)
+        # everything that can refuse the arguments runs before the model gets new per-unit levels
         self.schedule = AnnealSchedule(
             total_steps, tuple(temperature), schedule, target_sparsity, sparsity_schedule,
             ramp=ramp, tolerance=tolerance, hard_after=hard_after,
         )
-        if sparsity_weight < 0:
-            raise ValueError(f"sparsity_weight must be >= 0, got {sparsity_weight!r}")
+        if not isinstance(sparsity_weight, (int, float)) or isinstance(sparsity_weight, bool) \
+                or not math.isfinite(sparsity_weight) or sparsity_weight < 0:
+            raise ValueError(f"sparsity_weight must be a finite number >= 0, got {sparsity_weight!r}")
+        self.budget = None if budget is None else BudgetSteer(model, budget, allocation, min_keep, example_inputs)
+        _add_params(optimizer, set_start(model, init, calibration_data, min_keep))
         self.sparsity_weight = float(sparsity_weight)
         self.step_count = 0
         # what torch.optim.Optimizer.__init__ would set, for hooks and LR schedulers
@@ -486,6 +492,11 @@ class FermiAnnealer(Optimizer):
         return self.schedule.sparsity_at(self.step_count)
 
     @property
+    def decides_next_step(self) -> bool:
+        """True when the next ``step()`` freezes the decisions (the last step of the soft phase)."""
+        return self.step_count + 1 >= self.schedule.hard_step
+
+    @property
     def decided(self) -> bool:
         """True once the hard phase has begun: every gate applies (and will bake) a frozen 0/1 decision."""
         return self.step_count >= self.schedule.hard_step
@@ -498,8 +509,6 @@ class FermiAnnealer(Optimizer):
     def soft_hard_gap(self, inputs: Any) -> float:
         """Largest relative difference between the model's outputs as trained now and with hard gates (what
         baking gives), on ``inputs`` (a tensor, a tuple of positional args or a dict of kwargs)."""
-        from ...surgery.verify import call_model, max_relative_diff, output_tensors
-
         was = self.model.training
         self.model.eval()
         try:

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch.nn as nn
 
 from .gates import FermiGate
-from .layers import GroupGate, twin_factory, weight_axes
+from ...core.layouts import weight_axes
+from ...surgery.graph import build_dependency_graph
+from .layers import GroupGate, twin_factory
 
 if TYPE_CHECKING:
-    from ...config import FermiConfig
-    from ...state import FermiState
+    from ...core.state import ConversionState
 
 
 def _describe(group) -> str:
@@ -34,14 +35,12 @@ def _unit_step(group, round_to: int) -> int:
 
 def attach_group_gates(
     model: nn.Module,
-    config: "FermiConfig",
+    config: Any,
     targets: dict[str, nn.Module],
     twins: dict[str, nn.Module],
-    state: "FermiState",
+    state: "ConversionState",
 ) -> None:
     """Build the graph, create a gate per prunable group and twins for its consumers (model untouched)."""
-    from ...surgery.graph import build_dependency_graph
-
     graph = build_dependency_graph(model, state.example_inputs)
     state.graph = graph
     modules = dict(model.named_modules())

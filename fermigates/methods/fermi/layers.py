@@ -14,6 +14,7 @@ types keep working. Its forward multiplies the weight by retention probabilities
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -22,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...converters.registry import TWINS, lookup, qualname, register
-from ...surgery.verify import _copy_module_dict
+from ...core.layouts import LinearLayout, linear_like, plain_base
+from ...core.twin import Twin, make_twin, plain_copy
 from .gates import FermiGate
 
 _GATE_ATTRS = ("weight_gate", "_slots", "_plain_cls", "_in_axis", "_out_axis", "_frozen_factor")
@@ -107,7 +108,7 @@ class GroupGate(FermiGate):
         return self.keep(self.score())
 
 
-class GatedMixin:
+class GatedMixin(Twin):
     """Shared behaviour of every gated twin. ``_in_axis`` / ``_out_axis`` locate the weight's channel axes."""
 
     weight_gate: FermiGate | None
@@ -115,8 +116,7 @@ class GatedMixin:
     _in_axis: int = 1
     _out_axis: int = 0
 
-    def _init_gating(self, plain_cls: type) -> None:
-        self._plain_cls = plain_cls
+    def _init_gating(self) -> None:
         self.weight_gate = None
         self._slots = []
         self.gates = nn.ModuleList()  # group gates owned (registered) by this layer
@@ -221,6 +221,11 @@ class GatedMixin:
         return self.weight if factor is None else self.weight * factor
 
     # -- baking -------------------------------------------------------------------------------
+    def plain(self) -> nn.Module:
+        """The original class, sharing this twin's ``weight`` and ``bias`` (nothing is zeroed: the bake zeroes
+        the entries of :meth:`hard_mask` itself, so that it can undo them)."""
+        return plain_copy(self, drop_attrs=_GATE_ATTRS, drop_modules=("gates", "weight_gate"))
+
     @torch.no_grad()
     def to_plain(self, mask: torch.Tensor | None = None) -> nn.Module:
         """The original class with the hard mask multiplied into ``weight`` (same Parameter objects).
@@ -231,15 +236,7 @@ class GatedMixin:
         mask = self.hard_mask() if mask is None else mask
         if mask is not None:
             self.weight.mul_(mask.to(self.weight.dtype))
-        plain_cls = self._plain_cls
-        plain = plain_cls.__new__(plain_cls)
-        state = _copy_module_dict(self)
-        for key in _GATE_ATTRS:
-            state.pop(key, None)
-        state["_modules"].pop("gates", None)
-        state["_modules"].pop("weight_gate", None)
-        plain.__dict__ = state
-        return plain
+        return self.plain()
 
     def _gate_repr(self) -> str:
         parts = []
@@ -252,11 +249,10 @@ class GatedMixin:
         return ", ".join(parts)
 
 
-def make_twin(module: nn.Module, twin_cls: type) -> nn.Module:
-    """A ``twin_cls`` instance that shares ``module``'s parameters, buffers and attributes."""
-    twin = twin_cls.__new__(twin_cls)
-    twin.__dict__ = _copy_module_dict(module)
-    twin._init_gating(type(module))
+def gated_twin(module: nn.Module, twin_cls: type) -> nn.Module:
+    """A ``twin_cls`` instance that shares ``module``'s parameters, buffers and attributes, with no gate yet."""
+    twin = make_twin(module, twin_cls)
+    twin._init_gating()
     return twin
 
 
@@ -265,7 +261,7 @@ class FermiLinear(GatedMixin, nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "FermiLinear":
-        return make_twin(linear, cls)
+        return gated_twin(linear, cls)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         input, weight = self._gated_operands(input)
@@ -282,7 +278,7 @@ class _FermiConvMixin(GatedMixin):
 
     @classmethod
     def from_conv(cls, conv: nn.Module) -> nn.Module:
-        return make_twin(conv, cls)
+        return gated_twin(conv, cls)
 
     def extra_repr(self) -> str:
         return f"{nn.modules.conv._ConvNd.extra_repr(self)}, {self._gate_repr()}"
@@ -300,43 +296,48 @@ class FermiConv3d(_FermiConvMixin, nn.Conv3d):
     """``nn.Conv3d`` with Fermi-gated weights."""
 
 
-_BUILTIN = {nn.Linear: FermiLinear, nn.Conv1d: FermiConv1d, nn.Conv2d: FermiConv2d, nn.Conv3d: FermiConv3d}
-for _plain, _twin in _BUILTIN.items():
-    register(TWINS, qualname(_plain), (lambda tw: (lambda m: make_twin(m, tw)))(_twin))
+_TWIN_CLASSES = {nn.Linear: FermiLinear, nn.Conv1d: FermiConv1d, nn.Conv2d: FermiConv2d, nn.Conv3d: FermiConv3d}
+
+
+@functools.lru_cache(maxsize=None)
+def _linear_like_twin_class(base: type, layout: LinearLayout) -> type:
+    """A gated twin of a registered Linear-like class that stores its weight as ``(in, out)`` (transformers'
+    ``Conv1D``): ``y = x @ W + b`` with ``W`` gated."""
+    if layout.out_dim != 1:
+        raise TypeError(f"{base.__name__}: only Linear-like layers with weight (in, out) get a generic twin")
+
+    class FermiLinearLike(GatedMixin, base):
+        _in_axis, _out_axis = 0, 1
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            weight = self.gated_weight()
+            flat = x.reshape(-1, x.shape[-1])
+            out = flat @ weight if self.bias is None else torch.addmm(self.bias, flat, weight)
+            return out.view(*x.shape[:-1], weight.shape[1])
+
+        def __repr__(self) -> str:
+            return f"Fermi{base.__name__}({self._gate_repr()})"
+
+    FermiLinearLike.__name__ = FermiLinearLike.__qualname__ = f"Fermi{base.__name__}"
+    return FermiLinearLike
 
 
 def twin_factory(module: nn.Module) -> Callable[[nn.Module], nn.Module] | None:
     """How to build the gated twin of ``module``, or None if it cannot be gated.
 
     A subclass that overrides ``forward`` (timm's ``Conv2dSame``, ``StdConv2d``...) is not gated: the twin's
-    forward would silently drop what the subclass adds.
+    forward would silently drop what the subclass adds (unless the family registered it as ``SAME_FORWARD``).
     """
     if isinstance(module, GatedMixin):
         return None
-    factory = lookup(TWINS, module)
-    if factory is None:
-        return None
-    for base in type(module).__mro__:
-        if qualname(base) in TWINS:
-            if type(module).forward is not base.forward:
-                return None
-            break
-    return factory
+    base = plain_base(module)
+    if base is not None:
+        return lambda m: gated_twin(m, _TWIN_CLASSES[base])
+    layout = linear_like(module)
+    if layout is not None and layout.out_dim == 1 and "forward" in type(module).__dict__:
+        return lambda m: gated_twin(m, _linear_like_twin_class(type(m), layout))
+    return None
 
 
 def is_gated(module: nn.Module) -> bool:
     return isinstance(module, GatedMixin)
-
-
-def weight_axes(module: nn.Module) -> tuple[int, int]:
-    """``(in_axis, out_axis)`` of the module's weight: where its input and output channels lie."""
-    from ...converters.registry import LINEAR_LIKE
-
-    layout = lookup(LINEAR_LIKE, module)
-    if layout is not None:
-        return 1 - layout.out_dim, layout.out_dim
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        return 0, 1
-    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
-        return 1, 0
-    raise TypeError(f"{type(module).__name__} has no known weight layout; register it in LINEAR_LIKE")

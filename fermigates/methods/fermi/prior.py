@@ -16,14 +16,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .model import _distinct_gates
+from ...allocation.budget import unit_floor
+from ...allocation.importance import ranked_importance
+from .model import allocatable, structured_gates
 
 INITS = ("auto", "scores", "obs")
-
-
-def structured_gates(model: nn.Module) -> list:
-    """The channel / head gates of ``model`` (those a budget or a one-shot ranking can speak for)."""
-    return [g for g, owner in _distinct_gates(model) if owner is None and getattr(g, "group_id", None) is not None]
 
 
 def resolve_init(model: nn.Module, init: str, calibration_data: Any) -> str:
@@ -39,14 +36,13 @@ def set_rank_prior(model: nn.Module, batches: list[Any], min_keep: float | int =
                    ridge: float = 1e-2) -> list[nn.Parameter]:
     """Set every structured gate's per-unit offsets so its units rank as the one-shot OBS selection ranks them;
     return the offsets (trainable parameters, created where the gate had none)."""
-    from ...budget import _floor, _importance
-
     gates = structured_gates(model)
     if not gates:
         raise ValueError("init='obs' ranks channel and head gates: convert with granularity 'channel' and/or "
                          "'head' (weight gates have no one-shot ranking; use init='scores')")
-    floors = [_floor(g.n_units, min_keep, max(1, int(getattr(g, "round_to", 1)))) for g in gates]
-    ranked = _importance(model, gates, floors, "obs", batches, ridge)
+    target = allocatable(model)
+    floors = [unit_floor(g.n_units, min_keep, g.step) for g in target.groups]
+    ranked = ranked_importance(target, floors, "obs", batches, ridge)
     offsets, wanted_all = [], []
     for g, (order, value) in zip(gates, ranked):
         base = (g.score().detach() / g.scale).float().cpu()

@@ -19,12 +19,11 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .anneal import AnnealSchedule, _pin_to_quantile
-from .model import gates_open, hard_gates
-from ...surgery.verify import output_tensors
-from ...calibration.engine import _batches, _feed, _mask, check_batches_finite
-from .model import _distinct_gates, gated_modules
-from ...state import fermi_state
+from ...calibration.selection import input_gram, select_channels_obs
+from ...core.batches import as_batches, attention_mask, check_batches_finite, feed, output_tensors
+from ...core.state import get_state
+from .anneal import AnnealSchedule, pin_to_quantile
+from .model import distinct_gates, gated_modules, gates_open, hard_gates
 
 __all__ = ["refine_gates", "RefineResult"]
 
@@ -49,7 +48,7 @@ class RefineResult:
 
 def _row_mask(batch: Any, out: torch.Tensor) -> torch.Tensor | None:
     """Attention mask broadcastable to ``out`` (padding excluded from the loss), when the batch has one."""
-    mask = _mask(batch)
+    mask = attention_mask(batch)
     if mask is None or out.dim() < 2 or tuple(mask.shape) != tuple(out.shape[: mask.dim()]):
         return None
     return mask.to(out.device, out.dtype).reshape(*mask.shape, *([1] * (out.dim() - mask.dim())))
@@ -90,14 +89,14 @@ def refine_gates(
     the units greedy Optimal Brain Surgeon removal would keep, given that layer's input Gram matrix on
     ``data``: the choice a later ridge calibration can best repair. ``steps=0`` then keeps that choice.
     """
-    state = fermi_state(model)
+    state = get_state(model)
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
     if init not in ("scores", "obs"):
         raise ValueError(f"init must be 'scores' or 'obs', got {init!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
-    gates = [g for g, owner in _distinct_gates(model) if owner is None]
+    gates = [g for g, owner in distinct_gates(model) if owner is None]
     if not gates:
         raise ValueError("model has no channel or head gates to refine: convert it with granularity 'channel' "
                          "and/or 'head'")
@@ -108,7 +107,7 @@ def refine_gates(
                               hard_after=1.0)
     for g in gates:
         g.decided = None  # refinement decides again
-    batches = _batches(data, batch_size=32, max_batches=None)
+    batches = as_batches(data, batch_size=32, max_batches=None)
     check_batches_finite(batches, "data")
     consumers = [m for m in gated_modules(model).values() if m._slots] if match == "layers" else []
     seen: list[torch.Tensor] = []
@@ -118,7 +117,7 @@ def refine_gates(
 
     def run(batch: Any) -> list[torch.Tensor]:
         seen.clear()
-        outs = output_tensors(_feed(model, batch))
+        outs = output_tensors(feed(model, batch))
         return outs + list(seen)
 
     def error(outs: list[torch.Tensor], refs: list[torch.Tensor], batch: Any) -> torch.Tensor:
@@ -133,7 +132,7 @@ def refine_gates(
         with torch.no_grad():
             for g, score in zip(gates, scores):
                 g.set_temperature(schedule.temperature_at(step))
-                _pin_to_quantile(g, g.normalised(score), schedule.sparsity_at(step, g.kind))
+                pin_to_quantile(g, g.normalised(score), schedule.sparsity_at(step, g.kind))
 
     def hard_error() -> float:
         with torch.no_grad(), hard_gates(model):
@@ -196,8 +195,6 @@ def refine_gates(
 @torch.no_grad()
 def _obs_levels(model: nn.Module, gates: list, batches: list, schedule: AnnealSchedule) -> int:
     """Per-unit levels that put the units greedy OBS keeps above the threshold; returns how many gates."""
-    from ...calibration.selection import input_gram, select_channels_obs
-
     uses: dict[int, list] = {}
     for name, module in gated_modules(model).items():
         for slot in module._slots:

@@ -7,9 +7,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ...budget import budget_from
-from ...state import fermi_state
-from .anneal import AnnealSchedule, _BudgetSteer, _set_start, anneal_stats, sparsity_loss
+from ...allocation.budget import budget_from
+from ...core.state import get_state
+from .anneal import AnnealSchedule, BudgetSteer, anneal_stats, set_start, sparsity_loss
 
 
 def fermi_trainer_callback(
@@ -48,15 +48,15 @@ def fermi_trainer_callback(
     """
     from transformers import TrainerCallback
 
-    config = fermi_state(model).config
+    config = get_state(model).config
     budget = budget_from(budget, target_sparsity, config, "fermi_trainer_callback")
     sparsity = config.target_sparsity if target_sparsity is None else target_sparsity
-    steer = None if budget is None else _BudgetSteer(model, budget, allocation, min_keep, example_inputs)
+    steer = None if budget is None else BudgetSteer(model, budget, allocation, min_keep, example_inputs)
     if not isinstance(temperature, (tuple, list)):
         raise TypeError(f"temperature must be a pair (T_start, T_end), e.g. (1.0, 0.01), got {temperature!r}")
     if sparsity_weight < 0:
         raise ValueError(f"sparsity_weight must be >= 0, got {sparsity_weight!r}")
-    _set_start(model, init, calibration_data, min_keep)
+    set_start(model, init, calibration_data, min_keep)
 
     class FermiCallback(TrainerCallback):
         """Anneals Fermi gates inside a ``transformers.Trainer`` (see :func:`fermi_trainer_callback`)."""

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from ...core.options import Options, option
 
 BIAS_OPTIONS = ("ignore", "as_connections", "second_bias")
 INIT_OPTIONS = ("magnitude", "random")
 
 
-def _help(text: str, **kwargs: Any) -> Any:
-    return field(metadata={"help": text}, **kwargs)
+_help = option
 
 
 @dataclass
-class RewireConfig:
+class RewireConfig(Options):
     """How a layer is re-parameterised for rewiring. The fraction of connections that start active is
     ``1 - FermiConfig.target_sparsity``; every field carries its help text in ``metadata``."""
 
@@ -39,8 +39,7 @@ class RewireConfig:
     seed: int | None = _help("Seed for random signs and random initial connections (None: torch's global RNG).",
                              default=None)
 
-    def __post_init__(self) -> None:
-        self.validate()
+    what = "method_options"
 
     def validate(self) -> None:
         if self.handle_biases not in BIAS_OPTIONS:
@@ -51,20 +50,3 @@ class RewireConfig:
             raise ValueError(f"init must be one of {INIT_OPTIONS}, got {self.init!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise TypeError(f"seed must be an int or None, got {self.seed!r}")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> "RewireConfig":
-        """From ``FermiConfig.method_options`` (a plain dict, so recipes stay YAML)."""
-        data = dict(data or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown method_options {unknown} for a rewiring method; known: {sorted(known)}")
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @staticmethod
-    def help() -> dict[str, str]:
-        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(RewireConfig)}

@@ -20,31 +20,32 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...surgery.verify import _copy_module_dict
+from ...core.twin import Twin, copy_module_dict
 
-_REWIRE_ATTRS = ("_plain_cls", "handle_biases")
+_REWIRE_ATTRS = ("_plain_cls", "handle_biases", "all_active")
 _REWIRE_BUFFERS = ("weight_sign", "bias_sign")
 _REWIRE_PARAMS = ("bias_negative",)
 
 
-class RewireMixin:
-    """Shared behaviour of every sign-fixed twin."""
+class RewireMixin(Twin):
+    """Shared behaviour of every sign-fixed twin. With ``all_active`` set, every connection counts with its
+    magnitude (``sign * |theta|``): the dense network, which the converted model computed when it was made."""
 
-    _plain_cls: type
     handle_biases: str
     weight: nn.Parameter
     bias: nn.Parameter | None
+    all_active: bool = False
 
     def rewired_weight(self) -> torch.Tensor:
         """The effective weight ``sign * max(theta, 0)`` (differentiable in ``theta``)."""
-        return self.weight_sign * self.weight.clamp_min(0)
+        return self.weight_sign * (self.weight.abs() if self.all_active else self.weight.clamp_min(0))
 
     def rewired_bias(self) -> torch.Tensor | None:
         """The effective bias under ``handle_biases``."""
         if self.bias is None or self.handle_biases == "ignore":
             return self.bias
         if self.handle_biases == "as_connections":
-            return self.bias_sign * self.bias.clamp_min(0)
+            return self.bias_sign * (self.bias.abs() if self.all_active else self.bias.clamp_min(0))
         return self.bias - self.bias_negative
 
     def active_mask(self) -> torch.Tensor:
@@ -74,7 +75,7 @@ class RewireMixin:
             bias = torch.where(self.bias > 0, bias, torch.zeros_like(bias))
         plain_cls = self._plain_cls
         plain = plain_cls.__new__(plain_cls)
-        state = _copy_module_dict(self)
+        state = copy_module_dict(self)
         for key in _REWIRE_ATTRS:
             state.pop(key, None)
         for key in _REWIRE_BUFFERS:
@@ -179,7 +180,7 @@ def make_rewired(
     theta = torch.where(active, magnitude, -magnitude)
 
     twin = twin_cls.__new__(twin_cls)
-    twin.__dict__ = _copy_module_dict(module)
+    twin.__dict__ = copy_module_dict(module)
     twin._plain_cls = type(module)
     twin.handle_biases = handle_biases
     twin._parameters["weight"] = nn.Parameter(theta, requires_grad=module.weight.requires_grad)

@@ -3,14 +3,18 @@ their sparsity, and how they bake."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from ..base import Method
+from ...core.sparsity import LayerSparsity, SparsityReport
+from ..base import Decisions, Method
 from .config import RewireConfig
 from .layers import is_rewired, make_rewired, rewired_class
+from .optim import DEEPR, SoftDEEPR
 
 
 def rewired_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -52,6 +56,7 @@ class RewireMethod(Method):
     the same sign-fixed layers; the name picks the optimizer ``make_optimizer`` builds."""
 
     granularities = ("weight",)
+    options = RewireConfig
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -64,11 +69,20 @@ class RewireMethod(Method):
             )
         if isinstance(config.target_sparsity, dict):
             raise ValueError(f"method={self.name!r} takes one target_sparsity (a float), got {config.target_sparsity!r}")
-        RewireConfig.from_dict(config.method_options)
+        self.parse_options(config)
+
+    def target(self, module: nn.Module) -> bool | str:
+        if is_rewired(module):
+            return False
+        if rewired_class(module) is not None:
+            return True
+        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+            return f"{type(module).__name__} has no sign-fixed twin (plain Linear / Conv only)"
+        return False
 
     def convert(self, model: nn.Module, config: Any, targets: dict[str, nn.Module], state: Any,
                 example_inputs: Any = None) -> dict[str, nn.Module]:
-        options = RewireConfig.from_dict(config.method_options)
+        options = self.parse_options(config)
         if example_inputs is not None:
             state.example_inputs = example_inputs  # for the report's MAC counts
         generator = None
@@ -102,23 +116,55 @@ class RewireMethod(Method):
         return is_rewired(module)
 
     @torch.no_grad()
-    def sparsity(self, model: nn.Module) -> Any:
-        from ...report import LayerSparsity, SparsityReport
-
+    def sparsity(self, model: nn.Module) -> SparsityReport:
         report = SparsityReport()
         for name, module in rewired_modules(model).items():
             active = module.active_mask()
             report.layers.append(LayerSparsity(name, "connections", int(active.sum()), active.numel()))
         return report
 
-    def training_only_parameters(self, model: nn.Module) -> int:
-        return sum(m.bias_negative.numel() for m in rewired_modules(model).values() if m.bias_pair())
+    def own_tensors(self, model: nn.Module) -> list[torch.Tensor]:
+        """The negative bias parts and the fixed signs (the plain layer folds them into one weight / bias)."""
+        out = []
+        for m in rewired_modules(model).values():
+            out += [t for name, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]
+                    if name in ("bias_negative", "weight_sign", "bias_sign")]
+        return out
 
-    def plain_replacements(self, model: nn.Module) -> dict[int, nn.Module]:
-        return {id(m): m.to_plain() for m in rewired_modules(model).values()}
+    def dense(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        return _all_active(model)
 
-    def optimizer(self, model: nn.Module, **kwargs: Any) -> torch.optim.Optimizer:
-        from .optim import DEEPR, SoftDEEPR
+    def make_dense(self, model: nn.Module) -> None:
+        for m in rewired_modules(model).values():
+            m.all_active = True
 
+    @torch.no_grad()
+    def decisions(self, model: nn.Module) -> Decisions:
+        return Decisions({id(m): m.to_plain() for m in rewired_modules(model).values()})
+
+    def is_method_optimizer(self, optimizer: Any) -> bool:
+        return isinstance(optimizer, (DEEPR, SoftDEEPR))
+
+    def optimizer(self, model: nn.Module, *, lr: float = 1e-3, total_steps: int | None = None,
+                  base: torch.optim.Optimizer | None = None, calibration_data: Any = None,
+                  **kwargs: Any) -> torch.optim.Optimizer:
+        """``DEEPR`` / ``SoftDEEPR`` over :func:`rewire_param_groups` (``lr`` and their keywords). A ``base``
+        optimizer cannot be wrapped: the rewiring optimizers are the whole update rule."""
         cls = DEEPR if self.name == "deepr" else SoftDEEPR
-        return cls(rewire_param_groups(model), **kwargs)
+        if base is not None:
+            raise ValueError(f"method={self.name!r} trains with its own optimizer ({cls.__name__}), not around "
+                             f"{type(base).__name__}: pass no optimizer")
+        return cls(rewire_param_groups(model), lr=lr, **kwargs)
+
+
+@contextlib.contextmanager
+def _all_active(model: nn.Module) -> Iterator[nn.Module]:
+    modules = list(rewired_modules(model).values())
+    before = [m.all_active for m in modules]
+    for m in modules:
+        m.all_active = True
+    try:
+        yield model
+    finally:
+        for m, flag in zip(modules, before):
+            m.all_active = flag

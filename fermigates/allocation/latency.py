@@ -36,6 +36,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..core.batches import call_model
+
 __all__ = ["LatencyTable", "LatencyModel", "build_latency_model", "compare_latency"]
 
 #: grid points per changed axis of a module (the dense width included)
@@ -190,8 +192,6 @@ class LatencyModel:
 
 
 def _input_shapes(model: nn.Module, names: set[str], example: Any) -> dict[str, tuple[int, ...]]:
-    from .surgery.verify import call_model
-
     shapes: dict[str, tuple[int, ...]] = {}
     mods = dict(model.named_modules())
 
@@ -216,8 +216,6 @@ def build_latency_model(model: nn.Module, example: Any, widths: dict[tuple[str, 
     """Measure the whole (plain, dense) ``model`` on ``example`` and a table for every module with a changed
     axis. ``widths``: ``(module, axis) -> dense width``; ``steps`` / ``floors``: the rounding step and the
     smallest kept width of each axis."""
-    from .surgery.verify import call_model
-
     start = time.perf_counter()
     mods = dict(model.named_modules())
     by_module: dict[str, list[str]] = {}

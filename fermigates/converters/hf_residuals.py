@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch.nn as nn
 
-from .registry import RESIDUALS
+from fermigates.core.registry import RESIDUALS
 
 Getter = Callable[[tuple, dict], Any]
 

@@ -1,4 +1,5 @@
-"""What the core needs to know about an attention module to remove whole heads from it.
+"""Layer layouts: how a Linear-like layer stores its weight, and what the library needs to know about an
+attention module to remove whole heads from it.
 
 An :class:`AttentionSpec` is registered per attention class (``registry.ATTENTION``, keyed by qualname) by the
 family files (``hf_attention.py``, ``timm_attention.py``). The graph treats a module with a spec as a leaf:
@@ -13,7 +14,7 @@ family files (``hf_attention.py``, ``timm_attention.py``). The graph treats a mo
 
 Removing heads is two steps that live in one place each: slicing the child Linear layers (rows of q/k/v/qkv,
 columns of o) and updating the module's attributes (``spec.set_heads``). :func:`prune_heads` does both for a
-single module (used by tests and by anyone pruning heads without a dependency graph); ``fermigates.shrink``
+single module (used by tests and by anyone pruning heads without a dependency graph); the shared shrink
 slices children through its generic Linear code and calls ``spec.set_heads`` only.
 """
 
@@ -77,6 +78,44 @@ def linear_layout(module: nn.Module) -> LinearLayout | None:
     """The layout of ``module`` if it is an ``nn.Linear`` (or subclass) or a registered Linear-like layer."""
     if isinstance(module, nn.Linear):
         return LINEAR
+    return registry.lookup(registry.LINEAR_LIKE, module)
+
+
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def weight_axes(module: nn.Module) -> tuple[int, int]:
+    """``(in_axis, out_axis)`` of the module's weight: where its input and output channels lie."""
+    layout = registry.lookup(registry.LINEAR_LIKE, module)
+    if layout is not None:
+        return layout.in_dim, layout.out_dim
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return 0, 1
+    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+        return 1, 0
+    raise TypeError(f"{type(module).__name__} has no known weight layout; register it in LINEAR_LIKE")
+
+
+def plain_base(module: nn.Module) -> type | None:
+    """The torch layer class (``nn.Linear``, ``nn.Conv1d/2d/3d``) whose function ``module`` computes exactly,
+    or ``None``: another kind of module, or a subclass whose ``forward`` adds something (timm's
+    ``Conv2dSame`` pads, ``StdConv2d`` standardises its weight) unless registered in ``SAME_FORWARD``."""
+    for base in (nn.Linear, *CONVS):
+        if isinstance(module, base):
+            for attr in ("forward", "_conv_forward"):
+                owner = next((c for c in type(module).__mro__ if attr in c.__dict__), None)
+                if owner is not None and owner is not base and not issubclass(base, owner) \
+                        and not registry.listed(registry.SAME_FORWARD, owner):
+                    return None
+            return base
+    return None
+
+
+def linear_like(module: nn.Module) -> LinearLayout | None:
+    """The layout of a registered Linear-like layer that is not an ``nn.Linear`` (transformers' ``Conv1D``)."""
+    if isinstance(module, nn.Linear):
+        return None
     return registry.lookup(registry.LINEAR_LIKE, module)
 
 

@@ -17,8 +17,8 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from . import registry
-from .attention import AttentionSpec, RMSNormSpec
+from fermigates.core import registry
+from fermigates.core.layouts import AttentionSpec, RMSNormSpec
 
 _logger = logging.getLogger(__name__)
 

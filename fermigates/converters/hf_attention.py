@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import registry
-from .attention import CONV1D, AttentionSpec, RMSNormSpec, attention_spec, linear_layout
+from fermigates.core import registry
+from fermigates.core.layouts import CONV1D, AttentionSpec, RMSNormSpec, attention_spec, linear_layout
 
 _logger = logging.getLogger(__name__)
 
@@ -318,3 +318,5 @@ registry.register(registry.SHAPE_ATTRS, LLAMA_LIKE, ("head_dim", "num_key_value_
 registry.register(registry.RMS_NORMS, RMS_NORM_NAMES, RMSNormSpec(weight="weight", eps="variance_epsilon"))
 registry.EXAMPLE_INPUTS.append(hf_example_inputs)
 registry.FIXED_INPUT_WIDTH.append(hf_fixed_input_width)
+registry.CONFIG_UPDATES.append(hf_config_updates)
+registry.CONFIG_APPLY.append(apply_hf_config_updates)
