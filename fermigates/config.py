@@ -10,6 +10,8 @@ from .core.options import Options, option
 from .methods.registry import get_method
 
 CONFIG_VERSION = 1
+#: the share of units removed when a config names neither a budget nor a target_sparsity
+DEFAULT_SPARSITY = 0.5
 _help = option
 
 
@@ -22,16 +24,18 @@ class FermiConfig(Options):
         "graph) or 'head' (attention heads); a tuple such as ('channel', 'head') gates both.",
         default="weight",
     )
-    target_sparsity: float | dict[str, float] = _help(
+    target_sparsity: float | dict[str, float] | None = _help(
         "Fraction of gated units to remove at the end of annealing (0 <= s < 1), or one per granularity, "
-        "e.g. {'channel': 0.5, 'head': 0.25}.",
-        default=0.5,
+        "e.g. {'channel': 0.5, 'head': 0.25}. None: 0.5 when no budget is given (a budget replaces it; giving "
+        "both is an error).",
+        default=None,
     )
     budget: str | None = _help(
         "What the pruned model keeps, as a fraction: 'macs:0.5' (2x fewer MACs per forward of the example "
         "inputs), 'params:0.7', 'units:0.5' or 'latency:0.5' (measured on this machine; one-shot prune only). "
         "Replaces target_sparsity in fermigates.prune and FermiAnnealer when neither is given a budget or a "
-        "target_sparsity of its own. Structured granularities only. None: target_sparsity applies.",
+        "target_sparsity of its own (so a config takes one or the other). Structured granularities only. None: "
+        "target_sparsity applies.",
         default=None,
     )
     temperature: float = _help(
@@ -116,9 +120,16 @@ class FermiConfig(Options):
             raise ValueError(f"config version {self.version} is newer than this fermigates ({CONFIG_VERSION})")
         if self.method_options is not None and not isinstance(self.method_options, dict):
             raise TypeError(f"method_options must be a dict or None, got {type(self.method_options).__name__}")
+        if self.budget is not None and self.target_sparsity is not None:
+            raise ValueError(f"give FermiConfig either budget= or target_sparsity=, not both (got budget="
+                             f"{self.budget!r}, target_sparsity={self.target_sparsity!r}): a budget sets each "
+                             "gate's share")
+        if self.budget is None and self.target_sparsity is None:
+            self.target_sparsity = DEFAULT_SPARSITY
         method = get_method(self.method)
         method.check_config(self)  # granularities, method_options and the method's own fields
-        check_sparsity(self.target_sparsity, self.granularities)
+        if self.target_sparsity is not None:
+            check_sparsity(self.target_sparsity, self.granularities)
         if self.budget is not None and not method.structured(self):
             raise ValueError(f"budget={self.budget!r} chooses channels / heads: use granularity 'channel' and/or "
                              "'head' (weight gates take target_sparsity)")

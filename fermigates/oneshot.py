@@ -93,7 +93,7 @@ def prune(
     config = config or FermiConfig(granularity=("channel", "head"))
     budget = budget_from(budget, target_sparsity, config, "prune")
     if target_sparsity is not None:
-        config = dataclasses.replace(config, target_sparsity=target_sparsity)
+        config = dataclasses.replace(config, target_sparsity=target_sparsity, budget=None)
     if not config.structured:
         raise ValueError("prune() is structured pruning: use granularity 'channel' and/or 'head'")
     if not isinstance(refine_steps, int) or isinstance(refine_steps, bool) or refine_steps < 0:

@@ -229,6 +229,7 @@ def run_recipe(recipe: Recipe, model: str | None, data: str, out: str | os.PathL
     if weights and not Path(weights).is_file():
         raise PipelineInputError(f"--weights {weights!r} does not exist")
     config = recipe.fermi_config()
+    _check_method_sections(recipe, config)
     if "onnx" in recipe.export:
         missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
         if missing:
@@ -249,9 +250,9 @@ def run_recipe(recipe: Recipe, model: str | None, data: str, out: str | os.PathL
                        example_inputs=example, progress=not quiet)
     else:
         report = _fine_tune(net, config, recipe, train_batches, calib_batches, example, labels, log, quiet)
-    from .io.inspect import _describe
+    from .io.inspect import describe_inputs
 
-    report.macs_inputs = _shape_text(_describe(example))
+    report.macs_inputs = _shape_text(describe_inputs(example))
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.absolute().parent))
     umask = os.umask(0)
@@ -264,6 +265,17 @@ def run_recipe(recipe: Recipe, model: str | None, data: str, out: str | os.PathL
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return RunResult(out_path, report, log, files)
+
+
+def _check_method_sections(recipe: Recipe, config: Any) -> None:
+    """Refuse an ``anneal`` section for a method whose optimizer does not anneal (it would be ignored)."""
+    from .methods.registry import get_method
+    from .recipe import AnnealSection
+
+    if recipe.train.steps and not get_method(config.method).anneals and recipe.anneal != AnnealSection():
+        raise PipelineInputError(f"the recipe's anneal section applies to methods that anneal their decisions; "
+                                 f"convert.method={config.method!r} trains with its own optimizer: remove the "
+                                 "anneal section (or its changed keys)")
 
 
 def _read_data(recipe: Recipe, built: BuiltModel, data: str, quiet: bool) -> tuple[list, list, Any, bool]:
@@ -297,16 +309,22 @@ def _fine_tune(model: Any, config: Any, recipe: Recipe, train: list, calib: list
     from .bake import convert_from_fermi
     from .convert import convert_to_fermi
     from .finetune import fine_tune
+    from .methods.registry import get_method
 
     with stage("convert (trace)", quiet):
         convert_to_fermi(model, config, example_inputs=example)
+    method = get_method(config.method)
     t, a = recipe.train, recipe.anneal
     optimizer = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[t.optimizer]
-    anneal = {"temperature": tuple(a.temperature), "schedule": a.schedule, "sparsity_schedule": a.sparsity_schedule,
-              "ramp": a.ramp, "sparsity_weight": a.sparsity_weight}
-    result = fine_tune(model, train, steps=t.steps, lr=t.lr, optimizer=optimizer, weight_decay=t.weight_decay,
-                       anneal=anneal, log_every=max(1, t.steps // 50), progress=not quiet, init=a.init,
-                       bake_when_decided=a.bake_when_decided, calibration_data=calib or None)
+    if method.anneals:
+        anneal = {"temperature": tuple(a.temperature), "schedule": a.schedule,
+                  "sparsity_schedule": a.sparsity_schedule, "ramp": a.ramp, "sparsity_weight": a.sparsity_weight}
+        extra = {"init": a.init, "bake_when_decided": a.bake_when_decided}
+    else:  # the method's own optimizer with its defaults (the anneal section was checked to be untouched)
+        anneal, extra = True, {}
+    result = fine_tune(model, train, steps=t.steps, lr=t.lr, optimizer=optimizer if method.wraps_optimizer else None,
+                       weight_decay=t.weight_decay, anneal=anneal, log_every=max(1, t.steps // 50),
+                       progress=not quiet, calibration_data=calib or None, **extra)
     log.extend(result.rows)
     model.eval()
     if result.report is not None:  # baked when the decisions froze, then fine-tuned small

@@ -22,7 +22,6 @@ import yaml
 
 RECIPE_FILE = "recipe.yaml"  # the resolved recipe, written next to a checkpoint by ``fermigates prune``
 
-GRANULARITIES = ("weight", "channel", "head")
 # FermiConfig fields (the ``convert`` section); which of them fix the shapes of a checkpoint
 # FermiConfig fields (the ``convert`` section) that only set the starting point; every other one is structural
 RUNTIME_CONVERT = ("temperature", "mu_init", "version")
@@ -217,8 +216,9 @@ class Recipe:
             raise _bad("convert", "a mapping of FermiConfig fields", self.convert)
         granularity = self.convert.get("granularity", "weight")
         grans = [granularity] if isinstance(granularity, str) else granularity
-        if not isinstance(grans, (list, tuple)) or not all(g in GRANULARITIES for g in grans):
-            raise _bad("convert.granularity", f"one of {GRANULARITIES} or a list of them", granularity)
+        if not isinstance(grans, (list, tuple)) or not all(isinstance(g, str) for g in grans):
+            raise _bad("convert.granularity", "a granularity of the method (e.g. 'channel') or a list of them",
+                       granularity)  # which ones: the method says, when fermi_config() builds the FermiConfig
         if not isinstance(self.shrink, bool):
             raise _bad("shrink", "true or false", self.shrink)
         if not isinstance(self.export, list) or not all(e in EXPORT_FORMATS for e in self.export):
@@ -247,6 +247,8 @@ class Recipe:
         from .config import FermiConfig
 
         data = dict(self.convert)
+        if data.get("budget") is not None:  # a budget (e.g. --set convert.budget=...) replaces the share
+            data.pop("target_sparsity", None)
         if isinstance(data.get("granularity"), list):
             data["granularity"] = tuple(data["granularity"])
         try:
@@ -255,7 +257,8 @@ class Recipe:
             text = str(err)
             named = [k for k in data if k in text]
             first = min(named, key=text.index) if named else None
-            raise RecipeError(f"convert: {err}", key=f"convert.{first}" if first else "convert") from None
+            key = f"convert.{first}" if first else "convert"
+            raise RecipeError(f"{key}: {err}", key=key) from None
 
     @property
     def one_shot(self) -> bool:

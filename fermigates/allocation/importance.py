@@ -98,6 +98,7 @@ def ranked_importance(target: Allocatable, floors: list[int], selection: str, ba
     with target.dense():
         grams, moments, outputs = input_stats(model, batches, gram_names, moment_names, record=record,
                                               record_inputs=residuals)
+    check_stats_finite({**grams, **moments})
     if state.collect_grams:
         state.selection_grams = grams
     if outputs is not None:
@@ -135,6 +136,17 @@ def ranked_importance(target: Allocatable, floors: list[int], selection: str, ba
             value = value[order]
         out.append((order, torch.cummax(value, 0).values))
     return out
+
+
+def check_stats_finite(stats: dict[str, torch.Tensor]) -> None:
+    """Refuse input statistics that overflowed (NaN / inf), naming the first layer: the units could not be
+    ranked, and nothing was decided."""
+    for name, value in stats.items():
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(
+                f"the calibration inputs of {name!r} are too large to rank units on: their second moments "
+                "overflow (NaN/inf; the data, or the activations it produces, exceed about 1e19); nothing was "
+                "changed: scale the calibration data to the range the model was trained on")
 
 
 def _with_rest(removed: torch.Tensor, cost: torch.Tensor, n_units: int) -> tuple[torch.Tensor, torch.Tensor]:

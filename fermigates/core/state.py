@@ -27,7 +27,7 @@ class ConversionSummary:
     n_units: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     #: the method that converted the model (``FermiConfig.method``)
-    method: str = "fermi"
+    method: str = ""
 
     def __str__(self) -> str:
         lines = [
@@ -84,6 +84,8 @@ class ConversionState:
     fingerprints: dict[str, str] = field(default_factory=dict)
     #: ids of forward pre-hooks a method registered on the root module (removed at the bake)
     hook_ids: list[int] = field(default_factory=list)
+    #: whatever else the method keeps about this conversion (its own keys)
+    extra: dict[str, Any] = field(default_factory=dict)
     #: set by ``prune``: the selection pass records the dense outputs of the units' consumers, so that the
     #: calibration that follows need not run the dense reference again
     record_reference: str | None = None  # None, "consumers" or "all"
@@ -95,7 +97,8 @@ class ConversionState:
 
     @property
     def method(self) -> str:
-        return getattr(self.config, "method", "fermi")
+        """The name of the method that converted the model."""
+        return self.config.method
 
     def record_fingerprints(self, model: nn.Module, skip: list[torch.Tensor]) -> None:
         """Remember the values of every parameter of ``model`` but ``skip`` (a method's own tensors)."""

@@ -19,16 +19,16 @@ def macs_record(model: nn.Module, example_inputs: Any) -> dict[str, Any]:
     """Multiply-accumulates of one eval-mode forward on ``example_inputs``, per module and in total
     (counted by :func:`fermigates.surgery.macs.macs_by_module`)."""
     per_module = macs_by_module(model, example_inputs)
-    return {"inputs": _describe(example_inputs), "total": sum(per_module.values()), "modules": per_module}
+    return {"inputs": describe_inputs(example_inputs), "total": sum(per_module.values()), "modules": per_module}
 
 
-def _describe(inputs: Any) -> Any:
+def describe_inputs(inputs: Any) -> Any:
     if isinstance(inputs, torch.Tensor):
         return {"shape": list(inputs.shape), "dtype": str(inputs.dtype).removeprefix("torch.")}
     if isinstance(inputs, dict):
-        return {k: _describe(v) for k, v in inputs.items()}
+        return {k: describe_inputs(v) for k, v in inputs.items()}
     if isinstance(inputs, (tuple, list)):
-        return [_describe(v) for v in inputs]
+        return [describe_inputs(v) for v in inputs]
     return repr(inputs)
 
 

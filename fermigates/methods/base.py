@@ -85,6 +85,9 @@ class Method(ABC):
     options: type[Options] | None = None
     #: whether :meth:`optimizer` wraps an ordinary optimizer (``base``) rather than being the whole update rule
     wraps_optimizer: bool = False
+    #: whether :meth:`optimizer` takes the annealing keywords of a recipe's ``anneal`` section (temperature,
+    #: schedule, sparsity_schedule, ramp, sparsity_weight, init, bake_when_decided)
+    anneals: bool = False
 
     # -- configuration --------------------------------------------------------------------------------------
     def check_config(self, config: Any) -> None:

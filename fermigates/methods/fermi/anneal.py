@@ -416,8 +416,8 @@ class FermiAnnealer(Optimizer):
                 "(or accelerate's DDP) instead, where every process holds the full model")
         _check_init(init, calibration_data)
         budget = budget_from(budget, target_sparsity, state.config, "FermiAnnealer")
-        if target_sparsity is None:
-            target_sparsity = state.config.target_sparsity
+        if target_sparsity is None:  # with a budget the gates get their own shares: the config's is a placeholder
+            target_sparsity = 0.5 if state.config.target_sparsity is None else state.config.target_sparsity
         self.optimizer = optimizer
         self.model = model
         # everything that can refuse the arguments runs before the model gets new per-unit levels

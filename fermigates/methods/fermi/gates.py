@@ -11,6 +11,7 @@ temperature schedule fits every layer whatever the scale of its weights. At any 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -142,6 +143,17 @@ class FermiGate(nn.Module):
                 keep = torch.zeros_like(keep)
                 keep[margin.topk(want).indices] = True
         return keep
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The frozen decision travels with the state dict (an empty tensor while undecided), so a model saved by
+        any trainer and loaded again bakes exactly what was trained."""
+        return torch.zeros(0, dtype=torch.bool) if self.decided is None else self.decided.detach().cpu()
+
+    def set_extra_state(self, state: Any) -> None:
+        if isinstance(state, torch.Tensor) and state.numel():
+            self.decided = state.to(device=self.mu.device, dtype=torch.bool)
+        else:
+            self.decided = None
 
     @torch.no_grad()
     def set_temperature(self, value: float) -> None:

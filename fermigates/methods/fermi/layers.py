@@ -92,8 +92,10 @@ class GroupGate(FermiGate):
             w = module.weight
             rows = w.movedim(out_axis, 0).reshape(w.shape[out_axis], -1)
             sq = rows.float().pow(2).sum(1)[index.to(w.device)].sum(1)
+            if not bool(torch.isfinite(sq).all()):  # weights beyond ~1e19: their squares overflow float32
+                sq = rows.double().pow(2).sum(1)[index.to(w.device)].sum(1)
             total = sq if total is None else total + sq
-        return total.clamp_min(0).sqrt()
+        return total.clamp_min(0).sqrt().float()
 
     def probability(self) -> torch.Tensor:
         """Soft retention probability of every unit; computed once per forward of the converted model however

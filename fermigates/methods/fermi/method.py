@@ -39,6 +39,7 @@ class FermiMethod(Method):
     name = "fermi"
     granularities = ("weight", "channel", "head")
     wraps_optimizer = True
+    anneals = True
 
     def check_config(self, config: Any) -> None:
         super().check_config(config)

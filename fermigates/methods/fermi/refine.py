@@ -105,8 +105,6 @@ def refine_gates(
     target = state.config.target_sparsity if target_sparsity is None else target_sparsity
     schedule = AnnealSchedule(max(steps, 1), tuple(temperature), "exponential", target, "constant", tolerance=0.0,
                               hard_after=1.0)
-    for g in gates:
-        g.decided = None  # refinement decides again
     batches = as_batches(data, batch_size=32, max_batches=None)
     check_batches_finite(batches, "data")
     consumers = [m for m in gated_modules(model).values() if m._slots] if match == "layers" else []
@@ -140,9 +138,11 @@ def refine_gates(
 
     was_training = model.training
     frozen = [(p, p.requires_grad) for p in model.parameters()]
-    saved = [(g, g.mu_offset, g.mu.detach().clone(), g.temperature.clone()) for g in gates]
+    saved = [(g, g.mu_offset, g.mu.detach().clone(), g.temperature.clone(), g.decided) for g in gates]
     handles = [m.register_forward_hook(record) for m in consumers]
     try:
+        for g in gates:
+            g.decided = None  # refinement decides again
         model.eval()
         with torch.no_grad(), gates_open(model):
             refs = [[t.detach() for t in run(b)] for b in batches]
@@ -154,8 +154,9 @@ def refine_gates(
         if init == "obs" and not _obs_levels(model, gates, batches, schedule):
             warnings.warn("refine_gates(init='obs'): no gate feeds exactly one nn.Linear column per unit; "
                           "starting from the score ranking", stacklevel=2)
-        offsets = [g.add_unit_levels().requires_grad_(True) for g in gates]
-        opt = torch.optim.Adam(offsets, lr=lr)
+        # per-unit levels are what the steps train (none for steps=0, unless init='obs' wrote its choice in them)
+        offsets = [g.add_unit_levels().requires_grad_(True) for g in gates] if steps else []
+        opt = torch.optim.Adam(offsets, lr=lr) if offsets else None
         pin(0)
         losses = []
         bar = tqdm(range(steps), desc="refining gates", disable=not progress, leave=False)
@@ -176,8 +177,8 @@ def refine_gates(
         loss_end = hard_error()
     except BaseException:
         with torch.no_grad():
-            for g, offset, mu, temperature in saved:
-                g.decided = None
+            for g, offset, mu, temperature, decided in saved:
+                g.decided = decided
                 g.mu_offset = offset
                 g.mu.copy_(mu)
                 g.temperature.copy_(temperature)

@@ -50,7 +50,8 @@ def fermi_trainer_callback(
 
     config = get_state(model).config
     budget = budget_from(budget, target_sparsity, config, "fermi_trainer_callback")
-    sparsity = config.target_sparsity if target_sparsity is None else target_sparsity
+    sparsity = target_sparsity if target_sparsity is not None else (
+        0.5 if config.target_sparsity is None else config.target_sparsity)  # with a budget: a placeholder
     steer = None if budget is None else BudgetSteer(model, budget, allocation, min_keep, example_inputs)
     if not isinstance(temperature, (tuple, list)):
         raise TypeError(f"temperature must be a pair (T_start, T_end), e.g. (1.0, 0.01), got {temperature!r}")
