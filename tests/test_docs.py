@@ -80,6 +80,14 @@ def test_readme_is_a_landing_page():
     assert "<!-- demo: the lead fills this in -->" in text
 
 
+def test_readme_cli_example_is_the_one_docs_cli_shows():
+    """The MiniLM command line is shown twice (README, docs/cli.md); tests/test_cli.py runs the README's."""
+    def bash(page):
+        return [body for info, body, _ in _blocks(page) if info == "bash" and "fermigates prune" in body]
+
+    assert bash(README) and bash(README) == bash(DOCS / "cli.md")
+
+
 # ------------------------------------------------------------------------------------------- links
 def _slug(heading: str) -> str:
     """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
