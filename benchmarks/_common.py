@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: environment variables that set thread counts: recorded with every result, and put in front of its command
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def environment() -> dict[str, Any]:
@@ -24,6 +28,24 @@ def environment() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
         "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def invocation(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """How this process was started: the script (relative to the working directory), its arguments, the
+    thread settings, and one shell line that reruns it from the same directory."""
+    import torch
+
+    argv = list(sys.argv if argv is None else argv)
+    script = os.path.relpath(os.path.abspath(argv[0]), os.getcwd()) if argv and argv[0] else ""
+    env = {k: os.environ.get(k) for k in THREAD_VARS}
+    prefix = [f"{k}={shlex.quote(v)}" for k, v in env.items() if v is not None]
+    return {
+        "command": " ".join(prefix + ["python", shlex.join([script, *argv[1:]])]),
+        "script": script,
+        "argv": argv[1:],
+        "torch_threads": torch.get_num_threads(),
+        "env": env,
     }
 
 
@@ -48,14 +70,15 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None
 
 def write_results(name: str, rows: Sequence[dict[str, Any]], *, columns: Sequence[str] | None = None,
                   meta: dict[str, Any] | None = None, out_dir: Path | None = None) -> Path:
-    """Print the markdown table and write ``<out_dir>/<name>.json`` (rows, meta, environment) atomically."""
+    """Print the markdown table and write ``<out_dir>/<name>.json`` (rows, meta, environment and the
+    invocation: command line and thread settings) atomically."""
     table = markdown_table(rows, columns)
     print(table)
     out_dir = Path(out_dir or RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
     payload = {"benchmark": name, "rows": list(rows), "meta": meta or {}, "environment": environment(),
-               "table": table}
+               "invocation": invocation(), "table": table}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     tmp.replace(path)
