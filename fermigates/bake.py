@@ -157,9 +157,8 @@ def _trained_gap(model: nn.Module, method: Any, example: Any) -> float | None:
     if gap > TRAINED_GAP_WARN:
         warnings.warn(
             f"fermigates: the baked model differs from the trained one by {gap:.3g} (relative, on the example "
-            f"inputs; {method.undecided_units(model)} units still undecided, 0.01 < P < 0.99): train the last part "
-            "of the run with decided gates (FermiAnnealer's hard phase, hard_after=...) so that the model you train "
-            "is the one you bake", stacklevel=3)
+            f"inputs; {method.undecided_units(model)} units still undecided): {method.undecided_advice}",
+            stacklevel=3)
     return gap
 
 

@@ -21,6 +21,7 @@ Hooks to override (``*``: abstract):
 ``decided`` / ``dense``  context managers: the model with its hard decisions in force / as the original network
 ``make_dense``           turn a (copied) converted model into the original dense function for good
 ``undecided_units``      how many units are not yet decided (what the bake would round)
+``undecided_advice``     what the bake's warning advises when the baked model is not the one trained
 ``unit_groups``          the dependency-graph groups it can cut, as allocation's ``UnitGroup`` (structured methods)
 ``set_keep``             write allocation's keep masks back as frozen decisions
 ``decisions`` *          the bake's input: plain replacements, entries to zero, kept units per group, merges
@@ -88,6 +89,10 @@ class Method(ABC):
     #: whether :meth:`optimizer` takes the annealing keywords of a recipe's ``anneal`` section (temperature,
     #: schedule, sparsity_schedule, ramp, sparsity_weight, init, bake_when_decided)
     anneals: bool = False
+    #: what the bake's warning advises when the baked model differs from the model as trained (decisions that
+    #: were still open while it trained)
+    undecided_advice: str = ("freeze the decisions for the last part of the run, so that the model you train is the "
+                             "one you bake")
 
     # -- configuration --------------------------------------------------------------------------------------
     def check_config(self, config: Any) -> None:

@@ -40,6 +40,9 @@ class FermiMethod(Method):
     granularities = ("weight", "channel", "head")
     wraps_optimizer = True
     anneals = True
+    undecided_advice = ("train the last part of the run with decided gates (FermiAnnealer's hard phase, "
+                        "hard_after=...; a unit is undecided while 0.01 < P < 0.99) so that the model you train is "
+                        "the one you bake")
 
     def check_config(self, config: Any) -> None:
         super().check_config(config)
