@@ -46,6 +46,10 @@ if TYPE_CHECKING:
     from .methods.rewire.layers import RewiredConv1d, RewiredConv2d, RewiredConv3d, RewiredLinear
     from .methods.rewire.model import rewire_param_groups
     from .methods.rewire.optim import DEEPR, SoftDEEPR
+    from .methods.spectral.layers import SpectralLinear
+    from .methods.spectral.optim import SpectralOptimizer, spectral_parameters, spectral_trainable
+    from .methods.spectral.options import SpectralOptions
+    from .methods.spectral.workflows import SpectralResult, spectral_distill, spectral_pretrain, spectral_prune
     from .surgery.shrink import ModuleChange, ShrinkResult, mask_model, shrink_model
     from .surgery.macs import count_macs
     from .report import FermiReport, SparsityReport, compute_sparsity, count_parameters
@@ -111,6 +115,15 @@ _EXPORTS: dict[str, str] = {
     "rewire_param_groups": ".methods.rewire.model",
     "DEEPR": ".methods.rewire.optim",
     "SoftDEEPR": ".methods.rewire.optim",
+    "SpectralLinear": ".methods.spectral.layers",
+    "SpectralOptimizer": ".methods.spectral.optim",
+    "spectral_parameters": ".methods.spectral.optim",
+    "spectral_trainable": ".methods.spectral.optim",
+    "SpectralOptions": ".methods.spectral.options",
+    "SpectralResult": ".methods.spectral.workflows",
+    "spectral_distill": ".methods.spectral.workflows",
+    "spectral_pretrain": ".methods.spectral.workflows",
+    "spectral_prune": ".methods.spectral.workflows",
     "ModuleChange": ".surgery.shrink",
     "ShrinkResult": ".surgery.shrink",
     "mask_model": ".surgery.shrink",
@@ -215,4 +228,13 @@ __all__ = [
     "make_optimizer",
     "register_method",
     "rewire_param_groups",
+    "SpectralLinear",
+    "SpectralOptimizer",
+    "SpectralOptions",
+    "SpectralResult",
+    "spectral_distill",
+    "spectral_parameters",
+    "spectral_pretrain",
+    "spectral_prune",
+    "spectral_trainable",
 ]

@@ -95,19 +95,25 @@ def _size_plot(plt: Any, d: dict[str, Any], path: Path) -> str:
 def _training_plot(plt: Any, log: list[dict[str, float]], path: Path) -> str:
     steps = [r["step"] for r in log]
     fig, ax = plt.subplots(figsize=(6, 3))
-    ax.plot(steps, [r["sparsity"] for r in log], label="sparsity")
-    if "target_sparsity" in log[0]:
-        ax.plot(steps, [r["target_sparsity"] for r in log], "--", label="target sparsity")
+    # what the rows carry: every method's loss; sparsity and temperature where its optimizer reports them
+    if "sparsity" in log[0]:
+        ax.plot(steps, [r["sparsity"] for r in log], label="sparsity")
+        if "target_sparsity" in log[0]:
+            ax.plot(steps, [r["target_sparsity"] for r in log], "--", label="target sparsity")
+        ax.set_ylabel("sparsity")
+        ax.set_ylim(0, 1)
+    else:
+        ax.plot(steps, [r["loss"] for r in log], label="loss")
+        ax.set_ylabel("loss")
     baked = [r["step"] for r in log if r.get("baked")]
     if baked:
         ax.axvline(baked[0], color="tab:gray", linestyle=":", label="baked (small model fine-tuned after)")
     ax.set_xlabel("step")
-    ax.set_ylabel("sparsity")
-    ax.set_ylim(0, 1)
-    ax2 = ax.twinx()
-    ax2.plot(steps, [r["temperature"] for r in log], color="tab:red", label="temperature")
-    ax2.set_yscale("log")
-    ax2.set_ylabel("temperature")
+    if "temperature" in log[0]:
+        ax2 = ax.twinx()
+        ax2.plot(steps, [r["temperature"] for r in log], color="tab:red", label="temperature")
+        ax2.set_yscale("log")
+        ax2.set_ylabel("temperature")
     fig.legend(loc="upper right", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "fermigates"
 #: front ends may defer their imports so that ``fermigates --help`` and ``fermigates recipes`` start without torch
 STARTUP_MODULES = {"fermigates.cli", "fermigates.pipeline", "fermigates.recipe", "fermigates.report_plot"}
-METHOD_NAMES = ("fermi", "deepr", "softdeepr")
+METHOD_NAMES = ("fermi", "deepr", "softdeepr", "spectral")
 
 
 def _modules() -> dict[str, ast.Module]:
@@ -87,7 +87,7 @@ def test_no_shared_module_names_a_method():
     """Only a method's own folder (and the registry that lists the built-in folders) names it."""
     naming = []
     for name, tree in _modules().items():
-        if name.startswith(("fermigates.methods.fermi", "fermigates.methods.rewire")) or \
+        if name.startswith(("fermigates.methods.fermi", "fermigates.methods.rewire", "fermigates.methods.spectral")) or \
                 name == "fermigates.methods.registry":
             continue
         for node in ast.walk(tree):

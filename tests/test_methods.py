@@ -14,6 +14,7 @@ TRAIN_KWARGS = {
     "fermi": {"lr": 1e-2, "total_steps": 30},
     "deepr": {"lr": 0.05},
     "softdeepr": {"lr": 0.05},
+    "spectral": {"lr": 1e-2},
 }
 
 
@@ -27,7 +28,7 @@ def test_every_builtin_method_is_registered_and_tested():
     assert isinstance(fg.get_method("deepr"), fg.Method)
 
 
-@pytest.mark.parametrize("method", sorted(TRAIN_KWARGS))
+@pytest.mark.parametrize("method", sorted(m for m in TRAIN_KWARGS if "weight" in fg.get_method(m).granularities))
 def test_convert_train_bake_save_load(method, tmp_path):
     model = make_mlp()
     fg.convert_to_fermi(model, fg.FermiConfig(method=method, granularity="weight", target_sparsity=0.5))

@@ -221,11 +221,10 @@ def spectral_pretrain(
         chosen, metric = keep, value
         n += 1
     method.clear_keep(model)
-    if chosen is not None:
-        method.set_keep(model, chosen)
+    if chosen is None:  # even the first step moved the metric too far: every node stays (frozen, so no bake cuts)
+        chosen = {g.id: torch.ones(g.n_units, dtype=torch.bool) for g in method.record(model).groups}
+    method.set_keep(model, chosen)
     fraction, kept = _kept(method, model)
-    if chosen is None:
-        fraction = 0.0
     return SpectralResult(fraction, kept, baseline, metric, curve, compare_with, float(max_delta))
 
 
