@@ -19,7 +19,7 @@ from ...core.state import get_state
 from ...surgery.graph import build_dependency_graph
 from ..base import Decisions, Method
 from .layers import is_spectral, make_spectral, spectral_class
-from .nodes import NodeGroup, input_masks, node_groups, node_scores
+from .nodes import NodeGroup, eigenvalue_penalty, input_masks, node_groups, node_scores, set_scales
 from .optim import SpectralOptimizer, spectral_modules
 from .options import SpectralOptions
 
@@ -92,6 +92,7 @@ class SpectralMethod(Method):
             raise ValueError(f"nothing to convert in {type(model).__name__}: no prunable channel group whose nodes "
                              f"spectral layers can judge and remove ({reasons or 'no groups found'})")
         twins = {name: make_spectral(module, normalize=options.normalize) for name, module in chosen.items()}
+        set_scales(twins, groups)
         state.extra["spectral"] = SpectralRecord(groups)
         summary.n_gates = len(groups)
         summary.n_units = sum(g.n_units for g in groups)
@@ -234,17 +235,21 @@ class SpectralMethod(Method):
                   base: torch.optim.Optimizer | None = None, calibration_data: Any = None,
                   **kwargs: Any) -> SpectralOptimizer:
         """:class:`SpectralOptimizer` (AdamW) over the parts the options train (default: the end eigenvalues);
-        ``train_base=`` / ``train_start=`` / ``train_end=`` / ``train_bias=`` / ``train_rest=`` override them,
-        other keywords go to AdamW. A ``base`` optimizer cannot be wrapped."""
+        ``train_base=`` / ``train_start=`` / ``train_end=`` / ``train_bias=`` / ``train_rest=`` and ``l1=``
+        override the options, other keywords go to AdamW. A ``base`` optimizer cannot be wrapped."""
         if base is not None:
             raise ValueError(f"method='spectral' trains with its own optimizer (SpectralOptimizer over the parts "
                              f"its options name), not around {type(base).__name__}: pass no optimizer")
-        parts = self.parse_options(get_state(model).config).parts()
+        options = self.parse_options(get_state(model).config)
+        parts = options.parts()
         for key in list(kwargs):
             if key in _PART_KEYWORDS:
                 parts[_PART_KEYWORDS[key]] = bool(kwargs.pop(key))
+        l1 = kwargs.pop("l1", options.l1)
+        groups = self.record(model).groups
+        penalty = lambda: eigenvalue_penalty(dict(model.named_modules()), groups)  # noqa: E731
         try:
-            return SpectralOptimizer(model, parts, lr=lr, **kwargs)
+            return SpectralOptimizer(model, parts, lr=lr, l1=l1, penalty=penalty, **kwargs)
         except TypeError as err:
             raise ValueError(f"method='spectral' takes {sorted(_PART_KEYWORDS)} and AdamW's keywords for its "
                              f"optimizer: {err}") from None

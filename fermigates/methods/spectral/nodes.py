@@ -16,7 +16,7 @@ judge it. Residual streams and anything else the graph pins are never offered.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -37,6 +37,8 @@ class NodeGroup:
     judges: list[tuple[str, str, torch.Tensor]]
     #: ``(module name, input-column index (n_units, width))`` of every layer that reads the nodes
     consumers: list[tuple[str, torch.Tensor]]
+    #: per judge, the mean |lambda| its nodes started from (end) or its layer's (start): the penalty's scale
+    scales: list[float] = field(default_factory=list)
 
 
 def describe(group) -> str:
@@ -134,3 +136,27 @@ def input_masks(modules: dict[str, nn.Module], groups: list[NodeGroup],
             current[index[removed].reshape(-1).to(current.device)] = 0
             masks[name] = current
     return masks
+
+
+@torch.no_grad()
+def set_scales(modules: dict[str, nn.Module], groups: list[NodeGroup]) -> None:
+    """Record each judge's starting magnitude (see :attr:`NodeGroup.scales`)."""
+    for group in groups:
+        group.scales = []
+        for name, side, index in group.judges:
+            twin: SpectralMixin = modules[name]
+            end = twin.eig_end.detach().abs().float()
+            scale = end[index.to(end.device)].mean() if side == "end" else end.mean()
+            group.scales.append(max(float(scale), 1e-12))
+
+
+def eigenvalue_penalty(modules: dict[str, nn.Module], groups: list[NodeGroup]) -> torch.Tensor:
+    """The L1 penalty on the eigenvalues that judge nodes: per judge the mean |lambda| of its nodes over the
+    magnitude they started from, averaged over judges and groups (1 at conversion for the end eigenvalues)."""
+    terms = []
+    for group in groups:
+        for (name, side, index), scale in zip(group.judges, group.scales):
+            twin: SpectralMixin = modules[name]
+            lam = twin.eig_end if side == "end" else twin.eig_start
+            terms.append(lam[index.reshape(-1).to(lam.device)].abs().mean() / scale)
+    return torch.stack(terms).mean()

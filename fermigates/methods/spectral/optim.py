@@ -4,7 +4,7 @@ model), an optimizer over the parts chosen, and a context that lets only those p
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -77,10 +77,18 @@ def spectral_trainable(model: nn.Module, *, base: bool = False, start: bool = Fa
 class SpectralOptimizer(torch.optim.AdamW):
     """AdamW over the parts of a spectral model that train (one param group per part, ``group["part"]`` names
     it). ``parts``: ``{"base", "start", "end", "bias", "rest"} -> bool``; weight decay applies to none of them
-    unless given (it would pull eigenvalues, and so whole nodes, toward 0)."""
+    unless given (it would pull every eigenvalue, and so every node, toward 0).
+
+    ``sparsity_loss()`` is ``l1 * penalty()`` (the training loop adds it to the loss): with the method's
+    ``penalty``, an L1 pull of the eigenvalues that judge nodes toward 0, each over the magnitude it started from.
+    """
 
     def __init__(self, model: nn.Module, parts: dict[str, bool], lr: float = 1e-3, weight_decay: float = 0.0,
-                 **adamw: Any) -> None:
+                 *, l1: float = 0.0, penalty: Callable[[], torch.Tensor] | None = None, **adamw: Any) -> None:
+        if isinstance(l1, bool) or not isinstance(l1, (int, float)) or not l1 >= 0:
+            raise ValueError(f"l1 must be a number >= 0, got {l1!r}")
+        if l1 and penalty is None:
+            raise ValueError("l1 > 0 needs the penalty it weighs (the method's optimizer passes it)")
         unknown = sorted(set(parts) - set(PARTS))
         if unknown:
             raise ValueError(f"parts must be among {PARTS}, got {unknown}")
@@ -92,3 +100,11 @@ class SpectralOptimizer(torch.optim.AdamW):
                              "parameters; set train_end=True (or another part) in the spectral options")
         super().__init__(groups, lr=lr, weight_decay=weight_decay, **adamw)
         self.parts = {p: bool(parts.get(p)) for p in PARTS}
+        self.l1, self._penalty = float(l1), penalty
+        self._device = groups[0]["params"][0].device
+
+    def sparsity_loss(self) -> torch.Tensor:
+        """The L1 term to add to the loss (0 when ``l1`` is 0)."""
+        if not self.l1:
+            return torch.zeros((), device=self._device)
+        return self.l1 * self._penalty()

@@ -42,6 +42,14 @@ class SpectralOptions(Options):
         "unconverted). Off by default (eigenvalue-only training).",
         default=False,
     )
+    l1: float = option(
+        "Weight of an L1 penalty on the eigenvalues that judge nodes (each over the magnitude it started from), "
+        "added to the loss by the method's optimizer (sparsity_loss). 0 (default) is the papers' training. On a "
+        "pretrained network distilled toward itself the loss and its gradient start at exactly 0, so without it "
+        "eigenvalue-only training moves nothing: the penalty pulls the eigenvalues of nodes the output does not "
+        "need toward 0, and the distillation holds up those it does.",
+        default=0.0,
+    )
     normalize: bool = option(
         "Write a pretrained layer with unit-norm eigenvector rows and end eigenvalues equal to the rows' norms "
         "(|lambda_end| then starts as the node's incoming-weight norm); False: phi = -W and every end eigenvalue "
@@ -64,6 +72,8 @@ class SpectralOptions(Options):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be True or False, got {value!r}")
+        if isinstance(self.l1, bool) or not isinstance(self.l1, (int, float)) or not self.l1 >= 0:
+            raise ValueError(f"l1 must be a number >= 0, got {self.l1!r}")
         if self.link_mode not in LINK_MODES:
             raise ValueError(f"link_mode must be one of {LINK_MODES}, got {self.link_mode!r}")
 
