@@ -214,7 +214,10 @@ def probe(ctx: Ctx, tok, train_sents: list[str], args) -> list[dict]:
     held = batches(tok, train_sents[:384])
     probe_ctx = Ctx(ctx.dense, ctx.calib, held, embed(ctx.dense, held), args)
     stream = training_stream(tok, train_sents[384:], 60, args.batch, 0)
-    out = []
+    model, _ = run_spectral_plain(probe_ctx, stream)  # the reference: no training (incoming-norm ranking)
+    cos, agree = probe_ctx.score(model)
+    out = [{"eig_lr": None, "l1": None, "cos": cos, "nn_agree": agree}]
+    print(f"probe, no training: cos {cos:.4f} nn {agree:.4f}", flush=True)
     for eig_lr in args.probe_lr:
         for l1 in args.probe_l1:
             model, extra = run_spectral_l1(probe_ctx, stream, l1=l1, eig_lr=eig_lr)
