@@ -431,17 +431,15 @@ def test_spectral_distill_trains_eigenvalues_prunes_then_trains_the_survivors():
 
 
 # -- recipes and the command line --------------------------------------------------------------------------------
-def test_a_spectral_recipe_runs_end_to_end_from_the_command_line(tmp_path):
+def test_the_bundled_spectral_recipe_runs_end_to_end_from_the_command_line(tmp_path):
     tf = pytest.importorskip("transformers")
     from test_cli import _check_run, _tiny_bert, fermigates
 
     folder, text, cfg = _tiny_bert(tmp_path)
-    recipe = tmp_path / "spectral.yaml"
-    recipe.write_text("convert:\n  method: spectral\n  granularity: channel\n  target_sparsity: 0.5\n"
-                      "train:\n  steps: 4\n  lr: 1.0e-2\n  batch_size: 4\ncalibration:\n  samples: 8\n"
-                      "  batch_size: 4\n")
     out = tmp_path / "out"
-    run = fermigates("prune", recipe, "--model", f"hf:{folder}", "--data", text, "--out", out, "--quiet")
+    run = fermigates("prune", "spectral_encoder", "--model", f"hf:{folder}", "--data", text, "--out", out, "--quiet",
+                     "--set", "train.steps=4", "--set", "train.batch_size=4", "--set", "calibration.samples=8",
+                     "--set", "calibration.batch_size=4")
     assert run.returncode == 0, run.stderr
     names, report = _check_run(out, tf.BertModel(cfg))
     assert report["kept"]["channel"]["kept"] == report["kept"]["channel"]["total"] // 2
