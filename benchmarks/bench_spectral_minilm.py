@@ -20,8 +20,9 @@ the same share of each layer; heads and the residual stream untouched):
   (``l1=--l1``), then ``spectral_prune`` (the neurons with the smallest |lambda_end| go) and
   ``convert_from_fermi(calibration_data=<512 sentences>, reference=<the original model>)``.
   The penalty is what makes the training rank anything: a pretrained network distilled toward itself starts at
-  loss 0 with a gradient of exactly 0, so without it the eigenvalues do not move (``meta.zero_gradient`` records
-  that gradient at the start).
+  loss 0 with a gradient of 0 (exactly, toward the converted copy ``fine_tune`` uses by default; to float rounding
+  toward the original: ``meta.zero_gradient`` is the largest eigenvalue gradient of the first step), so without it
+  the eigenvalues have nothing to learn from (an adaptive optimizer would only amplify the rounding noise).
 * ``spectral, no training -> prune -> calib``: the same conversion and bake with no training step: the neurons are
   ranked by their end eigenvalues as converted, i.e. by the norm of their incoming weights.
 * ``fg prune + FT``: ``fermigates.prune(granularity="channel", target_sparsity=0.5)`` (OBS selection, ridge

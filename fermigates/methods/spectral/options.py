@@ -45,8 +45,8 @@ class SpectralOptions(Options):
     l1: float = option(
         "Weight of an L1 penalty on the eigenvalues that judge nodes (each over the magnitude it started from), "
         "added to the loss by the method's optimizer (sparsity_loss). 0 (default) is the papers' training. On a "
-        "pretrained network distilled toward itself the loss and its gradient start at exactly 0, so without it "
-        "eigenvalue-only training moves nothing: the penalty pulls the eigenvalues of nodes the output does not "
+        "pretrained network distilled toward itself the loss and its gradient start at 0, so without it "
+        "eigenvalue-only training has nothing to learn from: the penalty pulls the eigenvalues of nodes the output does not "
         "need toward 0, and the distillation holds up those it does.",
         default=0.0,
     )
