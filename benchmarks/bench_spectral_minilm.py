@@ -77,7 +77,6 @@ import fermigates.finetune  # noqa: E402,F401
 import fermigates.losses  # noqa: E402
 import fermigates.methods.spectral.workflows  # noqa: E402,F401
 import fermigates.oneshot  # noqa: E402,F401
-from fermigates.methods.registry import method_of  # noqa: E402
 
 SHARE = 0.5
 METHODS = ("spectral, eigenvalues (l1) -> prune -> calib", "spectral, no training -> prune -> calib",
