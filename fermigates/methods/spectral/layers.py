@@ -3,7 +3,7 @@
 Giambagli et al. (2021) write the map between a layer of ``N_in`` start nodes and one of ``N_out`` end nodes as
 the off-diagonal block of ``A = Phi Lambda Phi^-1``, where ``Phi`` is the identity plus the eigenvector block
 ``phi`` (``N_out x N_in``, below the diagonal, so ``Phi^-1 = I - phi``) and ``Lambda = diag(lambda_start,
-lambda_end)``. That block is the weight (Buffoni et al. 2022, eq. 2)::
+lambda_end)``. That block, ``phi Lambda_start - Lambda_end phi``, is the weight::
 
     w_ij = phi_ij * (lambda_start_j - lambda_end_i)      i: end node (output feature), j: start node (input)
 
