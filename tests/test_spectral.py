@@ -462,3 +462,46 @@ def test_self_distillation_moves_eigenvalues_only_with_the_l1_penalty():
     assert moved[0.05][0] > 0 and moved[0.05][1].mean() < before.abs().mean()
     with pytest.raises(ValueError, match="l1"):
         config(method_options={"l1": -1})
+
+
+def test_a_model_where_only_some_layers_are_spectral():
+    """A CNN with an MLP head: only the head's Linear layers become spectral, the convolutions are left alone
+    (and stay frozen while the eigenvalues train), and the head's hidden nodes go through the shared path."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                          nn.Flatten(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 5)).eval()
+    x = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    y = torch.randint(0, 5, (32,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = model(x)
+    fg.convert_to_fermi(model, config(), example_inputs=x[:1])
+    assert list(spectral_modules(model)) == ["5", "7"] and type(model[0]) is nn.Conv2d
+    assert any(name == "0" and "no spectral twin" in why for name, why in fg.summary(model).skipped)
+    with torch.no_grad():
+        assert torch.allclose(model(x), before, rtol=1e-5, atol=1e-5)
+    conv = model[0].weight.detach().clone()
+
+    def fit(m):
+        m.train()
+        opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=3e-2)
+        for _ in range(10):
+            loss = F.cross_entropy(m(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        m.eval()
+
+    def evaluate(m):
+        with torch.no_grad():
+            return F.cross_entropy(m(x), y).item()
+
+    result = fg.spectral_pretrain(model, fit, evaluate, max_delta=0.5, compare_with="loss", step=0.25)
+    assert torch.equal(model[0].weight, conv)  # not a spectral layer: frozen during the eigenvalue training
+    assert all(v <= result.baseline * 1.5 for _, v in result.curve[:-1])
+    with torch.no_grad():
+        expected = model(x)
+    report = fg.convert_from_fermi(model)
+    assert model[5].out_features == 24 - round(result.fraction * 24) and model[7].in_features == model[5].out_features
+    assert report.shrunk or result.fraction == 0
+    with torch.no_grad():
+        assert torch.allclose(model(x), expected, rtol=1e-5, atol=1e-6)
