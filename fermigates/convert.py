@@ -188,13 +188,15 @@ def convert_to_fermi(
     *,
     filter_fn: FilterFn | None = None,
     example_inputs: Any = None,
+    progress: bool = False,
 ) -> nn.Module:
     """Swap the targeted layers of ``model`` for Fermi-gated twins, in place, and return ``model``.
 
     ``config`` says what to gate (``FermiConfig``); ``filter_fn(module, fqn) -> bool`` narrows the targets
     further. Structured granularities (``channel``, ``head``) gate coupled groups found from a run of the
     model on ``example_inputs`` (a tensor, a tuple of positional arguments or a dict of keyword arguments;
-    for timm and Hugging Face models a default is derived from the model's config).
+    for timm and Hugging Face models a default is derived from the model's config). ``progress`` shows a bar
+    while the dependency graph is traced.
     With ``mu_init="open"`` (default) the converted model computes the original function.
     On any error the model is left exactly as it was.
     """
@@ -225,7 +227,7 @@ def convert_to_fermi(
             "is selected; check target_modules / exclude_modules / filter_fn"
         )
     summary_ = ConversionSummary(granularity=config.granularities, skipped=skipped, method=config.method)
-    state = ConversionState(config=config, summary=summary_)
+    state = ConversionState(config=config, summary=summary_, progress=progress)
     if method.structured(config) and example_inputs is None:
         example_inputs = default_example_inputs(model)
     state.example_inputs = example_inputs  # kept for every granularity: the bake checks its outputs on them

@@ -157,7 +157,8 @@ def _fine_tune(model, stream, first, *, steps, lr, optimizer, weight_decay, loss
             teacher.eval().requires_grad_(False)
         opt, trainer = _optimizer(model, method, stream, steps=steps, lr=lr, optimizer=optimizer,
                                   weight_decay=weight_decay, anneal=anneal, init=init,
-                                  calibration_data=calibration_data, bake_when_decided=bake_when_decided)
+                                  calibration_data=calibration_data, bake_when_decided=bake_when_decided,
+                                  progress=progress)
     except BaseException:
         restore(saved)
         raise
@@ -231,7 +232,7 @@ def _calibration(stream: BatchStream, calibration_data: Any) -> list:
 
 
 def _optimizer(model, method, stream, *, steps, lr, optimizer, weight_decay, anneal, init, calibration_data,
-               bake_when_decided) -> tuple[torch.optim.Optimizer, Any]:
+               bake_when_decided, progress) -> tuple[torch.optim.Optimizer, Any]:
     """``(the optimizer to step, the method's optimizer or None)``."""
     anneal_kwargs = dict(anneal) if isinstance(anneal, dict) else {}
     if "init" in anneal_kwargs:  # the method optimizer's own keyword, passed through anneal={...}
@@ -265,12 +266,14 @@ def _optimizer(model, method, stream, *, steps, lr, optimizer, weight_decay, ann
         if given is None:
             params = [p for p in model.parameters() if p.requires_grad]
             given = (optimizer or torch.optim.AdamW)(params, lr=lr, weight_decay=weight_decay)
-        opt = method.optimizer(model, total_steps=steps, base=given, calibration_data=calib, **options)
+        opt = method.optimizer(model, total_steps=steps, base=given, calibration_data=calib, progress=progress,
+                               **options)
     else:
         if optimizer is not None:
             raise ValueError(f"method={method.name!r} trains with its own optimizer: pass no optimizer= (or "
                              "anneal=False to train the converted model with yours)")
-        opt = method.optimizer(model, lr=lr, total_steps=steps, calibration_data=calib, **options)
+        opt = method.optimizer(model, lr=lr, total_steps=steps, calibration_data=calib, progress=progress,
+                               **options)
     if bake_when_decided and not hasattr(opt, "decided"):
         raise ValueError(f"bake_when_decided=True needs a method whose decisions freeze during the run; "
                          f"method={method.name!r} decides at every step")

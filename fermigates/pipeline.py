@@ -311,8 +311,7 @@ def _fine_tune(model: Any, config: Any, recipe: Recipe, train: list, calib: list
     from .finetune import fine_tune
     from .methods.registry import get_method
 
-    with stage("convert (trace)", quiet):
-        convert_to_fermi(model, config, example_inputs=example)
+    convert_to_fermi(model, config, example_inputs=example, progress=not quiet)
     method = get_method(config.method)
     t, a = recipe.train, recipe.anneal
     optimizer = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[t.optimizer]

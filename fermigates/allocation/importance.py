@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..calibration.engine import residual_key
 from ..calibration.ridge import is_supported
@@ -72,8 +73,9 @@ def magnitude(groups: list[UnitGroup]) -> Ranked:
 
 @torch.no_grad()
 def ranked_importance(target: Allocatable, floors: list[int], selection: str, batches: list | None,
-                      ridge: float) -> Ranked:
-    """Per group: ``(removal order of its units, non-decreasing importance at each position)``."""
+                      ridge: float, progress: bool = False) -> Ranked:
+    """Per group: ``(removal order of its units, non-decreasing importance at each position)``; ``progress``
+    shows bars for the selection pass and the ranking."""
     groups, model, state = target.groups, target.model, target.state
     if selection == "magnitude" or batches is None:
         return magnitude(groups)
@@ -97,7 +99,7 @@ def ranked_importance(target: Allocatable, floors: list[int], selection: str, ba
         residuals = {residual_key(n): src for n, src in residual_sources(model).items() if n in record}
     with target.dense():
         grams, moments, outputs = input_stats(model, batches, gram_names, moment_names, record=record,
-                                              record_inputs=residuals)
+                                              record_inputs=residuals, progress=progress)
     check_stats_finite({**grams, **moments})
     if state.collect_grams:
         state.selection_grams = grams
@@ -110,7 +112,7 @@ def ranked_importance(target: Allocatable, floors: list[int], selection: str, ba
     searched = [uses[groups[i].id][0] for i in sorted(obs_groups | block_groups)]
     scale = max(sum(output_energy(m, grams[n]) for n, m, _ in searched) / max(len(searched), 1), 1e-30)
     out = []
-    for i, g in enumerate(groups):
+    for i, g in enumerate(tqdm(groups, desc="ranking units (OBS)", unit="group", disable=not progress, leave=False)):
         users = uses[g.id]
         if i in obs_groups:
             name, module, index = users[0]

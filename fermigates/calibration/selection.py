@@ -18,6 +18,7 @@ from typing import Any, Iterable
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..core.batches import attention_mask, feed_no_grad
 from .ridge import masked_rows
@@ -65,13 +66,16 @@ def select_channels(scores: torch.Tensor, keep: float | int) -> torch.Tensor:
 
 
 def _stream(model: nn.Module, data: Iterable[Any], hooks: dict[str, Any], state: dict[str, Any],
-            max_batches: int | None) -> None:
+            max_batches: int | None, progress: bool = False, total: int | None = None) -> None:
     """Run ``data`` through ``model`` with forward pre-hooks on the named modules; ``state["mask"]`` holds
     the current batch's attention mask (or None) for the hooks."""
     mods = dict(model.named_modules())
     handles = [mods[n].register_forward_pre_hook(fn) for n, fn in hooks.items()]
+    batches = itertools.islice(data, max_batches)
+    if progress:
+        batches = tqdm(batches, total=total, desc="selection pass (input statistics)", unit="batch", leave=False)
     try:
-        for batch in itertools.islice(data, max_batches):
+        for batch in batches:
             state["mask"] = attention_mask(batch)
             feed_no_grad(model, batch)
     finally:
@@ -201,7 +205,7 @@ def gram_of(x: torch.Tensor) -> torch.Tensor:
 def input_stats(model: nn.Module, data: Iterable[Any], gram_names: list[str], moment_names: list[str],
                 max_batches: int | None = None, record: Iterable[str] = (),
                 record_inputs: dict[str, tuple[str, Any]] | None = None,
-                record_limit: int | None = None) -> tuple[dict, dict, dict | None]:
+                record_limit: int | None = None, progress: bool = False) -> tuple[dict, dict, dict | None]:
     """One pass over ``data``: the float64 Gram ``[X, 1]ᵀ[X, 1]`` of the ``gram_names`` Linear layers' inputs
     and the per-input-channel mean square of the ``moment_names`` layers' inputs (padding rows excluded);
     with ``record``, also the outputs of those layers (first call per batch, one list entry per batch), and
@@ -285,7 +289,8 @@ def input_stats(model: nn.Module, data: Iterable[Any], gram_names: list[str], mo
             state["batch"] += 1
             yield b
     try:
-        _stream(model, counting(data), hooks, state, max_batches)
+        total = len(data) if hasattr(data, "__len__") else None
+        _stream(model, counting(data), hooks, state, max_batches, progress, total)
     finally:
         for h in handles:
             h.remove()

@@ -86,6 +86,8 @@ class ConversionState:
     hook_ids: list[int] = field(default_factory=list)
     #: whatever else the method keeps about this conversion (its own keys)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: whether long steps of the conversion (tracing the graph) show progress bars
+    progress: bool = False
     #: set by ``prune``: the selection pass records the dense outputs of the units' consumers, so that the
     #: calibration that follows need not run the dense reference again
     record_reference: str | None = None  # None, "consumers" or "all"

@@ -209,11 +209,12 @@ class Method(ABC):
 
     # -- training -------------------------------------------------------------------------------------------
     def optimizer(self, model: nn.Module, *, lr: float = 1e-3, total_steps: int | None = None,
-                  base: torch.optim.Optimizer | None = None, calibration_data: Any = None,
+                  base: torch.optim.Optimizer | None = None, calibration_data: Any = None, progress: bool = False,
                   **options: Any) -> torch.optim.Optimizer:
         """What trains a model converted with this method. ``base``: an optimizer already built on the model's
         parameters that the method may wrap (else it builds its own with ``lr``); ``calibration_data``: a few
-        training batches the method may use to start from; ``options``: the method optimizer's keywords."""
+        training batches the method may use to start from; ``progress``: bars for its own preparation (a
+        ranking pass, say); ``options``: the method optimizer's keywords."""
         raise NotImplementedError(f"method {self.name!r} does not build its own optimizer")
 
     def is_method_optimizer(self, optimizer: Any) -> bool:

@@ -123,11 +123,11 @@ def _reason_kind(reason: str | None) -> str:
     return (reason or "?").split(" at ")[0]
 
 
-def build_dependency_graph(model: nn.Module, example_inputs: Any) -> DependencyGraph:
+def build_dependency_graph(model: nn.Module, example_inputs: Any, progress: bool = False) -> DependencyGraph:
     """Trace ``model`` on ``example_inputs`` (a Tensor, a tuple of positional args or a dict of kwargs) and
     return its channel groups. The model runs once in eval mode under ``torch.no_grad``; its modes are
     restored. A batch of one is enough and the cheapest."""
-    tr = trace(model, example_inputs)
+    tr = trace(model, example_inputs, progress)
     groups = _groups_from(tr)
     order = {name: i for i, name in enumerate(n for n, _ in model.named_modules())}
     groups.sort(key=lambda g: (min(order.get(m.module, 1 << 30) for m in g.members), g.members[0].module,

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from tqdm.auto import tqdm
 
 from ..core.batches import call_model, walk_tensors
 from . import ops as _ops
@@ -71,6 +72,7 @@ class Tracer:
         self.depth = 0
         self.quiet = 0
         self.unknown_ops: dict[str, str] = {}
+        self.bar: Any = None
 
     # -- label store ------------------------------------------------------------------------
     def label(self, t: Any) -> torch.Tensor | None:
@@ -248,6 +250,8 @@ class Tracer:
             self.depth += 1
 
     def post_hook(self, module, args, kwargs, output):
+        if self.bar is not None:
+            self.bar.update(1)
         kind = self.leaf_kinds.get(id(module))
         if kind:
             self.depth -= 1
@@ -277,9 +281,12 @@ class Tracer:
                 self.uf.pin(vec, f"{key[0]} shares a weight with {tied[key[0]]}")
 
 
-def trace(model: nn.Module, example_inputs: Any) -> Tracer:
-    """Run ``model`` once on ``example_inputs`` (eval mode, no grad) and return the filled tracer."""
+def trace(model: nn.Module, example_inputs: Any, progress: bool = False) -> Tracer:
+    """Run ``model`` once on ``example_inputs`` (eval mode, no grad) and return the filled tracer; ``progress``
+    shows a bar over the modules the forward runs through."""
     tr = Tracer(model)
+    tr.bar = tqdm(total=sum(1 for _ in model.modules()), desc="tracing the dependency graph", unit="module",
+                  disable=not progress, leave=False)
     handles = []
     modes = {m: m.training for m in model.modules()}
     try:
@@ -297,6 +304,7 @@ def trace(model: nn.Module, example_inputs: Any) -> Tracer:
         tr.pin_output(out)
         tr.pin_tied()
     finally:
+        tr.bar.close()
         for h in handles:
             h.remove()
         for mod, training in modes.items():

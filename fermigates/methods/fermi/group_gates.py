@@ -41,7 +41,7 @@ def attach_group_gates(
     state: "ConversionState",
 ) -> None:
     """Build the graph, create a gate per prunable group and twins for its consumers (model untouched)."""
-    graph = build_dependency_graph(model, state.example_inputs)
+    graph = build_dependency_graph(model, state.example_inputs, progress=state.progress)
     state.graph = graph
     modules = dict(model.named_modules())
     summary = state.summary

@@ -157,7 +157,7 @@ class FermiMethod(Method):
 
     # -- training -------------------------------------------------------------------------------------------
     def optimizer(self, model: nn.Module, *, lr: float = 1e-3, total_steps: int | None = None,
-                  base: torch.optim.Optimizer | None = None, calibration_data: Any = None,
+                  base: torch.optim.Optimizer | None = None, calibration_data: Any = None, progress: bool = False,
                   **anneal: Any) -> FermiAnnealer:
         if total_steps is None:
             raise TypeError("the Fermi method's optimizer (FermiAnnealer) needs total_steps=: the length of the "
@@ -165,6 +165,7 @@ class FermiMethod(Method):
         if calibration_data is not None and "calibration_data" not in anneal:
             anneal["calibration_data"] = calibration_data
         base = base if base is not None else torch.optim.AdamW(model.parameters(), lr=lr)
+        anneal.setdefault("progress", progress)
         return FermiAnnealer(base, model, total_steps=total_steps, **anneal)
 
     def is_method_optimizer(self, optimizer: Any) -> bool:
