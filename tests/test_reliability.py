@@ -15,6 +15,8 @@ import fermigates as fg
 from fermigates.core.state import find_state
 from fermigates.methods.fermi.model import all_gates
 
+from _family_models import TokenLabels, tiny_bert_classifier
+
 
 def _mlp(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
@@ -73,28 +75,15 @@ def test_an_untrained_model_calibrates_toward_the_dense_network():
 
 
 def test_a_model_trained_inside_a_real_trainer_is_known_as_trained(tmp_path):
-    tf = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    torch.manual_seed(0)
-    cfg = tf.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                        intermediate_size=64, num_labels=3)
-    model = tf.BertForSequenceClassification(cfg)
+    tf, model = tiny_bert_classifier()
     ids = torch.randint(0, 99, (2, 8))
     fg.convert_to_fermi(model, fg.FermiConfig(granularity="channel", target_sparsity=0.5),
                         example_inputs={"input_ids": ids})
-
-    class Data(torch.utils.data.Dataset):
-        def __len__(self):
-            return 16
-
-        def __getitem__(self, i):
-            g = torch.Generator().manual_seed(i)
-            t = torch.randint(0, 99, (8,), generator=g)
-            return {"input_ids": t, "attention_mask": torch.ones(8, dtype=torch.long), "labels": int(t[0] % 3)}
-
     args = tf.TrainingArguments(str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
                                 report_to=[], save_strategy="no", use_cpu=True, logging_steps=1)
-    tf.Trainer(model=model, args=args, train_dataset=Data(),
+    tf.Trainer(model=model, args=args, train_dataset=TokenLabels(16),
                callbacks=[fg.fermi_trainer_callback(model, total_steps=3)]).train()
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     for baked in (copy.deepcopy(model), _pickled(model), model):
