@@ -228,6 +228,11 @@ def _bake(model, method, state, example, batches, reference, ref_name, ridge, ca
     report.params_after = count_parameters(model)
     report.macs_before = macs_before
     report.macs_after = _count_macs(model, example) if macs_before is not None else None
+    report.budget = state.budget_result
+    if report.budget is not None and report.budget.kind in ("macs", "params"):
+        before, after = ((report.macs_before, report.macs_after) if report.budget.kind == "macs"
+                         else (report.params_before, report.params_after))
+        report.budget.measured = after / before if before and after is not None else None
     return report
 
 

@@ -236,6 +236,7 @@ class BudgetSteer:
             by_id[group.id].budget_share = (r + 0.5) / group.n_units if r else 0.0  # floor(share * n) == r exactly
             result.kept[group.label] = (group.n_units - r, group.n_units)
         self.result = result
+        get_state(self.model).budget_result = result  # the bake reports it
 
 
 #: above this many units the band edges are read from a fixed random sample of the scores (exact quantiles of
