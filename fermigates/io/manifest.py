@@ -56,7 +56,7 @@ BUILTIN_SHAPE_ATTRS: dict[str, tuple[str, ...]] = {
     "torch.nn.modules.conv._ConvNd": ("in_channels", "out_channels", "groups"),
     "torch.nn.modules.batchnorm._NormBase": ("num_features",),
     "torch.nn.modules.normalization.LayerNorm": ("normalized_shape",),
-    "torch.nn.modules.normalization.RMSNorm": ("normalized_shape",),
+    "torch.nn.modules.normalization.RMSNorm": ("normalized_shape", "eps"),
     "torch.nn.modules.normalization.GroupNorm": ("num_groups", "num_channels"),
     "torch.nn.modules.sparse.Embedding": ("num_embeddings", "embedding_dim"),
 }

@@ -113,10 +113,11 @@ class Method(ABC):
         return "weight" not in config.granularities
 
     # -- conversion -----------------------------------------------------------------------------------------
-    def target(self, module: nn.Module) -> bool | str:
-        """True if the method can convert ``module``; a reason (str) when it is of a kind the method converts
-        but this one cannot be (reported as skipped); False when it is not of that kind at all. Default: Linear,
-        registered Linear-like layers and Conv1d/2d/3d whose forward computes the plain layer's function."""
+    def target(self, module: nn.Module, config: Any) -> bool | str:
+        """True if the method can convert ``module`` under ``config``; a reason (str) when it is of a kind the
+        method converts but this one cannot be (reported as skipped); False when it is not of that kind at all.
+        Default: Linear, registered Linear-like layers and Conv1d/2d/3d whose forward computes the plain layer's
+        function."""
         if is_twin(module):
             return False
         if plain_base(module) is not None or linear_like(module) is not None:

@@ -53,8 +53,10 @@ class _Mode(TorchFunctionMode):
 class Tracer:
     """State of one capture: label tensors per live tensor, members per module, the union-find."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, hidden: bool = False) -> None:
         self.model = model
+        #: follow residual streams through embeddings and RMS norms (hidden-size pruning) instead of pinning them
+        self.hidden = hidden
         self.uf = UnionFind()
         self.labels: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.param_pos: dict[int, tuple[torch.Tensor, str, str, torch.Tensor, torch.Size]] = {}
@@ -277,14 +279,28 @@ class Tracer:
                 for o in mods:
                     tied[o] = min(mods - {o})
         for key, vec in self.members.items():
-            if key[0] in tied:
+            if key[0] in tied and not self._tie_slices_alike(key, tied[key[0]]):
                 self.uf.pin(vec, f"{key[0]} shares a weight with {tied[key[0]]}")
 
+    def _tie_slices_alike(self, key: MemberKey, other: str) -> bool:
+        """A tied embedding / output head pair (GPT-style tied LM heads) whose shared weight the residual
+        stream's channels slice along the same axis in both: removing those channels slices it once for both."""
+        if not self.hidden or key[1] not in ("producer", "consumer"):
+            return False
+        pair = {"producer": (other, "consumer", None, None), "consumer": (other, "producer", None, None)}[key[1]]
+        mine, theirs = self.members[key], self.members.get(pair)
+        kinds = {self.leaf_kinds.get(id(self.modules.get(key[0]))), self.leaf_kinds.get(id(self.modules.get(other)))}
+        if theirs is None or kinds != {"embedding", "linear"} or mine.shape != theirs.shape:
+            return False
+        find = self.uf.find
+        return all(find(int(a)) == find(int(b)) for a, b in zip(mine.tolist(), theirs.tolist()) if a >= 0 and b >= 0)
 
-def trace(model: nn.Module, example_inputs: Any, progress: bool = False) -> Tracer:
+
+def trace(model: nn.Module, example_inputs: Any, progress: bool = False, hidden: bool = False) -> Tracer:
     """Run ``model`` once on ``example_inputs`` (eval mode, no grad) and return the filled tracer; ``progress``
-    shows a bar over the modules the forward runs through."""
-    tr = Tracer(model)
+    shows a bar over the modules the forward runs through; ``hidden`` follows residual streams through
+    embeddings and RMS norms (see :func:`fermigates.surgery.graph.build_dependency_graph`)."""
+    tr = Tracer(model, hidden)
     tr.bar = tqdm(total=sum(1 for _ in model.modules()), desc="tracing the dependency graph", unit="module",
                   disable=not progress, leave=False)
     handles = []

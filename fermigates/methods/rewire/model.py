@@ -71,7 +71,7 @@ class RewireMethod(Method):
             raise ValueError(f"method={self.name!r} takes one target_sparsity (a float), got {config.target_sparsity!r}")
         self.parse_options(config)
 
-    def target(self, module: nn.Module) -> bool | str:
+    def target(self, module: nn.Module, config: Any) -> bool | str:
         if is_rewired(module):
             return False
         if rewired_class(module) is not None:
