@@ -11,9 +11,7 @@ the functions in between; :mod:`fermigates._labels` holds the union-find.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from collections.abc import Mapping
 from typing import Any
 
 import torch
