@@ -37,12 +37,20 @@ def _python(page: Path, *, skipped: bool = False) -> list[tuple[str, int]]:
 @pytest.mark.parametrize("page", [p for p in PAGES if _python(p)], ids=_rel)
 def test_python_blocks_run(page, tmp_path, monkeypatch):
     """Every ```python block of a page, in order, in one namespace, in a scratch working directory."""
+    from fermigates.methods.registry import METHODS, method_names
+
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FERMIGATES_CACHE_DIR", str(tmp_path / "cache"))  # latency tables: never the user's cache
+    method_names()  # the built-in methods registered, so that a page's own method is the only one to forget
+    registered = dict(METHODS)
     namespace: dict = {"__name__": f"docs:{_rel(page)}"}
-    for body, line in _python(page):
-        code = compile("\n" * (line - 1) + body, str(page), "exec")  # tracebacks point at the page's lines
-        exec(code, namespace)
+    try:
+        for body, line in _python(page):
+            code = compile("\n" * (line - 1) + body, str(page), "exec")  # tracebacks point at the page's lines
+            exec(code, namespace)
+    finally:  # a method a page registers (docs/adding-a-method.md) is not left in the registry
+        METHODS.clear()
+        METHODS.update(registered)
 
 
 def test_every_page_has_code_or_is_reference():
