@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -210,6 +211,7 @@ class FermiReport:
                 **(self.calibration.to_dict() if hasattr(self.calibration, "to_dict") else {}),
                 "mean_err_before": err[0] if err else None, "mean_err_after": err[1] if err else None},
             "calibration_reverted": self.calibration_reverted,
+            "reference": self.reference,
         }
 
     def to_json(self, path: str | None = None) -> str:
@@ -237,8 +239,13 @@ def format_summary(d: dict[str, Any]) -> str:
         per = f"per forward of {macs['inputs']}" if macs.get("inputs") else "per forward of the example inputs"
         lines.append(f"  MACs         {_fmt_count(macs['before'])} -> {_fmt_count(macs['after'])} "
                      f"({_ratio(macs['before'], macs['after'])}x), {per}")
-    if d.get("latency_ms"):
-        lines.append(f"  latency      {d['latency_ms']['before']:.2f} ms -> {d['latency_ms']['after']:.2f} ms")
+    lat = d.get("latency_ms") or {}
+    if lat.get("before") is not None and lat.get("after") is not None:
+        per = f" per forward of a batch of {lat['batch']}" if lat.get("batch") else ""
+        if lat.get("threads"):
+            per += f", {lat['threads']} thread{'s' if lat['threads'] > 1 else ''}"
+        speed = f" ({lat['before'] / lat['after']:.2f}x as fast)" if lat["after"] > 0 else ""
+        lines.append(f"  latency      {lat['before']:.2f} ms -> {lat['after']:.2f} ms{per}{speed}")
     budget = d.get("budget")
     if budget:
         got = f", got {budget['measured']:.3f}" if budget.get("measured") is not None else ""
@@ -253,13 +260,77 @@ def format_summary(d: dict[str, Any]) -> str:
                  + (f"; {len(whole)} items left whole (see the full report)" if whole else ""))
     if d.get("max_abs_diff") is not None:
         lines.append(f"  check        shrunk vs hard-masked, max |diff| {d['max_abs_diff']:.3g}")
-    cal = d.get("calibration") or {}
-    if cal.get("mean_err_before") is not None:
-        lines.append(f"  calibration  {len(cal.get('layers', []))} layers, mean relative error "
-                     f"{cal['mean_err_before']:.3g} -> {cal['mean_err_after']:.3g}")
-    if d.get("calibration_reverted"):
-        lines.append(f"  calibration  undone: {d['calibration_reverted']}")
+    lines += _calibration_lines(d)
+    lines += _evaluation_lines(d.get("evaluation"))
     return "\n".join(lines)
+
+
+_REFERENCES = {"dense": "the dense model", "trained": "the model as trained", "module": "the given reference model"}
+#: what a run evaluates: its headline figures per task, and the phases in order with the words for them
+METRICS = {"accuracy": ("accuracy", "loss"), "perplexity": ("perplexity", "loss"), "fidelity": ("cosine", "rel_error")}
+PHASES = {"dense": "dense", "cut": "after the cut", "final": "after fine-tuning"}
+
+
+def _calibration_lines(d: dict[str, Any]) -> list[str]:
+    """What calibration compared and what came of it, in words."""
+    cal = d.get("calibration") or {}
+    toward = _REFERENCES.get(d.get("reference") or "", "the reference")
+    lines = []
+    reverted = d.get("calibration_reverted")
+    numbers = re.search(r"([-+0-9.eE]+|nan|inf) -> ([-+0-9.eE]+|nan|inf)", reverted or "")
+    if numbers and _float(numbers[1]) < 1e-6:  # the baked model was the trained one already: nothing to fit
+        return [f"  calibration  not needed: the baked model already computed what {toward} does (relative error "
+                f"{_num(numbers[1])}); the re-fit was undone"]
+    if cal.get("mean_err_before") is not None:
+        lines.append(f"  calibration  {len(cal.get('layers', []))} layers re-fitted toward {toward}: mean relative "
+                     f"error {cal['mean_err_before']:.3g} -> {cal['mean_err_after']:.3g}")
+    if reverted:
+        if numbers:
+            lines.append(f"  calibration  undone: it brought the outputs no closer to {toward} "
+                         f"({_num(numbers[1])} -> {_num(numbers[2])}); the weights as trained stay")
+        else:
+            lines.append(f"  calibration  not kept: {reverted}")
+    return lines
+
+
+def _evaluation_lines(ev: dict[str, Any] | None) -> list[str]:
+    """The quality the run reached: dense, after the cut, after fine-tuning, on the held-out samples."""
+    if not ev or not ev.get("phases"):
+        return []
+    task, phases = ev["task"], ev["phases"]
+    lines = []
+    for metric in METRICS.get(task, ()):
+        name = {"rel_error": "rel. error", "cosine": "cosine"}.get(metric, metric)
+        if task == "fidelity":
+            name = f"{name} to dense"
+        values = [f"{PHASES.get(p, p)} {_value(phases[p].get(metric))}" for p in PHASES if p in phases
+                  and not (task == "fidelity" and p == "dense")]
+        if values:
+            lines.append(f"  {name:<12} " + " -> ".join(values))
+    if lines:
+        what = {"fidelity": " (mean-pooled outputs)"}.get(task, "")
+        lines.append(f"  evaluated on {ev.get('on')}{what}")
+    return lines
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return float("nan")
+
+
+def _num(text: str) -> str:
+    try:
+        return f"{float(text):.3g}"
+    except ValueError:
+        return text
+
+
+def _value(v: Any) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
 
 
 def format_full(d: dict[str, Any], *, summary: bool = True) -> str:

@@ -295,6 +295,7 @@ def test_data_specs_image_folder_and_idx(tmp_path):
     import gzip
     import struct
 
+    import torch
     from PIL import Image
 
     from fermigates.data_specs import DataSpecError, check_data_spec, load_samples
@@ -315,7 +316,10 @@ def test_data_specs_image_folder_and_idx(tmp_path):
     assert check_data_spec(str(idx))[0] == "fashion-mnist"
     s = load_samples(f"fashion-mnist:{idx}", limit=3)
     assert tuple(s.inputs.shape) == (3, 1, 28, 28) and s.labels.tolist() == [3, 1, 4]
-    assert float(s.inputs.max()) <= 1.0
+    # normalised as an image folder is (the ImageNet mean / std unless the model's config gives its own)
+    assert torch.allclose(s.inputs[0, 0, 0, :2], (torch.tensor([0.0, 1.0]) / 255 - 0.485) / 0.229)
+    s = load_samples(f"fashion-mnist:{idx}", limit=3, mean=(0.5,), std=(0.5,))
+    assert torch.allclose(s.inputs[0, 0, 0, :2], (torch.tensor([0.0, 1.0]) / 255 - 0.5) / 0.5)
     s = load_samples(str(idx), limit=2, input_size=(3, 32, 32))  # resized and repeated for an RGB model
     assert tuple(s.inputs.shape) == (2, 3, 32, 32)
     with pytest.raises(DataSpecError, match="kind"):
