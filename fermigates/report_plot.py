@@ -99,6 +99,7 @@ def _kept_plot(plt: Any, layers: list[dict[str, Any]], path: Path) -> str:
 def _bars(ax: Any, labels: list[str], values: list[float], text: list[str], title: str, colours: list[str]) -> None:
     ax.bar(labels, values, color=colours)
     top = max([v for v in values if v is not None] or [1.0])
+    top = top if top > 0 else 1.0
     for i, (v, t) in enumerate(zip(values, text)):
         ax.text(i, v + 0.02 * top, t, ha="center", va="bottom", fontsize=8)
     ax.set_ylim(0, top * 1.18)
