@@ -69,7 +69,8 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
 
 def load_weights(model: Any, path: str | Path, *, classifier: tuple[str, ...] = ()) -> WeightsLoaded:
     """Load the state dict in ``path`` into ``model``: by name when the keys match, else by position when the
-    file holds the same tensors in the same order under other names. Tensors of the modules named in
+    file holds the same tensors in the same order under other names (a ``torch.save`` file keeps the order of
+    the state dict it saved; a ``.safetensors`` file sorts its keys, so it must match by name). Tensors of the modules named in
     ``classifier`` may differ in width (they are then left as they are). Raises :class:`WeightsError` naming
     the keys that differ when neither fits; the model is untouched then."""
     import torch
@@ -79,11 +80,12 @@ def load_weights(model: Any, path: str | Path, *, classifier: tuple[str, ...] = 
     is_head = _head_test(classifier)
     plan = _by_name(state, own, is_head)
     layout = "names"
-    if plan is None:
+    ordered = Path(path).suffix != ".safetensors"  # safetensors sorts its keys: their order says nothing
+    if plan is None and ordered:
         plan = _by_position(state, own, is_head)
         layout = "position"
     if plan is None:
-        raise WeightsError(_mismatch(path, state, own))
+        raise WeightsError(_mismatch(path, state, own, ordered))
     mapped, skipped = plan
     with torch.no_grad():
         result = model.load_state_dict(mapped, strict=False)
@@ -130,7 +132,7 @@ def _modules(keys: list[str]) -> list[str]:
     return out
 
 
-def _mismatch(path: Any, state: dict, own: dict) -> str:
+def _mismatch(path: Any, state: dict, own: dict, ordered: bool = True) -> str:
     """Two lines: which keys differ by name, and where the order of shapes first differs."""
     missing = [k for k in own if k not in state]
     extra = [k for k in state if k not in own]
@@ -142,7 +144,10 @@ def _mismatch(path: Any, state: dict, own: dict) -> str:
     pairs = list(zip(own.items(), state.items()))
     diff = next(((i, a, b) for i, (a, b) in enumerate(pairs) if tuple(a[1].shape) != tuple(b[1].shape)
                  or a[1].dtype.is_floating_point != b[1].dtype.is_floating_point), None)
-    if len(state) != len(own):
+    if not ordered:
+        second = ("by position: not tried, a .safetensors file keeps no order (save the state dict with torch.save "
+                  "to match another layout by position)")
+    elif len(state) != len(own):
         second = f"by position: the file has {len(state)} tensors, the model {len(own)}"
     elif diff is not None:
         i, (key, mine), (name, theirs) = diff
