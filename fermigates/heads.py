@@ -93,7 +93,8 @@ def fit_head(model: nn.Module, classifier: tuple[str, ...], batches: list, label
     xs = (x - mean) / std  # standardised: L-BFGS converges in a few dozen iterations
     w = torch.zeros(layer.out_features, x.shape[1], requires_grad=True)
     b = torch.zeros(layer.out_features, requires_grad=layer.bias is not None)
-    opt = torch.optim.LBFGS([w, b] if layer.bias is not None else [w], lr=1.0, max_iter=iterations, history_size=20, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS([w, b] if layer.bias is not None else [w], lr=1.0, max_iter=iterations,
+                            history_size=20, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()

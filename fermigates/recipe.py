@@ -90,8 +90,9 @@ class ModelSection:
                             structural=True)
     kwargs: dict[str, Any] = _f(dict, "keyword arguments for the factory (e.g. num_classes for timm)",
                                 structural=True, factory=True)
-    weights: str | None = _f(None, "a .safetensors / .pt state dict loaded into the built model (timm and "
-                                   "torchvision layouts are matched; a classifier of another width is left out)")
+    weights: str | None = _f(None, "a .safetensors / .pt state dict loaded into the built model: by name, or by "
+                                   "position for a .pt / .pth in another key layout (torchvision's); a "
+                                   "classifier of another width is left out")
     pretrained: bool | str = _f(False, "timm: true loads the model's pretrained weights from the local timm / "
                                        "Hugging Face cache (nothing is downloaded), or give a weights file or a "
                                        "Hugging Face folder; false builds random weights (with a notice)")

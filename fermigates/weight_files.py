@@ -70,8 +70,8 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
 def load_weights(model: Any, path: str | Path, *, classifier: tuple[str, ...] = ()) -> WeightsLoaded:
     """Load the state dict in ``path`` into ``model``: by name when the keys match, else by position when the
     file holds the same tensors in the same order under other names (a ``torch.save`` file keeps the order of
-    the state dict it saved; a ``.safetensors`` file sorts its keys, so it must match by name). Tensors of the modules named in
-    ``classifier`` may differ in width (they are then left as they are). Raises :class:`WeightsError` naming
+    the state dict it saved; a ``.safetensors`` file sorts its keys, so it must match by name). Tensors of the
+    modules named in ``classifier`` may differ in width (they are then left as they are). Raises :class:`WeightsError` naming
     the keys that differ when neither fits; the model is untouched then."""
     import torch
 
@@ -140,7 +140,8 @@ def _mismatch(path: Any, state: dict, own: dict, ordered: bool = True) -> str:
              f"{len(missing)} of the model's {len(own)} are not in the file (e.g. {missing[:2]})")
     if not missing and not extra:
         bad = next(k for k in own if tuple(own[k].shape) != tuple(state[k].shape))
-        first = f"the keys match but {bad!r} is {list(state[bad].shape)} in the file, {list(own[bad].shape)} in the model"
+        first = (f"the keys match but {bad!r} is {list(state[bad].shape)} in the file, {list(own[bad].shape)} in "
+                 "the model")
     pairs = list(zip(own.items(), state.items()))
     diff = next(((i, a, b) for i, (a, b) in enumerate(pairs) if tuple(a[1].shape) != tuple(b[1].shape)
                  or a[1].dtype.is_floating_point != b[1].dtype.is_floating_point), None)
