@@ -252,7 +252,7 @@ def _read_data(recipe: Recipe, built: BuiltModel, data: str, eval_spec: str | No
         if labelled and ev_samples.labels is None:
             raise DataSpecError(f"--eval-data {eval_spec!r} has no labels, but --data has: give labelled data")
         eval_set = EvalSet(*_eval_batches(ev_samples, ev.batch_size, labelled),
-                           source=f"{len(ev_samples):,} samples of {eval_spec}")
+                           source=f"{len(ev_samples):,} samples of {Path(eval_spec.split(':', 1)[-1]).name}")
     train = samples.batches(t.batch_size, labels=labelled) if t.steps else []
     calib = samples.batches(cal.batch_size, cal.samples)
     first = calib[0] if calib else samples.batches(1, 1)[0]

@@ -168,7 +168,8 @@ def _training_plot(plt: Any, log: list[dict[str, float]], evaluation: dict[str, 
         i += 1
         loss = [r.get("loss") for r in log]
         ax.plot(steps, loss, color="tab:purple", label="training loss")
-        finite = [v for v in loss if v is not None and v > 0]
+        held = [p.get("loss") for p in ((evaluation or {}).get("phases") or {}).values()]
+        finite = [v for v in loss + held if v is not None and v > 0]
         if finite and max(finite) / min(finite) > 100:
             ax.set_yscale("log")
         ax.set_ylabel("loss")
