@@ -143,16 +143,19 @@ def time_forward(model: nn.Module, inputs: Any, *, repeats: int = 7) -> float:
 
 
 @torch.no_grad()
-def time_models(models: list[nn.Module], inputs: Any, *, repeats: int = 7) -> list[float]:
+def time_models(models: list[nn.Module], inputs: Any, *, repeats: int = 7, budget_s: float = 10.0) -> list[float]:
     """Median milliseconds of an eval-mode forward of each model on ``inputs``, timed round-robin (one forward of
-    each in turn), so that a machine that gets busier or quieter meanwhile affects every model alike."""
+    each in turn), so that a machine that gets busier or quieter meanwhile affects every model alike. Fewer
+    repeats (at least 3) when they would take longer than ``budget_s``."""
     flags = [m.training for m in models]
     for m in models:
         m.eval()
     try:
-        for _ in range(2):  # warm-up: allocator, thread pool, kernel choice
-            for m in models:
-                call(m, inputs)
+        start = time.perf_counter()
+        for m in models:  # warm-up: allocator, thread pool, kernel choice
+            call(m, inputs)
+        once = time.perf_counter() - start
+        repeats = max(3, min(repeats, int(budget_s / max(once, 1e-6))))
         times: list[list[float]] = [[] for _ in models]
         for _ in range(repeats):
             for i, m in enumerate(models):

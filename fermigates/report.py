@@ -298,19 +298,21 @@ def _evaluation_lines(ev: dict[str, Any] | None) -> list[str]:
     if not ev or not ev.get("phases"):
         return []
     task, phases = ev["task"], ev["phases"]
-    lines = []
-    for metric in METRICS.get(task, ()):
-        name = {"rel_error": "rel. error", "cosine": "cosine"}.get(metric, metric)
-        if task == "fidelity":
-            name = f"{name} to dense"
-        values = [f"{PHASES.get(p, p)} {_value(phases[p].get(metric))}" for p in PHASES if p in phases
-                  and not (task == "fidelity" and p == "dense")]
-        if values:
-            lines.append(f"  {name:<12} " + " -> ".join(values))
-    if lines:
-        what = {"fidelity": " (mean-pooled outputs)"}.get(task, "")
-        lines.append(f"  evaluated on {ev.get('on')}{what}")
-    return lines
+
+    def series(metric: str, skip_dense: bool = False) -> str:
+        return " -> ".join(f"{PHASES.get(p, p)} {_value(phases[p].get(metric))}" for p in PHASES
+                           if p in phases and not (skip_dense and p == "dense"))
+
+    if task == "fidelity":  # the dense model is the reference: its own figures say nothing
+        cos, err = series("cosine", True), series("rel_error", True)
+        if not cos:
+            return []
+        return [f"  fidelity     cosine to the dense model's outputs: {cos}", f"               relative error: {err}",
+                f"  evaluated on {ev.get('on')} (mean-pooled outputs)"]
+    head = {"accuracy": "accuracy", "perplexity": "perplexity"}.get(task, task)
+    loss = {"accuracy": "loss (CE)", "perplexity": "loss (NLL)"}.get(task, "loss")
+    return [f"  {head:<12} {series(METRICS[task][0])}", f"  {loss:<12} {series('loss')}",
+            f"  evaluated on {ev.get('on')}"]
 
 
 def _float(text: str) -> float:
