@@ -128,7 +128,7 @@ class DemoResult:
     text: str
 
 
-SIZES = {"full": {"train": 4000, "test": 1000, "dense_steps": 300, "steps": 200},
+SIZES = {"full": {"train": 4000, "test": 1000, "dense_steps": 600, "steps": 600},
          "quick": {"train": 400, "test": 100, "dense_steps": 20, "steps": 8}}
 
 

@@ -137,16 +137,10 @@ class Evaluator:
 
 
 @torch.no_grad()
-def time_forward(model: nn.Module, inputs: Any, *, repeats: int = 7) -> float:
-    """Median milliseconds of an eval-mode forward on ``inputs`` (after two warm-up forwards)."""
-    return time_models([model], inputs, repeats=repeats)[0]
-
-
-@torch.no_grad()
-def time_models(models: list[nn.Module], inputs: Any, *, repeats: int = 7, budget_s: float = 10.0) -> list[float]:
+def time_models(models: list[nn.Module], inputs: Any, *, repeats: int = 25, budget_s: float = 8.0) -> list[float]:
     """Median milliseconds of an eval-mode forward of each model on ``inputs``, timed round-robin (one forward of
     each in turn), so that a machine that gets busier or quieter meanwhile affects every model alike. Fewer
-    repeats (at least 3) when they would take longer than ``budget_s``."""
+    repeats (at least 3) when they would take longer than about ``budget_s``."""
     flags = [m.training for m in models]
     for m in models:
         m.eval()
