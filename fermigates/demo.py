@@ -157,8 +157,8 @@ def run_demo(out: str | Path = "fermigates-demo", *, quick: bool = False, quiet:
         work_dir = Path(work)
         with stage(f"make {size['train'] + size['test']:,} synthetic shape images", quiet):
             x, y = make_shapes(size["train"] + size["test"], seed=0)
-            np.savez(work_dir / "train.npz", x=x[:size["train"]], y=y[:size["train"]])
-            np.savez(work_dir / "test.npz", x=x[size["train"]:], y=y[size["train"]:])
+            np.savez(work_dir / "shapes-train.npz", x=x[:size["train"]], y=y[:size["train"]])
+            np.savez(work_dir / "shapes-test.npz", x=x[size["train"]:], y=y[size["train"]:])
         model = shapes_cnn()
         xt = (torch.from_numpy(x[:size["train"]]).float() / 255 - MEAN[0]) / STD[0]
         _train_dense(model, xt, torch.from_numpy(y[:size["train"]]), size["dense_steps"], quiet)
@@ -167,8 +167,8 @@ def run_demo(out: str | Path = "fermigates-demo", *, quick: bool = False, quiet:
         save_file(model.state_dict(), str(work_dir / "dense.safetensors"))
         overrides = {"train.steps": size["steps"], "eval.samples": size["test"]}
         recipe = load_recipe("demo", overrides=overrides)
-        result = run_recipe(recipe, DEMO_SPEC, str(work_dir / "train.npz"), out,
-                            weights=str(work_dir / "dense.safetensors"), eval_data=str(work_dir / "test.npz"),
+        result = run_recipe(recipe, DEMO_SPEC, str(work_dir / "shapes-train.npz"), out,
+                            weights=str(work_dir / "dense.safetensors"), eval_data=str(work_dir / "shapes-test.npz"),
                             quiet=quiet, force=force or _replaceable(out))
         with stage("reload the checkpoint into a fresh model", quiet):
             reloaded = load_shrunk(shapes_cnn, out).eval()
@@ -176,8 +176,6 @@ def run_demo(out: str | Path = "fermigates-demo", *, quick: bool = False, quiet:
             with torch.no_grad():
                 accuracy = float((reloaded(xs).argmax(1) == torch.from_numpy(y[size["train"]:])).float().mean())
     details = result.details
-    if "evaluation" in details:
-        details["evaluation"]["on"] = f"{size['test']:,} test images"
     final = details.get("evaluation", {}).get("phases", {}).get("final", {}).get("accuracy")
     details["demo"] = {"data": f"synthetic shapes, {len(CLASSES)} classes, {size['train']:,} training and "
                                f"{size['test']:,} test images of {SIDE}x{SIDE}",
