@@ -133,7 +133,8 @@ def test_prune_to_a_budget_set_on_the_command_line(tmp_path):
     recipe.write_text(TINY.format(steps=0))  # one-shot prune
     out = tmp_path / "out"
     run = fermigates("prune", recipe, "--model", "timm:test_resnet", "--set", "model.kwargs={num_classes: 5}",
-                     "--set", "convert.budget=macs:0.5", "--data", _timm_data(tmp_path), "--out", out)
+                     "--set", 'convert={granularity: channel, budget: "macs:0.5"}', "--data", _timm_data(tmp_path),
+                     "--out", out)  # the budget replaces target_sparsity (a config with both is refused)
     assert run.returncode == 0, run.stderr
     assert "budget       macs kept 0.500, got 0.5" in run.stdout
     report = json.loads((out / "report.json").read_text())
