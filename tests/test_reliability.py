@@ -200,3 +200,11 @@ def test_refine_with_no_steps_adds_no_levels():
     fg.refine_gates(m, [torch.randn(8, 16)], steps=0, progress=False)
     assert [n for n, _ in m.named_parameters()] == names
     assert all(g.decided is not None for g in all_gates(m))
+
+
+def test_a_bake_skips_calibration_toward_a_model_it_already_is():
+    m, x, trained = _trained(steps=12)  # the whole run: the decisions froze, the model trained is the one baked
+    report = fg.convert_from_fermi(m, calibration_data=[x[:8]], progress=False)
+    assert report.trained_vs_baked == 0.0 and report.calibration is None
+    assert "computes what the model as trained does" in report.calibration_skipped
+    assert "not needed" in str(report) and _gap(m, x, trained) < 1e-6
