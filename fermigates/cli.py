@@ -40,9 +40,9 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    from .recipe import _parse_overrides, load_recipe
+    from .recipe import parse_overrides, load_recipe
 
-    overrides = _parse_overrides(args.set)
+    overrides = parse_overrides(args.set)
     if args.model:
         overrides["model.source"] = args.model  # a run's recipe refuses another architecture
     recipe = load_recipe(args.recipe, overrides=overrides)

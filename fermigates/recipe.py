@@ -402,7 +402,7 @@ class Recipe:
     def with_overrides(self, overrides: Mapping[str, Any] | Iterable[str] | None) -> Recipe:
         """A copy with dotted keys replaced: ``{"train.steps": 10}`` or ``["train.steps=10"]`` (values are
         parsed as YAML). Structural keys are refused when this recipe was read from a checkpoint."""
-        items = _parse_overrides(overrides)
+        items = parse_overrides(overrides)
         if not items:
             return self
         data = self.to_dict()
@@ -515,7 +515,7 @@ def _key_lines(node: Any, prefix: str = "") -> dict[str, int]:
     return out
 
 
-def _parse_overrides(overrides: Mapping[str, Any] | Iterable[str] | None) -> dict[str, Any]:
+def parse_overrides(overrides: Mapping[str, Any] | Iterable[str] | None) -> dict[str, Any]:
     if overrides is None:
         return {}
     if isinstance(overrides, Mapping):
