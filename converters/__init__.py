@@ -6,6 +6,7 @@ transformers at import time (classes are named by qualname, see :mod:`.registry`
 
 from . import (  # noqa: F401  (imported for their register(...) side effects)
     attention,
+    blocks,
     hf_attention,
     hf_layers,
     hf_residuals,
@@ -25,6 +26,7 @@ from .attention import (
     prune_heads,
     slice_linear,
 )
+from .blocks import BlockListSpec, block_list_spec
 from .hf_attention import apply_hf_config_updates, hf_config_updates, layer_widths
 
 
@@ -38,6 +40,8 @@ def residual_sources(model):
 __all__ = [
     "residual_sources",
     "AttentionSpec",
+    "BlockListSpec",
+    "block_list_spec",
     "HeadUnits",
     "LinearLayout",
     "RMSNormSpec",
