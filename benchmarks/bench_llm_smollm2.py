@@ -23,6 +23,8 @@ done, merged with the rows of earlier runs, so the rows can be run in separate p
 * ``torch-pruning``: Torch-Pruning's ``MetaPruner`` (L2 group norm) on MLP neurons and attention heads, its own
   LLM example's settings but the residual stream left whole.
 * ``prune``: ``fermigates.prune(model, calib, budget="macs:B")`` with default options, timed by phase.
+* ``prune-relative``: an experiment on the allocation (not a fermigates option): ``prune`` with every OBS cost
+  divided by the energy of the residual stream at its layer (see ``stream_relative_costs``).
 
 Budgets (``--budgets``): fraction of the dense MACs kept, MACs counted by ``fermigates.count_macs`` per forward
 of one calibration sequence. Evaluation: perplexity (``fermigates.perplexity``) on the held-out docstring corpus
@@ -390,10 +392,38 @@ def phase_timers(times: dict[str, float]):
             setattr(mod, attr, fn)
 
 
-def run_prune(model, calib, budget: float, profile: bool) -> dict:
+@contextmanager
+def stream_relative_costs(model, stats):
+    """Experiment, not a fermigates option: divide every OBS cost of a unit of layer l by the mean energy of the
+    residual stream entering block l (``E||h_l||^2`` per token), i.e. rank units by the *relative* change
+    they make to the stream their projection writes into, instead of by the absolute squared output error."""
+    import fermigates.calibration.selection as sel
+
+    energy = {}
+    for i, layer in enumerate(layers(model)):
+        s = stats[f"{i}.stream"]
+        e = float(s["sq"]) / s["n"]
+        energy[id(layer.mlp.down_proj.weight)] = e
+        energy[id(layer.self_attn.o_proj.weight)] = e
+    mean = sum(energy.values()) / len(energy)
+    plain, group = sel.obs_removal_order, sel.obs_group_removal_order
+
+    def relative(fn):
+        def wrapped(consumer, *a, **k):
+            order, cost = fn(consumer, *a, **k)
+            return order, cost * (mean / energy.get(id(consumer.weight), mean))
+        return wrapped
+    sel.obs_removal_order, sel.obs_group_removal_order = relative(plain), relative(group)
+    try:
+        yield
+    finally:
+        sel.obs_removal_order, sel.obs_group_removal_order = plain, group
+
+
+def run_prune(model, calib, budget: float, profile: bool, stats=None) -> dict:
     times: dict[str, float] = {}
     prof = cProfile.Profile() if profile else None
-    with phase_timers(times):
+    with phase_timers(times), (stream_relative_costs(model, stats) if stats is not None else _nothing()):
         t0 = time.perf_counter()
         if prof:
             prof.enable()
@@ -411,6 +441,11 @@ def run_prune(model, calib, budget: float, profile: bool) -> dict:
         path.write_text(buf.getvalue())
         out["profile"] = str(path.relative_to(RESULTS.parent.parent))
     return out
+
+
+@contextmanager
+def _nothing():
+    yield
 
 
 # ------------------------------------------------------------------------------------------------ hidden size
@@ -532,13 +567,15 @@ def save(rows: list[dict], meta: dict) -> None:
     tmp.replace(path)
 
 
-ROWS = ["dense", "magnitude", "wanda-sp", "flap", "shortgpt", "angular", "torch-pruning", "prune"]
+DEFAULT_ROWS = ["dense", "magnitude", "wanda-sp", "flap", "shortgpt", "angular", "torch-pruning", "prune"]
+ROWS = ["dense", "magnitude", "wanda-sp", "flap", "shortgpt", "angular", "torch-pruning", "prune",
+        "prune-relative"]
 
 
 def main() -> None:
     global NAME
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
+    ap.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=ROWS)
     ap.add_argument("--budgets", nargs="+", type=float, default=[0.75, 0.5])
     ap.add_argument("--eval-windows", type=int, default=40, help="512-token evaluation windows")
     ap.add_argument("--calib", type=int, default=128, help="calibration sequences of --calib-len tokens")
@@ -584,6 +621,8 @@ def main() -> None:
                     extra = prune_torch_pruning(model, example, budget)
                 elif row == "prune":
                     extra = run_prune(model, calib, budget, args.profile)
+                elif row == "prune-relative":
+                    extra = run_prune(model, calib, budget, False, stats=stats)
             except Exception as err:  # noqa: BLE001 - a baseline that fails is a result too
                 result = {"method": row, "budget": budget, "error": f"{type(err).__name__}: {err}"}
                 print(result, flush=True)
