@@ -267,3 +267,30 @@ def test_timm_vit_blocks_save_and_load(tmp_path):
     assert len(loaded.blocks) == 3
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), want, rtol=0, atol=0)
+
+
+def test_blocks_removed_after_per_layer_head_pruning_reload_and_generate(tmp_path):
+    model = build("llama")
+    batches = [inputs() for _ in range(2)]
+    with torch.no_grad():  # the heads of layers 0 and 3 matter little: a global budget removes heads there only
+        for i, layer in enumerate(model.model.layers):
+            layer.self_attn.o_proj.weight.mul_(0.01 if i in (0, 3) else 1.0 + i)
+            layer.mlp.down_proj.weight.mul_(0.2 + i)
+    fg.prune(model, batches, budget="macs:0.6", progress=False)
+    heads = [layer.self_attn.q_proj.out_features // 8 for layer in model.model.layers]
+    assert heads[0] < heads[2] == 4 and heads[3] < 4  # per-layer head counts: transformers' per_layer_config describes them
+    fg.remove_blocks(model, [1])
+    per_layer = model.config.fermigates_per_layer
+    assert per_layer["num_attention_heads"] == [heads[0], heads[2], heads[3]]
+    assert [c.num_attention_heads for c in model.config.per_layer_config] == [heads[0], heads[2], heads[3]]
+    batch = inputs()
+    prompt = batch["input_ids"][:1, :5]
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want, tokens = output(model, batch), model.generate(prompt, **kwargs)
+    fg.save_shrunk(model, tmp_path)
+    loaded = fg.from_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(output(loaded, batch), want, rtol=0, atol=0)
+    assert torch.equal(loaded.generate(prompt, **kwargs), tokens)
+    assert torch.equal(loaded.generate(prompt, cache_implementation="static", **kwargs), tokens)

@@ -17,6 +17,7 @@ does. It is a transaction. The removal is recorded on the model (original count,
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections import OrderedDict
@@ -267,6 +268,13 @@ def _plan_config(model: nn.Module, spec: Any, kept: list[int], n: int) -> dict[s
                                  "config disagree, refusing to guess")
             updates[name] = len(kept)
     for name in spec.per_layer_fields:  # read from __dict__: a heterogeneous config validates attribute reads
+        if name == "per_layer_config":  # transformers' heterogeneous config: overrides keyed by layer index
+            hetero = vars(config).get(_HETERO)
+            if hetero is not None:
+                overrides = {new: copy.deepcopy(hetero.per_layer_overrides[old])
+                             for new, old in enumerate(kept) if old in hetero.per_layer_overrides}
+                updates[name] = overrides or None
+            continue
         current = vars(config).get(name)
         if current is not None:
             updates[name] = _subset(current, kept, n, name)
@@ -296,7 +304,8 @@ def _apply_blocks(model: nn.Module, path: str | None, indices: Any) -> tuple[Rem
     renumber = [(m, a, getattr(m, a), new) for new, old in enumerate(kept_now) for m in blocks[old][1].modules()
                 for a in index_attrs if isinstance(getattr(m, a, None), int) and not isinstance(getattr(m, a), bool)]
     config = getattr(model, "config", None)
-    aliases = getattr(config, "attribute_map", None) or {}  # GPT-2: num_hidden_layers is stored as n_layer
+    # where each field is stored: GPT-2 keeps num_hidden_layers as n_layer, per_layer_config is a property
+    aliases = {**(getattr(config, "attribute_map", None) or {}), "per_layer_config": _HETERO}
     old_config = {aliases.get(k, k): vars(config).get(aliases.get(k, k), _MISSING)
                   for k in config_updates} if config is not None else {}
     old_attrs = {k: model.__dict__.get(k, _MISSING) for k in (DEPTH_ATTR, "feature_info")}
@@ -338,6 +347,7 @@ def _apply_blocks(model: nn.Module, path: str | None, indices: Any) -> tuple[Rem
 
 
 _MISSING = object()
+_HETERO = "_heterogeneity_spec"  # where transformers keeps a config's per_layer_config
 
 
 def remove_blocks(model: nn.Module, indices: int | Iterable[int], *, path: str | None = None) -> RemovedBlocks:
