@@ -353,7 +353,10 @@ def phase_timers(times: dict[str, float]):
             try:
                 return _fn(*a, **k)
             finally:
-                times[_label] = times.get(_label, 0.0) + time.perf_counter() - t0
+                dt = time.perf_counter() - t0
+                times[_label] = times.get(_label, 0.0) + dt
+                if dt > 1.0:
+                    print(f"  [prune phase] {_label}: {dt:.1f} s (total {times[_label]:.1f} s)", flush=True)
         setattr(mod, attr, wrapped)
     cost_init = budget._CostModel.__init__
 
@@ -411,6 +414,7 @@ def run_prune(model, calib, budget: float, profile: bool, stats=None) -> dict:
         if prof:
             prof.disable()
         wall = time.perf_counter() - t0
+    print(f"  [prune] {wall:.1f} s; widths {widths(model)}", flush=True)
     out = {"time_s": wall, "phases_s": {k: round(v, 1) for k, v in times.items()},
            "budget_predicted": getattr(report.budget, "predicted", None),
            "budget_measured": getattr(report.budget, "measured", None)}
