@@ -233,6 +233,7 @@ def test_save_shrunk_of_a_shallower_llama_loads_back(tmp_path):
         torch.testing.assert_close(output(loaded.eval(), batch), want, rtol=0, atol=0)
     assert loaded.config.num_hidden_layers == 2
     assert depth.removed_blocks(loaded) == {"model.layers": {"original": N_LAYERS, "kept": [0, 3]}}
+    assert "2 of 4 blocks (removed [1, 2])" in str(fg.inspect_checkpoint(tmp_path))
     plain = tf.AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # config.json alone suffices
     with torch.no_grad():
         torch.testing.assert_close(output(plain, batch), want, rtol=0, atol=0)
