@@ -73,12 +73,16 @@ def layers(model) -> nn.ModuleList:
 
 
 def widths(model) -> dict[str, list[int]]:
-    """Per-layer kept MLP neurons, query heads and key/value heads."""
+    """Per-layer kept MLP neurons, query heads and key/value heads: the input columns of ``down_proj`` / heads of
+    ``o_proj`` that are not all zero (so a hard-masked, unshrunk model is read right too)."""
     out = {"neurons": [], "q_heads": [], "kv_heads": []}
     for layer in layers(model):
-        out["neurons"].append(layer.mlp.up_proj.out_features)
-        out["q_heads"].append(layer.self_attn.q_proj.out_features // HEAD_DIM)
-        out["kv_heads"].append(layer.self_attn.k_proj.out_features // HEAD_DIM)
+        attn = layer.self_attn
+        out["neurons"].append(int((layer.mlp.down_proj.weight.detach() != 0).any(0).sum()))
+        o = attn.o_proj.weight.detach()
+        q_heads = int((o != 0).any(0).view(-1, HEAD_DIM).any(1).sum())
+        out["q_heads"].append(q_heads)
+        out["kv_heads"].append(q_heads // max(getattr(attn, "num_key_value_groups", 1), 1))
     return out
 
 
@@ -416,6 +420,8 @@ def run_prune(model, calib, budget: float, profile: bool, stats=None) -> dict:
         wall = time.perf_counter() - t0
     print(f"  [prune] {wall:.1f} s; widths {widths(model)}", flush=True)
     out = {"time_s": wall, "phases_s": {k: round(v, 1) for k, v in times.items()},
+           "shrunk": bool(getattr(report, "shrunk", False)),
+           "not_shrunk": [list(map(str, x)) for x in getattr(report, "not_shrunk", [])],
            "budget_predicted": getattr(report.budget, "predicted", None),
            "budget_measured": getattr(report.budget, "measured", None)}
     if prof:
