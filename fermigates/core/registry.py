@@ -50,6 +50,9 @@ FIXED_INPUT_WIDTH: list[Callable[[nn.Module], dict[str, str]]] = []
 #: callables(model) -> {projection fqn: (module fqn, getter(args, kwargs) -> residual)}: the residual stream
 #: added to a projection's output, read in that module's forward pre-hook (see converters.hf_residuals)
 RESIDUALS: list[Callable[[nn.Module], dict[str, Any]]] = []
+#: model class qualname -> BlockListSpec (converters.blocks): where the stack of blocks lives and what removing
+#: blocks updates (config counts, per-layer config fields, cache indices), for depth pruning
+BLOCK_LISTS: dict[str, Any] = {}
 #: ordered list of callables(model) -> example inputs or None (first non-None wins)
 EXAMPLE_INPUTS: list[Callable[[nn.Module], Any]] = []
 #: callables(model) -> int or None: the hidden size (a residual stream's width) of ``model`` must stay a

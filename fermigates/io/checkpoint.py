@@ -28,6 +28,7 @@ from fermigates.core.registry import qualname
 from fermigates.core.state import find_state
 from fermigates.core.twin import is_twin
 from fermigates.io.hf import GENERATION_NAME, hf_factory, will_write_generation, write_hf_config
+from fermigates.surgery.depth import DEPTH_ATTR, match_removed_blocks, removed_blocks
 from fermigates.surgery.fold import FOLDED_ATTR
 from fermigates.io.onnx import export_onnx
 
@@ -160,6 +161,9 @@ def save_shrunk(
     num_classes = getattr(model, "num_classes", None)
     if isinstance(num_classes, int) and not isinstance(num_classes, bool):
         manifest["num_classes"] = num_classes
+    depth = removed_blocks(model)
+    if depth:  # the stock class is built at its original depth unless its config says otherwise (HF)
+        manifest["removed_blocks"] = depth
     macs = _macs_for(model, example_inputs, manifest["source"])
     if macs is not None:
         manifest["macs"] = macs
@@ -315,6 +319,20 @@ def _check_attr_names(module: nn.Module, path: str, attrs: dict[str, Any], where
                 f"({qualname(type(module))}), which is not one of its shape attributes {list(known)}; re-save the "
                 "checkpoint"
             )
+
+
+def _check_depth_record(record: Any, where: str) -> dict[str, Any]:
+    """The manifest's ``removed_blocks`` entry, checked: ``{path: {"original": int, "kept": [int, ...]}}``."""
+    if record is None:
+        return {}
+    ok = isinstance(record, dict) and all(
+        isinstance(e, dict) and isinstance(e.get("original"), int) and isinstance(e.get("kept"), list)
+        and all(isinstance(i, int) and 0 <= i < e["original"] for i in e["kept"]) and e["kept"]
+        for e in record.values())
+    if not ok:
+        raise CheckpointError(f"{where} is corrupt: 'removed_blocks' must map block-list paths to "
+                              f"{{'original': count, 'kept': [indices]}}, got {record!r}; re-save the checkpoint")
+    return record
 
 
 def _check_widths(
@@ -475,7 +493,9 @@ def load_shrunk(
     non-persistent ones such as rotary frequencies are computed as usual) and filled with ``assign=True``.
     Everything is checked before the model is touched (manifest version, architecture, every tensor's shape
     and dtype against the manifest and the model, widths, class count, missing tensors, truncated files, the
-    SHA-256 of every tensor); on any error the given model is left exactly as it was.
+    SHA-256 of every tensor); on any error the given model is left exactly as it was. A checkpoint of a model
+    whose blocks were removed (:func:`fermigates.remove_blocks`) removes the same blocks from a stock model
+    built at the original depth (one built at the reduced depth, e.g. from the saved config, is left as is).
     """
     manifest, header, weights = mf.read_checkpoint(directory)
     where = f"checkpoint {str(directory)!r}"
@@ -488,15 +508,25 @@ def load_shrunk(
             "model_or_factory must be a torch.nn.Module or a zero-argument callable returning one, "
             f"got {type(model_or_factory).__name__}"
         )
-    keys = _check_fits(model, manifest, header, strict, where)
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    depth = _check_depth_record(manifest.get("removed_blocks"), where)
     try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError, RuntimeError) as err:
-        raise CheckpointError(f"{weights} cannot be read: {err}; re-save the checkpoint") from None
-    _verify_checksums(manifest, tensors, weights)
+        undo_depth = match_removed_blocks(model, depth, where)  # a stock model at its original depth
+    except (ValueError, TypeError, IndexError) as err:
+        raise CheckpointError(str(err)) from None
+    try:
+        keys = _check_fits(model, manifest, header, strict, where)
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(weights))
+        except (SafetensorError, OSError, RuntimeError) as err:
+            raise CheckpointError(f"{weights} cannot be read: {err}; re-save the checkpoint") from None
+        _verify_checksums(manifest, tensors, weights)
+    except BaseException:
+        for undo in undo_depth:
+            undo()
+        raise
     # safetensors hands out views at 8-byte offsets; oneDNN picks other kernels for unaligned weights and the
     # loaded model would then differ from the saved one in the last bit (seen: MobileNetV2's depthwise convs)
     tensors = {k: v.clone() if v.data_ptr() % 64 else v for k, v in tensors.items()}
@@ -505,7 +535,11 @@ def load_shrunk(
         _apply(model, manifest, header, tensors, keys, strict)
     except BaseException:
         journal.restore()
+        for undo in undo_depth:
+            undo()
         raise
+    if depth:  # a re-save of the loaded model records the same removal
+        model.__dict__[DEPTH_ATTR] = {p: {"original": e["original"], "kept": list(e["kept"])} for p, e in depth.items()}
     _logger.info("loaded %s from %s", type(model).__name__, directory)
     return model
 

@@ -59,6 +59,8 @@ class CheckpointSummary:
     tied: dict[str, str] = field(default_factory=dict)
     macs: int | None = None
     macs_inputs: Any = None
+    #: ``{block-list path: {"original": count, "kept": [original indices]}}`` of a depth-pruned model
+    removed_blocks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [
@@ -69,6 +71,9 @@ class CheckpointSummary:
             if self.macs is not None
             else "  MACs    unknown (save with example_inputs=... to record them)",
         ]
+        for path, entry in self.removed_blocks.items():
+            gone = sorted(set(range(entry["original"])) - set(entry["kept"]))
+            lines.append(f"  depth   {path}: {len(entry['kept'])} of {entry['original']} blocks (removed {gone})")
         if self.tied:
             lines.append("  tied    " + ", ".join(f"{a} -> {b}" for a, b in self.tied.items()))
         width = max((len(p) for p in self.widths), default=6)
@@ -104,4 +109,5 @@ def inspect_checkpoint(directory: str | os.PathLike) -> CheckpointSummary:
         tied=dict(manifest.get("tied", {})),
         macs=macs.get("total"),
         macs_inputs=macs.get("inputs"),
+        removed_blocks=dict(manifest.get("removed_blocks") or {}),
     )
