@@ -37,7 +37,7 @@ from .methods.registry import method_of
 from .report import FermiReport
 from .surgery.macs import count_macs
 from .surgery.shrink import shrink_model
-from .surgery.verify import SHRINK_RTOL
+from .surgery.verify import shrink_tolerance
 
 _logger = logging.getLogger(__name__)
 
@@ -278,10 +278,11 @@ def _shrink_checked(model: nn.Module, graph: Any, keep: dict, example: Any, repo
     if masked is not None:
         diff = max_relative_diff(masked, output_tensors(call_model(model, example)))
         report.max_abs_diff = diff
-        if not diff <= SHRINK_RTOL:
+        tolerance = shrink_tolerance(len(result.changes))
+        if not diff <= tolerance:
             restore(saved)
             report.not_shrunk.append(
-                ("model", f"shrunk outputs differ from the hard-masked ones by {diff:.3g} (> {SHRINK_RTOL}); undone")
+                ("model", f"shrunk outputs differ from the hard-masked ones by {diff:.3g} (> {tolerance:.2g}); undone")
             )
             warnings.warn(f"fermigates: shrunk model differs from the masked one ({diff:.3g}); shrink undone")
             return {}

@@ -208,3 +208,25 @@ def test_a_bake_skips_calibration_toward_a_model_it_already_is():
     assert report.trained_vs_baked == 0.0 and report.calibration is None
     assert "computes what the model as trained does" in report.calibration_skipped
     assert "not needed" in str(report) and _gap(m, x, trained) < 1e-6
+
+
+def test_a_wrong_shrink_is_undone_and_the_tolerance_grows_only_with_the_modules_resized(monkeypatch):
+    from fermigates import bake
+    from fermigates.surgery.verify import MAX_RTOL, SHRINK_RTOL, shrink_tolerance
+
+    assert shrink_tolerance(0) == SHRINK_RTOL and shrink_tolerance(240) == pytest.approx(4.8e-4)
+    assert shrink_tolerance(10**6) == MAX_RTOL
+    m, x, trained = _trained(steps=12)
+    real = bake.shrink_model
+
+    def wrong(model, graph, keep):  # a shrink that changes the function: what the check is there to catch
+        result = real(model, graph, keep)
+        with torch.no_grad():
+            model[2].bias = nn.Parameter(model[2].bias + 1.0)  # as a shrink does: new tensors
+        return result
+
+    monkeypatch.setattr(bake, "shrink_model", wrong)
+    with pytest.warns(UserWarning, match="shrink undone"):
+        report = fg.convert_from_fermi(m, progress=False)
+    assert not report.shrunk and "differ from the hard-masked ones" in report.not_shrunk[0][1]
+    assert m[0].out_features == 32 and _gap(m, x, trained) < 1e-6  # full size, hard-masked, as trained
