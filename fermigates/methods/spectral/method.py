@@ -57,7 +57,7 @@ class SpectralMethod(Method):
                         "calibrate the bake (calibration_data=...)")
 
     # -- conversion -----------------------------------------------------------------------------------------
-    def target(self, module: nn.Module) -> bool | str:
+    def target(self, module: nn.Module, config: Any) -> bool | str:
         if is_spectral(module):
             return False
         if spectral_class(module) is not None:
@@ -232,7 +232,7 @@ class SpectralMethod(Method):
 
     # -- training -------------------------------------------------------------------------------------------
     def optimizer(self, model: nn.Module, *, lr: float = 1e-3, total_steps: int | None = None,
-                  base: torch.optim.Optimizer | None = None, calibration_data: Any = None,
+                  base: torch.optim.Optimizer | None = None, calibration_data: Any = None, progress: bool = False,
                   **kwargs: Any) -> SpectralOptimizer:
         """:class:`SpectralOptimizer` (AdamW) over the parts the options train (default: the end eigenvalues);
         ``train_base=`` / ``train_start=`` / ``train_end=`` / ``train_bias=`` / ``train_rest=`` and ``l1=``
