@@ -22,9 +22,13 @@ done, merged with the rows of earlier runs, so the rows can be run in separate p
   closest in angular distance (``block_importance(metric="angular", span=n)``).
 * ``torch-pruning``: Torch-Pruning's ``MetaPruner`` (L2 group norm), one ratio for every MLP; MLP neurons only
   (its head pruning does not finish building groups on this GQA model, see ``prune_torch_pruning``).
-* ``prune``: ``fermigates.prune(model, calib, budget="macs:B")`` with default options, timed by phase.
-* ``prune-relative``: an experiment on the allocation (not a fermigates option): ``prune`` with every OBS cost
-  divided by the energy of the residual stream at its layer (see ``stream_relative_costs``).
+* ``prune``: ``fermigates.prune(model, calib, budget="macs:B")`` with default options (MLP neurons and KV
+  groups, global OBS allocation, ridge calibration toward the dense model), timed by phase.
+* ``prune-hidden``: the same with ``granularity=("channel", "head", "hidden")``: the hidden size too.
+* ``prune-layers``: ``prune(budget="layers:L")`` with ``L`` the share of blocks ShortGPT keeps at this MAC budget:
+  depth alone, blocks chosen by ``block_importance(metric="energy")``, the stream re-fitted after each removed run.
+* ``prune-depth``: ``prune(budget="macs:B", depth=True, granularity=("channel", "head", "hidden"))``: blocks,
+  neurons, KV groups and the hidden size chosen together.
 
 Budgets (``--budgets``): fraction of the dense MACs kept, MACs counted by ``fermigates.count_macs`` per forward
 of one calibration sequence. Evaluation: perplexity (``fermigates.perplexity``) on the held-out docstring corpus
@@ -48,10 +52,10 @@ import json
 import math
 import os
 import pstats
+import resource
 import sys
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _llm  # noqa: E402  (sets HF_HUB_OFFLINE before transformers is imported)
@@ -75,7 +79,7 @@ def layers(model) -> nn.ModuleList:
 def widths(model) -> dict[str, list[int]]:
     """Per-layer kept MLP neurons, query heads and key/value heads: the input columns of ``down_proj`` / heads of
     ``o_proj`` that are not all zero (so a hard-masked, unshrunk model is read right too)."""
-    out = {"neurons": [], "q_heads": [], "kv_heads": []}
+    out = {"neurons": [], "q_heads": [], "kv_heads": [], "hidden": [model.config.hidden_size]}
     for layer in layers(model):
         attn = layer.self_attn
         out["neurons"].append(int((layer.mlp.down_proj.weight.detach() != 0).any(0).sum()))
@@ -379,42 +383,27 @@ def phase_timers(times: dict[str, float]):
             setattr(mod, attr, fn)
 
 
-@contextmanager
-def stream_relative_costs(model, stats):
-    """Experiment, not a fermigates option: divide every OBS cost of a unit of layer l by the mean energy of the
-    residual stream entering block l (``E||h_l||^2`` per token), i.e. rank units by the *relative* change
-    they make to the stream their projection writes into, instead of by the absolute squared output error."""
-    import fermigates.calibration.selection as sel
-
-    energy = {}
-    for i, layer in enumerate(layers(model)):
-        s = stats[f"{i}.stream"]
-        e = float(s["sq"]) / s["n"]
-        energy[id(layer.mlp.down_proj.weight)] = e
-        energy[id(layer.self_attn.o_proj.weight)] = e
-    mean = sum(energy.values()) / len(energy)
-    plain, group = sel.obs_removal_order, sel.obs_group_removal_order
-
-    def relative(fn):
-        def wrapped(consumer, *a, **k):
-            order, cost = fn(consumer, *a, **k)
-            return order, cost * (mean / energy.get(id(consumer.weight), mean))
-        return wrapped
-    sel.obs_removal_order, sel.obs_group_removal_order = relative(plain), relative(group)
-    try:
-        yield
-    finally:
-        sel.obs_removal_order, sel.obs_group_removal_order = plain, group
+PRUNE_ROWS = {
+    "prune": {},
+    "prune-hidden": {"config": fg.FermiConfig(granularity=("channel", "head", "hidden"))},
+    "prune-depth": {"config": fg.FermiConfig(granularity=("channel", "head", "hidden")), "depth": True},
+}
 
 
-def run_prune(model, calib, budget: float, profile: bool, stats=None) -> dict:
+def run_prune(model, calib, budget: float, profile: bool, row: str = "prune", example=None) -> dict:
     times: dict[str, float] = {}
     prof = cProfile.Profile() if profile else None
-    with phase_timers(times), (stream_relative_costs(model, stats) if stats is not None else _nothing()):
+    kwargs = dict(PRUNE_ROWS.get(row, {}))
+    spec = f"macs:{budget}"
+    if row == "prune-layers":  # the block count ShortGPT removes at this MAC budget
+        total, _, _, block = costs(model, example)
+        n = len(layers(model))
+        spec = f"layers:{(n - math.ceil((total - budget * total) / block)) / n}"
+    with phase_timers(times):
         t0 = time.perf_counter()
         if prof:
             prof.enable()
-        report = fg.prune(model, calib, budget=f"macs:{budget}", progress=False)
+        report = fg.prune(model, calib, budget=spec, progress=False, **kwargs)
         if prof:
             prof.disable()
         wall = time.perf_counter() - t0
@@ -422,8 +411,11 @@ def run_prune(model, calib, budget: float, profile: bool, stats=None) -> dict:
     out = {"time_s": wall, "phases_s": {k: round(v, 1) for k, v in times.items()},
            "shrunk": bool(getattr(report, "shrunk", False)),
            "not_shrunk": [list(map(str, x)) for x in getattr(report, "not_shrunk", [])],
+           "budget": spec if row == "prune-layers" else budget,
            "budget_predicted": getattr(report.budget, "predicted", None),
-           "budget_measured": getattr(report.budget, "measured", None)}
+           "budget_measured": getattr(report.budget, "measured", None),
+           "removed_blocks": None if report.removed_blocks is None else report.removed_blocks.removed,
+           "depth_candidates": (report.budget.depth or {}).get("candidates") if report.budget else None}
     if prof:
         buf = io.StringIO()
         pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(60)
@@ -431,11 +423,6 @@ def run_prune(model, calib, budget: float, profile: bool, stats=None) -> dict:
         path.write_text(buf.getvalue())
         out["profile"] = str(path.relative_to(RESULTS.parent.parent))
     return out
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 # ------------------------------------------------------------------------------------------------ hidden size
@@ -557,9 +544,9 @@ def save(rows: list[dict], meta: dict) -> None:
     tmp.replace(path)
 
 
-DEFAULT_ROWS = ["dense", "magnitude", "wanda-sp", "flap", "shortgpt", "angular", "torch-pruning", "prune"]
-ROWS = ["dense", "magnitude", "wanda-sp", "flap", "shortgpt", "angular", "torch-pruning", "prune",
-        "prune-relative"]
+DEFAULT_ROWS = ["dense", "magnitude", "wanda-sp", "flap", "shortgpt", "angular", "torch-pruning", "prune", "prune-hidden",
+                "prune-layers", "prune-depth"]
+ROWS = ["dense", "magnitude", "wanda-sp", "flap", "shortgpt", "angular", "torch-pruning", *PRUNE_ROWS, "prune-layers"]
 
 
 def main() -> None:
@@ -609,18 +596,18 @@ def main() -> None:
                     extra = prune_depth(model, example, budget, calib, "bi" if row == "shortgpt" else "angular")
                 elif row == "torch-pruning":
                     extra = prune_torch_pruning(model, example, budget)
-                elif row == "prune":
-                    extra = run_prune(model, calib, budget, args.profile)
-                elif row == "prune-relative":
-                    extra = run_prune(model, calib, budget, False, stats=stats)
+                elif row.startswith("prune"):
+                    extra = run_prune(model, calib, budget, args.profile, row, example)
             except Exception as err:  # noqa: BLE001 - a baseline that fails is a result too
                 result = {"method": row, "budget": budget, "error": f"{type(err).__name__}: {err}"}
                 print(result, flush=True)
                 save([result], meta)
                 continue
             elapsed = extra.pop("time_s", time.perf_counter() - t0)
-            result = {"method": row, "budget": budget, "time_s": round(elapsed, 1),
-                      "time_vs_dense_forward": round(elapsed / forward_s, 1), **extra}
+            spec = extra.pop("budget", budget)
+            result = {"method": row, "budget": budget, "budget_spec": spec, "time_s": round(elapsed, 1),
+                      "time_vs_dense_forward": round(elapsed / forward_s, 1), **extra,
+                      "peak_rss_gb_so_far": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
             result.update(evaluate(model, tok, eval_ids, example, dense_macs, dense_params))
             print(json.dumps({k: v for k, v in result.items() if k not in ("widths", "scores")}), flush=True)
             print("  widths:", result["widths"], flush=True)

@@ -6,6 +6,7 @@ to zero, kept units per dependency-graph group) and this module does the rest, a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import warnings
@@ -29,12 +30,13 @@ from .core.batches import (
     split_batch,
 )
 from .core.modules import restore, snapshot, swap_modules
-from .core.registry import apply_config_updates
+from .core.registry import apply_config_updates, residual_sources
 from .core.sparsity import count_parameters
 from .core.state import detach_state, get_state
 from .losses import task_loss
 from .methods.registry import method_of
 from .report import FermiReport
+from .surgery.depth import find_blocks, remove_blocks, skipping
 from .surgery.macs import count_macs
 from .surgery.shrink import shrink_model
 from .surgery.verify import shrink_tolerance
@@ -204,7 +206,41 @@ def _bake(model, method, state, example, batches, reference, ref_name, ridge, ca
     if decisions.kept and shrink:
         changes = _shrink_checked(model, state.graph, decisions.kept, example, report)
     report.kept = {name: (ch.kept_in, ch.kept_out) for name, ch in changes.items()}
+    path, gone = state.remove_blocks or (None, [])
+    writers = _stream_writers(model, path, gone)
+    for name in writers:  # calibrated in place and not shrunk: put back if removing the blocks fails
+        for p in model.get_submodule(name).parameters(recurse=False):
+            zeroed.append((p, Ellipsis, p.detach().clone()))
+    with skipping(model, gone, path=path) if gone else contextlib.nullcontext():
+        _calibrate(model, report, twin_names, changes, batches, reference, ref_name, ridge, calibrate_layers,
+                   progress, recorded, residual, writers)
+    if gone:
+        report.removed_blocks = remove_blocks(model, gone, path=path)
 
+    report.params_after = count_parameters(model)
+    report.macs_before = macs_before
+    report.macs_after = _count_macs(model, example) if macs_before is not None else None
+    report.budget = state.budget_result
+    if report.budget is not None and report.budget.kind in ("macs", "params"):
+        before, after = ((report.macs_before, report.macs_after) if report.budget.kind == "macs"
+                         else (report.params_before, report.params_after))
+        report.budget.measured = after / before if before and after is not None else None
+    return report
+
+
+def _stream_writers(model: nn.Module, path: str | None, gone: list[int]) -> list[str]:
+    """The layers that write the residual stream in the first block after each run of removed blocks: calibrated
+    toward the dense stream, so that they absorb what the removed blocks added."""
+    if not gone:
+        return []
+    n = len(find_blocks(model, path)[1])
+    after = {i + 1 for i in gone if i + 1 not in gone and i + 1 < n}
+    prefixes = tuple(f"{path}.{j}." for j in after)
+    return [name for name in residual_sources(model) if name.startswith(prefixes)]
+
+
+def _calibrate(model, report, twin_names, changes, batches, reference, ref_name, ridge, calibrate_layers, progress,
+               recorded, residual, writers) -> None:
     if reference is not None:
         if calibrate_layers == "all" and not changes:
             warnings.warn("fermigates: calibrate_layers='all' applies to a shrunk model; nothing was shrunk, so "
@@ -215,10 +251,10 @@ def _bake(model, method, state, example, batches, reference, ref_name, ridge, ca
         guard = ref_name in ("trained", "module") or labelled
         before = _fidelity(model, reference, batches, labelled) if guard else None
         saved = {n: [p.detach().clone() for p in m.parameters(recurse=False)] for n, m in model.named_modules()
-                 if targets is None or n in targets} if guard else {}
+                 if targets is None or n in targets or n in writers} if guard else {}
         report.calibration = calibrate(
             model, batches, reference=reference, targets=targets, ridge=ridge, progress=progress, recorded=recorded,
-            residual=residual)
+            residual=residual, also=writers)
         report.reference = ref_name
         if guard:
             after = _fidelity(model, reference, batches, labelled)
@@ -235,16 +271,6 @@ def _bake(model, method, state, example, batches, reference, ref_name, ridge, ca
                     f"calibration toward the {ref_name} model did not lower {what} ({before:.4g} -> {after:.4g}), so "
                     "the baked weights were kept as they were")
                 _logger.info("fermigates: %s", report.calibration_reverted)
-
-    report.params_after = count_parameters(model)
-    report.macs_before = macs_before
-    report.macs_after = _count_macs(model, example) if macs_before is not None else None
-    report.budget = state.budget_result
-    if report.budget is not None and report.budget.kind in ("macs", "params"):
-        before, after = ((report.macs_before, report.macs_after) if report.budget.kind == "macs"
-                         else (report.params_before, report.params_after))
-        report.budget.measured = after / before if before and after is not None else None
-    return report
 
 
 def _fidelity(model: nn.Module, reference: nn.Module, batches: list, labelled: bool) -> float:

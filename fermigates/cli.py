@@ -16,8 +16,8 @@ import sys
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 _PRUNE_EPILOG = """\
---model:  timm:NAME (e.g. timm:resnet18)  |  hf:PATH (a local folder with config.json)  |
-          py:module:factory or py:path/file.py:factory (called with model.kwargs)
+--model:  timm:NAME (e.g. timm:resnet18)  |  hf:PATH (a local folder with config.json, a .gguf file or a folder
+          with one)  |  py:module:factory or py:path/file.py:factory (called with model.kwargs)
 --data:   an image folder (DIR or images:DIR; class subfolders give labels)  |  FILE.npz (x [, y]; or
           input_ids [, attention_mask, labels])  |  FILE.txt (one sample per line, tokenised with the
           model's tokenizer)  |  fashion-mnist:DIR (IDX files, or the images file itself)

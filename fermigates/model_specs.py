@@ -54,15 +54,31 @@ def check_model_spec(spec: str) -> None:
     scheme, sep, rest = spec.partition(":")
     if not sep or scheme not in ("timm", "hf", "py") or not rest:
         raise PipelineInputError(f"--model {spec!r}: expected timm:NAME, hf:PATH or py:module:factory")
-    if scheme == "hf" and not (Path(rest) / "config.json").is_file():
-        raise PipelineInputError(f"--model {spec!r}: {rest} is not a folder with a config.json (hf:PATH takes a "
-                                 "local Hugging Face model folder; nothing is downloaded)")
+    if scheme == "hf":
+        hf_location(spec)
     if scheme == "py":
         module, sep, factory = rest.rpartition(":")
         if not sep or not module or not factory:
             raise PipelineInputError(f"--model {spec!r}: expected py:module:factory or py:path/file.py:factory")
         if module.endswith(".py") and not Path(module).is_file():
             raise PipelineInputError(f"--model {spec!r}: {module} does not exist")
+
+
+def hf_location(spec: str) -> tuple[str, str | None]:
+    """``(folder, gguf file name or None)`` of an ``hf:PATH`` spec: a Hugging Face folder with a config.json, a
+    ``.gguf`` file, or a folder that holds exactly one ``.gguf`` file (read and dequantised by transformers)."""
+    path = Path(spec.partition(":")[2])
+    if path.suffix == ".gguf" and path.is_file():
+        return str(path.parent), path.name
+    if (path / "config.json").is_file():
+        return str(path), None
+    ggufs = sorted(path.glob("*.gguf")) if path.is_dir() else []
+    if len(ggufs) == 1:
+        return str(path), ggufs[0].name
+    found = f" (it holds {len(ggufs)} .gguf files: name one, hf:{path}/NAME.gguf)" if ggufs else ""
+    raise PipelineInputError(f"--model {spec!r}: {path} is not a folder with a config.json, a .gguf file or a folder "
+                             f"with one .gguf file{found} (hf:PATH takes a local Hugging Face model; nothing is "
+                             "downloaded)")
 
 
 def check_pretrained(spec: str, pretrained: bool | str) -> None:
@@ -251,22 +267,33 @@ def _hf(path: str, kwargs: dict[str, Any], spec: str) -> BuiltModel:
         import transformers
     except ImportError:
         raise PipelineInputError(f"--model {spec!r} needs transformers: pip install 'fermigates[hf]'") from None
+    path, gguf = hf_location(spec)
+    extra = {"gguf_file": gguf} if gguf else {}
     try:
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, **kwargs)
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, **extra, **kwargs)
         arch = (getattr(config, "architectures", None) or [None])[0]
         cls = getattr(transformers, arch, None) if arch else None
+        if cls is None and gguf:  # a GGUF file names its architecture, not a class: the causal LM of it
+            cls = transformers.AutoModelForCausalLM
         cls = cls or transformers.AutoModel
-        has_weights = any((Path(path) / n).exists() for n in ("model.safetensors", "pytorch_model.bin",
-                                                              "model.safetensors.index.json"))
-        model = (cls.from_pretrained(path, local_files_only=True, config=config) if has_weights
-                 else (cls.from_config(config) if cls is transformers.AutoModel else cls(config)))
+        has_weights = gguf is not None or any((Path(path) / n).exists() for n in (
+            "model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"))
+        if gguf:  # dequantised to float32: the pruning and calibration arithmetic runs in float32
+            import torch
+
+            model = cls.from_pretrained(path, local_files_only=True, gguf_file=gguf, dtype=torch.float32)
+            config = model.config
+        else:
+            model = (cls.from_pretrained(path, local_files_only=True, config=config) if has_weights
+                     else (cls.from_config(config) if cls in _auto_classes(transformers) else cls(config)))
     except Exception as err:  # noqa: BLE001
         raise PipelineInputError(f"--model {spec!r}: transformers cannot load it ({type(err).__name__}: {err})") \
             from None
     tokenizer = None
-    if any((Path(path) / n).exists() for n in ("tokenizer.json", "vocab.txt", "tokenizer.model", "vocab.json")):
+    if gguf or any((Path(path) / n).exists() for n in ("tokenizer.json", "vocab.txt", "tokenizer.model",
+                                                        "vocab.json")):
         try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, **extra)
         except Exception as err:  # noqa: BLE001 - a model without a usable tokenizer still prunes from .npz
             _logger.warning("could not load the tokenizer in %s: %s", path, err)
     if tokenizer is not None and tokenizer.pad_token is None:
@@ -274,10 +301,10 @@ def _hf(path: str, kwargs: dict[str, Any], spec: str) -> BuiltModel:
     heads = tuple(n for n in ("classifier", "score") if isinstance(getattr(model, n, None), _linear()))
 
     def factory() -> Any:
-        return cls.from_config(config) if cls is transformers.AutoModel else cls(config)
+        return cls.from_config(config) if cls in _auto_classes(transformers) else cls(config)
 
     built = BuiltModel(model, tokenizer=tokenizer, factory=factory, classifier=heads,
-                       weights=f"folder {path}" if has_weights else "random")
+                       weights=(f"GGUF {Path(path) / gguf}" if gguf else f"folder {path}") if has_weights else "random")
     processor = _image_processor(transformers, path)
     if processor is not None:
         built.mean, built.std, built.input_size = processor
@@ -285,6 +312,10 @@ def _hf(path: str, kwargs: dict[str, Any], spec: str) -> BuiltModel:
         built.notices.append(f"{spec} has no weights file (model.safetensors / pytorch_model.bin): the model has "
                              "random weights")
     return built
+
+
+def _auto_classes(transformers: Any) -> tuple:  # built with from_config, not cls(config)
+    return (transformers.AutoModel, transformers.AutoModelForCausalLM)
 
 
 def _image_processor(transformers: Any, path: str) -> tuple[tuple, tuple, tuple] | None:

@@ -52,6 +52,8 @@ def prune(
     selection: str | None = None,
     min_keep: float | int = 0.1,
     calibration: str = "sequential",
+    depth: bool | int = False,
+    blocks_path: str | None = None,
     progress: bool = True,
 ) -> FermiReport:
     """Prune ``model`` in place with no training budget, and return the report.
@@ -85,6 +87,14 @@ def prune(
     own dense output): no second forward, slightly lower fidelity (see the README's budget table). One-pass
     needs ``selection="obs"``, ``calibrate_layers="pruned"`` and ``nn.Linear`` layers; ``residual`` does not
     apply to it.
+
+    Depth: ``budget="layers:0.75"`` removes a quarter of the model's blocks (decoder / encoder layers, ViT
+    blocks: the family's registered block list, or the ``nn.ModuleList`` at ``blocks_path``), those that
+    change the residual stream least on the calibration data; ``depth=True`` lets a MAC / parameter budget
+    remove blocks as well as units, as many as give the least predicted error, ``depth=n`` exactly ``n`` (see
+    :func:`fermigates.allocation.allocate`). The layers that write the stream in the block after each removed
+    run are calibrated toward the dense stream, and the model is left with fewer blocks, config and cache
+    indices updated (:func:`fermigates.remove_blocks`): ``report.removed_blocks``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -108,6 +118,15 @@ def prune(
     if one_pass and (selection != "obs" or calibrate_layers != "pruned" or refine_steps):
         raise ValueError("calibration='one-pass' fits from the OBS selection pass's statistics: it needs "
                          "selection='obs', calibrate_layers='pruned' and no refine_steps")
+    layers = budget is not None and budget.kind == "layers"
+    if depth is not False and (budget is None or budget.kind not in ("macs", "params")):
+        raise ValueError("depth= goes with a 'macs:' or 'params:' budget (a 'layers:' budget removes blocks by "
+                         "itself)")
+    if blocks_path is not None and not (layers or depth is not False):
+        raise ValueError("blocks_path= names the block list that depth= or a 'layers:' budget removes blocks from")
+    if layers and one_pass:
+        raise ValueError("calibration='one-pass' fits each layer to its own dense output; a 'layers:' budget "
+                         "needs the sequential calibration (the stream after a removed block)")
     if budget is not None:
         if refine_steps:
             raise ValueError("refine_steps keeps each gate's own share and cannot meet a budget: use one or "
@@ -134,7 +153,8 @@ def prune(
         if budget is not None:
             budget_result = allocate(model, budget, example_inputs=example,
                                      data=batches if selection == "obs" else None, allocation=allocation,
-                                     selection=selection, min_keep=min_keep, ridge=ridge, progress=progress)
+                                     selection=selection, min_keep=min_keep, ridge=ridge, progress=progress,
+                                     depth=depth, blocks_path=blocks_path)
         elif refine_steps:
             refined = method.refine(model, batches, steps=refine_steps, target_sparsity=config.target_sparsity,
                                     init="obs" if selection == "obs" else "scores", progress=progress)
@@ -176,6 +196,8 @@ def prune(
                                      "after": lambda: call_model(model, example)})
             before, after = timed["before"], timed["after"]
             report.latency_ms = {k: 1e3 * v for k, v in timed.items()}
+        if budget_result.kind == "layers" and report.removed_blocks is not None:
+            before, after = report.removed_blocks.original_count, len(report.removed_blocks.kept)
         budget_result.measured = after / before if before else budget_result.predicted
         report.budget = budget_result
     return report
@@ -184,15 +206,18 @@ def prune(
 @torch.no_grad()
 def allocate(model: nn.Module, budget: Budget | str, *, example_inputs: Any, data: list | None = None,
              allocation: str = "global", selection: str = "obs", min_keep: float | int = 0.1,
-             ridge: float = 1e-2, progress: bool = False) -> BudgetResult:
-    """Choose which units of a converted ``model`` to keep to meet ``budget`` (see
+             ridge: float = 1e-2, progress: bool = False, depth: bool | int = False,
+             blocks_path: str | None = None) -> BudgetResult:
+    """Choose which units of a converted ``model`` to keep (and which blocks to remove) to meet ``budget`` (see
     :func:`fermigates.allocation.allocate`) and freeze that choice through the model's method: the bake then
     shrinks exactly it. Returns how the budget was met."""
     method = method_of(model)
     keep, result = allocate_units(method.allocatable(model), budget, example_inputs=example_inputs, data=data,
                                   allocation=allocation, selection=selection, min_keep=min_keep, ridge=ridge,
-                                  progress=progress)
+                                  progress=progress, depth=depth, blocks_path=blocks_path)
     method.set_keep(model, keep)
+    state = get_state(model)
+    state.remove_blocks = (result.depth["path"], list(result.removed_blocks)) if result.removed_blocks else None
     return result
 
 

@@ -161,7 +161,7 @@ def run_recipe(recipe: Recipe, model: str | None, data: str, out: str | os.PathL
         report = prune(net, d.calib or d.train[:1], config, ridge=recipe.calibration.ridge,
                        shrink=recipe.shrink, refine_steps=recipe.train.refine_steps,
                        calibrate_layers=recipe.calibration.layers, calibration=recipe.calibration.mode,
-                       example_inputs=d.example, progress=not quiet)
+                       example_inputs=d.example, progress=not quiet, depth=recipe.depth)
         if evaluator is not None:
             evaluation["phases"]["cut"] = {**evaluator(net, "cut"), "step": 0}
     else:

@@ -270,6 +270,8 @@ class Recipe:
     calibration: CalibrationSection = _f(CalibrationSection, "ridge calibration", factory=True)
     eval: EvalSection = _f(EvalSection, "evaluation of the dense, cut and fine-tuned model", factory=True)
     shrink: bool = _f(True, "remove the pruned units physically (else they are zeroed)", structural=True)
+    depth: bool | int = _f(False, "one-shot with a macs: / params: budget: true lets it remove whole blocks too "
+                                  "(where that predicts less error), a count removes that many", structural=True)
     export: list[str] = _f(lambda: ["safetensors"], f"formats written, among {EXPORT_FORMATS}", factory=True)
     seed: int = _f(0, "seeds torch and numpy (new head, held-out split, training order): the same run on the "
                       "same machine gives the same checkpoint, byte for byte")
@@ -304,6 +306,15 @@ class Recipe:
                        granularity)  # which ones: the method says, when fermi_config() builds the FermiConfig
         if not isinstance(self.shrink, bool):
             raise _bad("shrink", "true or false", self.shrink)
+        if not isinstance(self.depth, bool) and not (_is_int(self.depth) and self.depth >= 0):
+            raise _bad("depth", "true, false or a count of blocks >= 0", self.depth)
+        if self.depth is not False and self.train.steps > 0:
+            raise RecipeError("depth removes blocks in one-shot pruning: use it with train.steps 0",
+                              key="depth")
+        budget = str(self.convert.get("budget") or "")
+        if self.depth is not False and not budget.startswith(("macs", "params")):
+            raise RecipeError("depth chooses blocks inside a budget: give convert.budget 'macs:F' or 'params:F' "
+                              "(a 'layers:F' budget removes blocks by itself)", key="depth")
         if not isinstance(self.export, list) or not all(e in EXPORT_FORMATS for e in self.export):
             raise _bad("export", f"a list among {list(EXPORT_FORMATS)}", self.export)
         if self.train.steps == 0 and self.calibration.samples == 0:

@@ -76,6 +76,9 @@ class FermiReport:
     latency_ms: dict[str, float] | None = None
     #: how ``prune(..., budget=...)`` met its budget (a ``fermigates.BudgetResult``), or None
     budget: Any = None
+    #: the blocks removed whole (a ``fermigates.RemovedBlocks``: path, indices removed, kept in the original
+    #: numbering), or None
+    removed_blocks: Any = None
 
     def kept_by_kind(self) -> dict[str, tuple[int, int]]:
         """``{granularity: (kept, total)}`` over the gates' decisions."""
@@ -107,7 +110,11 @@ class FermiReport:
             "budget": None if self.budget is None else {
                 "kind": self.budget.kind, "requested": self.budget.requested, "predicted": self.budget.predicted,
                 "measured": self.budget.measured, "allocation": self.budget.allocation,
-                "selection": self.budget.selection, "counted_on": self.budget.counted_on},
+                "selection": self.budget.selection, "counted_on": self.budget.counted_on,
+                "depth": self.budget.depth},
+            "removed_blocks": None if self.removed_blocks is None else {
+                "path": self.removed_blocks.path, "removed": self.removed_blocks.removed,
+                "kept": self.removed_blocks.kept, "original": self.removed_blocks.original_count},
             "kept": {k: {"kept": a, "total": b} for k, (a, b) in self.kept_by_kind().items()},
             "layers": [{"name": l.name, "unit": l.unit, "kind": l.kind, "kept": l.kept, "total": l.total}
                        for l in self.sparsity.layers],
@@ -162,6 +169,10 @@ def format_summary(d: dict[str, Any]) -> str:
         got = f", got {budget['measured']:.3f}" if budget.get("measured") is not None else ""
         lines.append(f"  budget       {budget['kind']} kept {budget['requested']:.3f}{got} "
                      f"({budget['allocation']} allocation, {budget['selection']} selection)")
+    blocks = d.get("removed_blocks")
+    if blocks:
+        lines.append(f"  blocks       {len(blocks['kept'])} of {blocks['original']} kept in {blocks['path']!r}; "
+                     f"removed {blocks['removed']}")
     for kind, kt in (d.get("kept") or {}).items():
         lines.append(f"  kept {kind + 's':<9}{kt['kept']:,} of {kt['total']:,} "
                      f"({100 * kt['kept'] / max(kt['total'], 1):.1f}%)")

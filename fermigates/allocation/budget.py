@@ -14,7 +14,7 @@ import torch
 
 __all__ = ["Budget", "BudgetResult", "budget_from", "resolve_allocation", "check_min_keep"]
 
-_KINDS = ("macs", "params", "units", "latency")
+_KINDS = ("macs", "params", "units", "latency", "layers")
 #: the granularities a conversion can gate: single weights, channels / neurons, attention heads, hidden size
 GRANULARITIES = ("weight", "channel", "head", "hidden")
 
@@ -31,25 +31,29 @@ def check_sparsity(value: Any, granularities: tuple[str, ...] = GRANULARITIES) -
 
 @dataclass(frozen=True)
 class Budget:
-    """What a pruned model keeps: exactly one of ``macs``, ``params``, ``units``, ``latency`` as a fraction in
-    (0, 1].
+    """What a pruned model keeps: exactly one of ``macs``, ``params``, ``units``, ``latency``, ``layers`` as a
+    fraction in (0, 1].
 
     ``Budget(macs=0.5)``: keep 50% of the MACs of one forward pass on the example inputs ("2x fewer MACs");
     ``Budget(params=0.7)``: keep 70% of the parameters; ``Budget(units=0.5)``: keep half of the gated units
     (channels / neurons / heads), allocated across layers; ``Budget(latency=0.5)``: half the measured time of
     one forward on the example inputs on this machine (per-layer latency tables, see
-    :mod:`fermigates.allocation.latency`). Strings ``"macs:0.5"`` parse to the same.
+    :mod:`fermigates.allocation.latency`); ``Budget(layers=0.75)``: keep 75% of the blocks (decoder / encoder
+    layers, ViT blocks), the others removed whole (``fermigates.prune``). Strings ``"macs:0.5"`` parse to the
+    same.
     """
 
     macs: float | None = None
     params: float | None = None
     units: float | None = None
     latency: float | None = None
+    layers: float | None = None
 
     def __post_init__(self) -> None:
         given = [(k, getattr(self, k)) for k in _KINDS if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"Budget takes exactly one of macs=, params=, units=, latency= (a fraction kept), "
+            raise ValueError(f"Budget takes exactly one of macs=, params=, units=, latency=, layers= (a fraction "
+                             f"kept), "
                              f"got {given}")
         kind, value = given[0]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
@@ -83,7 +87,7 @@ class Budget:
                     if "fraction kept" in str(err) and "exactly one" not in str(err):
                         raise
         raise ValueError(f"budget must be a fermigates.Budget or a string like 'macs:0.5' / 'params:0.7' / "
-                         f"'units:0.5' / 'latency:0.5' (the fraction kept), got {value!r}")
+                         f"'units:0.5' / 'latency:0.5' / 'layers:0.75' (the fraction kept), got {value!r}")
 
 
 def budget_from(budget: "Budget | str | dict | None", target_sparsity: Any, config: Any, who: str) -> "Budget | None":
@@ -112,11 +116,18 @@ class BudgetResult:
     measured: float | None = None
     #: for a latency budget: the per-layer latency tables and how they were measured
     latency: Any = None
+    #: depth: the blocks removed whole (indices into ``block_path``), and how the choice was made
+    #: (``{"path", "scores", "candidates": [{"blocks", "predicted", "error"}], "chosen"}``)
+    removed_blocks: list[int] = field(default_factory=list)
+    depth: dict[str, Any] | None = None
 
     def __str__(self) -> str:
         got = f", measured {self.measured:.4f}" if self.measured is not None else ""
+        blocks = (f"; blocks removed {self.removed_blocks} of {self.depth['path']!r}"
+                  if self.depth is not None and self.removed_blocks else "")
         return (f"budget {self.kind} kept {self.requested:.4f}: predicted {self.predicted:.4f}{got} "
-                f"({self.allocation} allocation, {self.selection} selection; {self.kind} counted {self.counted_on})")
+                f"({self.allocation} allocation, {self.selection} selection; {self.kind} counted {self.counted_on})"
+                f"{blocks}")
 
 
 def describe_inputs(example: Any) -> str:

@@ -9,6 +9,7 @@ axis, heads) that the dependency graph's groups touch.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from typing import Any
 
 from torch import nn
@@ -35,6 +36,10 @@ class CostModel:
         self.total_params = count_parameters(model, target.own_tensors)
         self.total_units = sum(g.n_units for g in gates)
         self.latency: Any = None
+        self.block_path: str | None = None
+        self.block_macs: list[int] = []
+        self.block_params: list[int] = []
+        self.block_of: dict[str, int] = {}
         self.counted_on = f"per forward of {describe_inputs(example)}"
         modules = dict(model.named_modules())
         groups = {grp.id: grp for grp in target.graph.groups}
@@ -57,8 +62,8 @@ class CostModel:
                 elif axis == "chan":
                     total = (getattr(module, "num_features", None) or getattr(module, "out_channels", None)
                              or module.weight.shape[-1 if member.role == "norm" else 0])
-                else:
-                    total = gate.n_units
+                else:  # heads: a unit is a key/value group of ``width`` query heads under grouped-query attention
+                    total = gate.n_units * member.width
                 self.width[(member.module, axis)] = int(total)
                 touches.append((member.module, axis, member.width))
             self.touch.append(touches)
@@ -85,6 +90,21 @@ class CostModel:
                 entries.append((p.numel(), spans))
             self.params[name] = entries
 
+    def set_blocks(self, path: str, n_blocks: int) -> None:
+        """Count what removing each block of the stack at ``path`` (``path.0`` .. ``path.{n-1}``) saves: every
+        MAC and parameter of the modules inside it (see ``kept(..., gone=...)``)."""
+        model = self.target.model
+        own = {id(t) for t in self.target.own_tensors}
+        self.block_path = path
+        self.block_macs, self.block_params, self.block_of = [], [], {}
+        for i in range(n_blocks):
+            prefix = f"{path}.{i}"
+            block = model.get_submodule(prefix)
+            for name, _ in block.named_modules():
+                self.block_of[f"{prefix}.{name}" if name else prefix] = i
+            self.block_macs.append(sum(v for m, v in self.macs_by_module.items() if self.block_of.get(m) == i))
+            self.block_params.append(sum(p.numel() for p in block.parameters() if id(p) not in own))
+
     def _fractions(self, removed: list[int]) -> dict[tuple[str, str], float]:
         lost: dict[tuple[str, str], int] = {}
         for touches, r in zip(self.touch, removed):
@@ -110,29 +130,62 @@ class CostModel:
         self.latency_example = example
         return self.latency
 
-    def kept(self, kind: str, removed: list[int]) -> float:
-        """The fraction of ``kind`` kept when gate ``i`` removes ``removed[i]`` units."""
+    def kept(self, kind: str, removed: list[int], gone: Collection[int] = ()) -> float:
+        """The fraction of ``kind`` kept when gate ``i`` removes ``removed[i]`` units and the blocks ``gone``
+        (indices into the stack of :meth:`set_blocks`) are removed whole."""
         if kind == "units":
             return 1.0 - sum(removed) / max(self.total_units, 1)
+        if kind == "layers":
+            return 1.0 - len(gone) / max(len(self.block_macs), 1)
         frac = self._fractions(removed)
         if kind == "latency":
+            if gone:
+                raise ValueError("a latency budget does not remove blocks (its tables time single layers)")
             return self.latency.predict(frac) / max(self.latency.total, 1e-12)
+        gone = set(gone)
+
+        def inside(module: str) -> bool:
+            return bool(gone) and self.block_of.get(module) in gone
+
         by_module: dict[str, list[float]] = {}
         for (module, axis), f in frac.items():
             by_module.setdefault(module, []).append(f)
         if kind == "macs":
-            lost = 0.0
+            lost = float(sum(self.block_macs[i] for i in gone))
             for module, fs in by_module.items():
-                lost += self.macs_by_module.get(module, 0) * (1.0 - math.prod(fs))
+                if not inside(module):
+                    lost += self.macs_by_module.get(module, 0) * (1.0 - math.prod(fs))
             return 1.0 - lost / max(self.total_macs, 1)
-        lost = 0.0
+        lost = float(sum(self.block_params[i] for i in gone))
         for module, entries in self.params.items():
+            if inside(module):
+                continue
             for numel, spans in entries:
                 lost += numel * (1.0 - math.prod(frac[(module, a)] for a in spans))
         return 1.0 - lost / max(self.total_params, 1)
+
+    def without(self, gone: Collection[int]) -> "BlocksRemoved":
+        """This cost model with the blocks ``gone`` removed: what a solver sees once depth is decided."""
+        return BlocksRemoved(self, tuple(gone))
 
     def unit_cost(self, kind: str, i: int) -> float:
         """What removing one unit of gate ``i`` saves, at dense widths (for ranking across gates)."""
         base = [0] * len(self.touch)
         base[i] = 1
         return max(1.0 - self.kept(kind, base), 1e-12)
+
+
+class BlocksRemoved:
+    """A :class:`CostModel` seen with some blocks removed (the ``kept`` / ``unit_cost`` a solver calls)."""
+
+    def __init__(self, cost: CostModel, gone: tuple[int, ...]) -> None:
+        self.cost, self.gone = cost, gone
+
+    def kept(self, kind: str, removed: list[int]) -> float:
+        return self.cost.kept(kind, removed, self.gone)
+
+    def unit_cost(self, kind: str, i: int) -> float:
+        base = [0] * len(self.cost.touch)
+        dense = self.kept(kind, base)
+        base[i] = 1
+        return max(dense - self.kept(kind, base), 1e-12)

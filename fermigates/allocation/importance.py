@@ -29,6 +29,8 @@ from .units import Allocatable, UnitGroup
 __all__ = ["SELECTIONS", "consumers", "ranked_importance"]
 
 SELECTIONS = ("obs", "magnitude")
+#: how the energy of a residual stream is measured for the relative OBS costs (see calibration.input_stats)
+STREAM_ENERGY = "mean"
 
 Ranked = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -103,7 +105,7 @@ def ranked_importance(target: Allocatable, floors: list[int], selection: str, ba
     with target.dense():
         grams, moments, outputs = input_stats(model, batches, gram_names, moment_names, record=record,
                                               record_inputs=residuals, progress=progress, energies=energies,
-                                              energy_inputs=streams)
+                                              energy_inputs=streams, energy_statistic=STREAM_ENERGY)
     check_stats_finite({**grams, **moments})
     if state.collect_grams:
         state.selection_grams = grams

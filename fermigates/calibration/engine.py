@@ -18,7 +18,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -55,6 +55,7 @@ def calibrate(
     progress: bool = True,
     residual: bool = True,
     recorded: "Mapping[str, list[torch.Tensor]] | None" = None,
+    also: Iterable[str] = (),
 ) -> CalibrationReport:
     """Re-fit the weights of pruned layers so they reproduce the dense ``reference``'s outputs.
 
@@ -84,6 +85,8 @@ def calibrate(
         recorded: the reference's outputs already computed on these batches, ``{layer name: [output of
             batch 0, batch 1, ...]}`` (e.g. recorded by the selection pass of :func:`fermigates.prune`); when
             every target layer is in it, the reference is not run at all.
+        also: layers re-fitted whole (every input and output) besides the ``targets`` (given or inferred),
+            e.g. the stream writers after removed blocks.
 
     Returns:
         A :class:`CalibrationReport` with one row per calibrated layer. On any error the target layers'
@@ -95,6 +98,8 @@ def calibrate(
     if precision not in ("auto", "float64"):
         raise ValueError(f"precision must be 'auto' or 'float64', got {precision!r}")
     plans = _make_plans(model, reference, targets)
+    named = {p.name for p in plans}
+    plans += _make_plans(model, reference, {n: (None, None) for n in also if n not in named}) if also else []
     batches = as_batches(data, batch_size, max_batches)
     report = CalibrationReport(ridge=ridge, n_batches=len(batches))
     residuals = _residual_sources(model, plans) if residual else {}

@@ -207,7 +207,8 @@ def input_stats(model: nn.Module, data: Iterable[Any], gram_names: list[str], mo
                 record_inputs: dict[str, tuple[str, Any]] | None = None,
                 record_limit: int | None = None, progress: bool = False,
                 energies: dict[str, float] | None = None,
-                energy_inputs: dict[str, tuple[str, Any]] | None = None) -> tuple[dict, dict, dict | None]:
+                energy_inputs: dict[str, tuple[str, Any]] | None = None,
+                energy_statistic: str = "mean") -> tuple[dict, dict, dict | None]:
     """One pass over ``data``: the float64 Gram ``[X, 1]ᵀ[X, 1]`` of the ``gram_names`` Linear layers' inputs
     and the per-input-channel mean square of the ``moment_names`` layers' inputs (padding rows excluded);
     with ``record``, also the outputs of those layers (first call per batch, one list entry per batch), and
@@ -216,7 +217,9 @@ def input_stats(model: nn.Module, data: Iterable[Any], gram_names: list[str], mo
     :data:`RECORD_LIMIT_BYTES`). Linear outputs are kept as their non-padding rows.
 
     With ``energy_inputs`` (the same form as ``record_inputs``) the mean squared norm per row of what each
-    getter reads (a residual stream a layer adds to) is written into ``energies``, nothing kept.
+    getter reads (a residual stream a layer adds to) is written into ``energies``, nothing kept;
+    ``energy_statistic="median"``: the median channel's mean square times the channel count instead (a few
+    channels of massive activations, constant across tokens, then do not set the scale).
 
     Each batch's Gram product is taken in float32 for float32 inputs and summed in float64.
     """
@@ -285,7 +288,9 @@ def input_stats(model: nn.Module, data: Iterable[Any], gram_names: list[str], mo
     if missing:
         raise ValueError(f"record names not found in model: {missing}")
     energy_inputs = dict(energy_inputs or {})
-    sq_sums: dict[str, float] = {k: 0.0 for k in energy_inputs}
+    if energy_statistic not in ("mean", "median"):
+        raise ValueError(f"energy_statistic must be 'mean' or 'median', got {energy_statistic!r}")
+    sq_sums: dict[str, Any] = {k: 0.0 for k in energy_inputs}
     sq_rows: dict[str, int] = {k: 0 for k in energy_inputs}
 
     def measure_input(key: str, getter: Any):
@@ -293,7 +298,7 @@ def input_stats(model: nn.Module, data: Iterable[Any], gram_names: list[str], mo
             value = getter(args, kwargs)
             if isinstance(value, torch.Tensor):
                 r = masked_rows(value.detach(), state.get("mask"))
-                sq_sums[key] += float(r.double().square().sum())
+                sq_sums[key] = sq_sums[key] + r.double().square().sum(0)  # per channel
                 sq_rows[key] += r.shape[0]
         return fn
 
@@ -317,7 +322,11 @@ def input_stats(model: nn.Module, data: Iterable[Any], gram_names: list[str], mo
     if outputs is not None and any(len(v) != state["batch"] + 1 for v in outputs.values()):
         outputs = None  # a layer that did not run on every batch
     if energies is not None:
-        energies.update({k: sq_sums[k] / sq_rows[k] for k in energy_inputs if sq_rows[k]})
+        for k in energy_inputs:
+            if sq_rows[k]:
+                per_channel = sq_sums[k] / sq_rows[k]
+                energies[k] = float(per_channel.sum() if energy_statistic == "mean"
+                                    else per_channel.median() * per_channel.numel())
     return grams, {n: (sums[n] / max(counts[n], 1)).float() for n in moment_names if n in sums}, outputs
 
 

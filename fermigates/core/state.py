@@ -98,6 +98,9 @@ class ConversionState:
     #: consumes a unit (``selection_grams``), from which the layers that lose inputs are then re-fitted
     collect_grams: bool = False
     selection_grams: dict[str, torch.Tensor] | None = None
+    #: set by a budget that removes whole blocks: ``(path of the block list, indices)``; the bake calibrates the
+    #: blocks after each removed run toward the dense stream and then removes them
+    remove_blocks: tuple[str, list[int]] | None = None
 
     @property
     def method(self) -> str:

@@ -3,8 +3,10 @@
 ``block_importance`` runs the model on calibration batches and scores each block (or each run of ``span``
 consecutive blocks) by how much it changes the hidden state it reads: ShortGPT's block influence
 (``"bi"``: ``1 - cos(h_in, h_out)``, Men et al. 2024) or the angular distance (``"angular"``:
-``arccos(cos(h_in, h_out)) / pi``, Gromov et al. 2024), averaged over real tokens (the batches' attention mask).
-Low scores are the blocks that matter least.
+``arccos(cos(h_in, h_out)) / pi``, Gromov et al. 2024), averaged over real tokens (the batches' attention mask),
+or by the energy of the change relative to the stream's (``"energy"``: ``sum ||h_out - h_in||^2 / sum ||h_in||^2``
+over real tokens: the scale of the output error a budget's OBS ranking uses, so that blocks and units compete).
+Low scores are the blocks that matter least. ``skipping`` makes blocks compute the identity for a while.
 
 ``remove_blocks`` deletes blocks from the model's block list and updates everything that counts or indexes
 blocks -- config counts (``num_hidden_layers``), per-layer config fields (``layer_types``, per-layer head
@@ -17,26 +19,28 @@ does. It is a transaction. The removal is recorded on the model (original count,
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..core import registry
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["DEPTH_ATTR", "RemovedBlocks", "block_importance", "find_blocks", "remove_blocks"]
+__all__ = ["DEPTH_ATTR", "RemovedBlocks", "block_importance", "find_blocks", "remove_blocks", "skipping"]
 
 #: model attribute recording removals: ``{container path: {"original": int, "kept": [original indices]}}``
 DEPTH_ATTR = "_fermigates_removed_blocks"
-METRICS = ("bi", "angular")
+METRICS = ("bi", "angular", "energy")
 _LABEL_KEYS = ("labels", "label")
 
 
@@ -135,15 +139,18 @@ def block_importance(
     metric: str = "bi",
     span: int = 1,
     path: str | None = None,
+    progress: bool = False,
 ) -> list[float]:
     """How much each block (``span=1``) or each run of ``span`` consecutive blocks changes the hidden state,
     averaged over the real tokens of ``batches``; entry ``i`` covers blocks ``i .. i + span - 1``.
 
-    ``metric``: ``"bi"`` (ShortGPT's block influence, ``1 - cos(h_in, h_out)``) or ``"angular"``
-    (``arccos(cos) / pi``, Gromov et al.; they read the last token only, we average over every real token).
+    ``metric``: ``"bi"`` (ShortGPT's block influence, ``1 - cos(h_in, h_out)``), ``"angular"``
+    (``arccos(cos) / pi``, Gromov et al.; they read the last token only, we average over every real token) or
+    ``"energy"`` (``sum ||h_out - h_in||^2 / sum ||h_in||^2`` over real tokens: the squared error removing the
+    run adds to the stream, relative to the stream).
     Lower means the block (run) is closer to an identity: remove the lowest first. ``batches``: tensors,
     ``(inputs, ...)`` tuples or dicts (an ``attention_mask`` entry excludes padding). The model runs in eval
-    mode without gradients and gets its mode back.
+    mode without gradients and gets its mode back. ``progress``: a progress bar over the batches.
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
@@ -155,6 +162,7 @@ def block_importance(
         batches = [batches]
     inputs: dict[int, torch.Tensor] = {}
     totals = torch.zeros(n - span + 1, dtype=torch.float64)
+    norms = torch.zeros(n - span + 1, dtype=torch.float64)  # "energy": sum ||h_in||^2 per run
     count = 0.0
     mask_now: list[torch.Tensor | None] = [None]
 
@@ -176,6 +184,12 @@ def block_importance(
                 raise TypeError(f"block {path}.{index}: cannot compare its output with the input of block "
                                 f"{start} (shapes {None if h_in is None else tuple(h_in.shape)} and "
                                 f"{None if h_out is None else tuple(h_out.shape)})")
+            if metric == "energy":
+                a, b = h_in.double(), h_out.detach().double()
+                weight = _token_weights(mask_now[0], a[..., 0])
+                totals[start] += float(((b - a).square().sum(-1) * weight).sum().cpu())
+                norms[start] += float((a.square().sum(-1) * weight).sum().cpu())
+                return
             cos = torch.nn.functional.cosine_similarity(h_in.double(), h_out.detach().double(), dim=-1)
             value = 1.0 - cos if metric == "bi" else torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
             weight = _token_weights(mask_now[0], value)
@@ -190,7 +204,7 @@ def block_importance(
     model.eval()
     device = _device(model)
     try:
-        for batch in batches:
+        for batch in tqdm(batches, desc="scoring blocks", unit="batch", disable=not progress, leave=False):
             mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
             mask_now[0] = mask
             inputs.clear()
@@ -205,7 +219,32 @@ def block_importance(
         model.train(was_training)
     if count == 0:
         raise ValueError("block_importance: the batches hold no real token (empty data, or all padding)")
+    if metric == "energy":
+        return (totals / norms.clamp_min(1e-30)).tolist()
     return (totals / count).tolist()
+
+
+@contextlib.contextmanager
+def skipping(model: nn.Module, indices: Iterable[int], *, path: str | None = None) -> Iterator[None]:
+    """While inside, the blocks at ``indices`` return their input hidden state (the model computes what it
+    would without them; the blocks still run, their results are dropped). Names and indices stay as they are."""
+    path, container = find_blocks(model, path)
+    chosen = _check_indices(list(indices), len(container)) if list(indices) else []
+
+    def identity(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
+        h = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
+        if isinstance(out, torch.Tensor):
+            return h
+        if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):
+            return (h, *out[1:])
+        raise TypeError(f"cannot skip a block of {path!r} that returns {type(out).__name__}")
+
+    handles = [container[i].register_forward_hook(identity, with_kwargs=True) for i in chosen]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _token_weights(mask: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
