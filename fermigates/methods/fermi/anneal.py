@@ -16,6 +16,7 @@ After every optimizer step the annealer
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
@@ -45,13 +46,18 @@ from .model import (
     gate_scores,
     hard_gates,
     soft_probabilities,
+    structured_gates,
     undecided_units,
     unit_groups,
 )
+from .lagrangian import LagrangianSteer
 from .prior import INITS, resolve_init, set_rank_prior
+from .ranking import IMPORTANCES, Ranked, TaylorTracker, obs_ranking, write_orders
+from .refit import InputRecorder, calibrate_frozen, dense_reference
 
 TEMPERATURE_SCHEDULES = ("linear", "exponential", "cosine")
 SPARSITY_SCHEDULES = ("cubic", "linear", "constant")
+STEERS = ("band", "lagrangian")
 
 
 def temperature_at(progress: float, start: float, end: float, schedule: str = "exponential") -> float:
@@ -82,8 +88,9 @@ def sparsity_at(progress: float, final: float, schedule: str = "cubic", initial:
 class AnnealSchedule:
     """Everything that decides ``T`` and the sparsity band at a given step.
 
-    ``ramp`` is the fraction of ``total_steps`` over which sparsity rises and the band narrows; afterwards the
-    target is held (the rest of the run fine-tunes at the final sparsity). ``tolerance`` is the half-width of
+    ``ramp`` is the fraction of ``total_steps`` by whose end sparsity has risen and the band has narrowed;
+    afterwards the target is held (the rest of the run fine-tunes at the final sparsity). The rise starts after
+    ``ramp_start`` of the run (default 0; the annealer sets it when it first records the inputs it ranks on). ``tolerance`` is the half-width of
     the band, in sparsity points, at the start of the ramp. ``hard_after`` is the fraction of the run after
     which decisions are frozen and the gates are hard (None: where the ramp ends; 1.0: never during the run).
     """
@@ -97,6 +104,7 @@ class AnnealSchedule:
     ramp: float = 0.25
     tolerance: float = 0.05
     hard_after: float | None = None
+    ramp_start: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.total_steps, int) or isinstance(self.total_steps, bool) or self.total_steps < 1:
@@ -114,6 +122,8 @@ class AnnealSchedule:
             raise ValueError(f"initial_sparsity must be in [0, 1), got {self.initial_sparsity!r}")
         if not 0.0 < self.ramp <= 1.0:
             raise ValueError(f"ramp must be in (0, 1], got {self.ramp!r}")
+        if not (isinstance(self.ramp_start, (int, float)) and 0.0 <= self.ramp_start < self.ramp):
+            raise ValueError(f"ramp_start must be in [0, ramp) = [0, {self.ramp}), got {self.ramp_start!r}")
         if not 0.0 <= self.tolerance < 1.0:
             raise ValueError(f"tolerance must be in [0, 1), got {self.tolerance!r}")
         if self.hard_after is not None and not (isinstance(self.hard_after, (int, float))
@@ -139,7 +149,7 @@ class AnnealSchedule:
         return float(self.target_sparsity.get(kind, 0.0))
 
     def sparsity_at(self, step: int, kind: str | None = None, final: float | None = None) -> float:
-        progress = step / (self.ramp * self.total_steps)
+        progress = self.ramp_progress(step)
         final = self.final_sparsity(kind) if final is None else final
         return sparsity_at(progress, final, self.sparsity_schedule, min(self.initial_sparsity, final))
 
@@ -148,13 +158,18 @@ class AnnealSchedule:
         """The share a budget assigned to this gate (see ``FermiAnnealer(budget=...)``), or None."""
         return getattr(gate, "budget_share", None)
 
+    def ramp_progress(self, step: int) -> float:
+        """How far the sparsity ramp is at ``step``: 0 until ``ramp_start``, 1 from its end on."""
+        start, end = self.ramp_start * self.total_steps, self.ramp * self.total_steps
+        return min(max((step - start) / (end - start), 0.0), 1.0)
+
     def band_at(self, step: int) -> float:
-        progress = min(step / (self.ramp * self.total_steps), 1.0)
-        return self.tolerance * (1.0 - progress)
+        return self.tolerance * (1.0 - self.ramp_progress(step))
 
     @torch.no_grad()
-    def apply(self, model: nn.Module, step: int) -> None:
-        """Set ``T`` and clamp ``mu`` of every gate of ``model`` for ``step``."""
+    def apply(self, model: nn.Module, step: int, clamp: bool = True) -> None:
+        """Set ``T`` and clamp ``mu`` of every gate of ``model`` for ``step`` (``clamp=False``: during the ramp
+        only ``T``; the levels are steered otherwise, e.g. by a Lagrangian)."""
         temperature, band = self.temperature_at(step), self.band_at(step)
         if step >= self.hard_step:
             for gate, owner in distinct_gates(model):
@@ -170,6 +185,8 @@ class AnnealSchedule:
             gate.decided = None  # a resumed or rewound run decides again when it gets there
         for gate, scores in gate_scores(model):
             gate.set_temperature(temperature)
+            if not clamp:
+                continue
             target = self.sparsity_at(step, gate.kind, self.gate_final(gate))
             if band > 0:
                 probe = _probe(gate, scores)
@@ -187,7 +204,8 @@ BUDGET_UPDATES = 20
 class BudgetSteer:
     """Per-gate shares that meet a MAC / parameter / unit budget, from the gates' current normalised scores."""
 
-    def __init__(self, model: nn.Module, budget: Any, allocation: str, min_keep: float | int, example: Any) -> None:
+    def __init__(self, model: nn.Module, budget: Any, allocation: str, min_keep: float | int, example: Any,
+                 ranked: Ranked | None = None) -> None:
         self.budget = Budget.parse(budget)
         if self.budget.kind == "latency":
             raise ValueError("FermiAnnealer(budget=) takes 'macs', 'params' or 'units': a latency budget is measured "
@@ -207,6 +225,9 @@ class BudgetSteer:
         self.floors = [unit_floor(g.n_units, min_keep, st) for g, st in zip(self.gates, self.steps)]
         self.cost = CostModel(target, example)
         self.result: Any = None
+        #: the one-shot pruner's importance (OBS on calibration data) when the annealer has it: what a global
+        #: allocation compares across gates, as ``prune`` does; else the gates' normalised scores
+        self.ranked = ranked
         kind, fraction = self.budget.kind, self.budget.fraction
         floor_kept = self.cost.kept(kind, [g.n_units - f for g, f in zip(self.gates, self.floors)])
         if floor_kept > fraction * 1.02:
@@ -223,12 +244,17 @@ class BudgetSteer:
             self.update()
 
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, ranked: Ranked | None = None) -> None:
+        """Re-allocate from ``ranked`` (an importance ranking of every gate's units, e.g. refreshed OBS), else from
+        the ranking given at construction, else from the gates' current normalised scores."""
+        if ranked is not None:
+            self.ranked = ranked
         groups = unit_groups(self.model)
-        ranked = magnitude(groups)
+        ranked = magnitude(groups) if self.ranked is None else self.ranked
         kind, fraction = self.budget.kind, self.budget.fraction
         removed = solve(kind, fraction, self.allocation, groups, self.steps, self.floors, self.cost, ranked)
-        result = BudgetResult(kind, fraction, self.cost.kept(kind, removed), self.allocation, "magnitude (scores)",
+        selection = "magnitude (scores)" if self.ranked is None else "obs (calibration data)"
+        result = BudgetResult(kind, fraction, self.cost.kept(kind, removed), self.allocation, selection,
                               self.cost.counted_on if kind == "macs" else "over the whole model"
                               if kind == "params" else "over the gated units")
         by_id = {g.group_id: g for g, owner in distinct_gates(self.model) if owner is None}
@@ -236,6 +262,16 @@ class BudgetSteer:
             by_id[group.id].budget_share = (r + 0.5) / group.n_units if r else 0.0  # floor(share * n) == r exactly
             result.kept[group.label] = (group.n_units - r, group.n_units)
         self.result = result
+
+
+#: ``FermiAnnealer(calibrate_at_freeze=...)``: no calibration, toward the dense network, toward the model as trained
+FREEZE_REFERENCES = (None, "dense", "trained")
+#: without calibration data, the annealer keeps the inputs of this many training forwards to rank and calibrate on
+RECORD_BATCHES = 8
+
+#: how many times during the ramp each ``importance`` re-ranks the units (an OBS ranking costs a forward pass
+#: over the calibration data; a Taylor ranking is free)
+RERANKS = {"obs": 4, "taylor": 10}
 
 
 #: above this many units the band edges are read from a fixed random sample of the scores (exact quantiles of
@@ -341,24 +377,48 @@ def _check_init(init: str, calibration_data: Any) -> None:
                          "batches of training inputs)")
 
 
-def set_start(model: nn.Module, init: str, calibration_data: Any, min_keep: float | int) -> list[torch.Tensor]:
-    """Apply ``init`` (see ``FermiAnnealer``); the per-unit levels it created, for the optimizer."""
+def calibration_batches(calibration_data: Any) -> list | None:
+    """``calibration_data`` as checked batches (None stays None)."""
+    if calibration_data is None:
+        return None
+    batches = as_batches(calibration_data, 64, None, "calibration_data")
+    check_batches_finite(batches, "calibration_data")
+    return batches
+
+
+def set_start(model: nn.Module, init: str, calibration_data: Any, min_keep: float | int,
+              ranked: Ranked | None = None) -> list[torch.Tensor]:
+    """Apply ``init`` (see ``FermiAnnealer``); the per-unit levels it created, for the optimizer. ``ranked``: the
+    OBS ranking of the calibration data when already computed."""
     _check_init(init, calibration_data)
     init = resolve_init(model, init, calibration_data)
     if init == "scores":
         return []
     check_min_keep(min_keep)
-    batches = as_batches(calibration_data, 64, None, "calibration_data")
-    check_batches_finite(batches, "calibration_data")
-    return set_rank_prior(model, batches, min_keep)
+    batches = calibration_data if ranked is not None else calibration_batches(calibration_data)
+    return set_rank_prior(model, batches, min_keep, ranked=ranked)
+
+
+def _move_to_own_group(optimizer: Optimizer, params: list[torch.Tensor], lr: float) -> None:
+    """Take ``params`` out of the optimizer's groups and give them a group of their own (``lr``, no weight decay)."""
+    ids = {id(p) for p in params}
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) not in ids]
+    optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+    optimizer.add_param_group({"params": list(params), "lr": lr, "weight_decay": 0.0})
 
 
 def _add_params(optimizer: Optimizer, params: list[torch.Tensor]) -> None:
-    """Give ``optimizer`` the parameters it does not hold yet (new per-unit levels), without weight decay."""
-    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    new = [p for p in params if id(p) not in held]
-    if new:
-        optimizer.add_param_group({"params": new, "weight_decay": 0.0})
+    """Give ``optimizer`` the per-unit levels in a group of their own without weight decay (taken out of the
+    groups that hold them already: a model whose state dict brought its levels along before the optimizer was
+    built gets the same groups as the run it resumes)."""
+    if not params:
+        return
+    ids = {id(p) for p in params}
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) not in ids]
+    optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+    optimizer.add_param_group({"params": list(params), "weight_decay": 0.0})
 
 
 class FermiAnnealer(Optimizer):
@@ -374,6 +434,20 @@ class FermiAnnealer(Optimizer):
     trainable per-unit Fermi levels that are added to ``optimizer`` (see :mod:`fermigates.methods.fermi.prior`);
     ``"auto"`` (default) is ``"obs"`` when ``calibration_data`` is given and the model has channel / head gates,
     else ``"scores"``.
+
+    While the sparsity ramps, ``importance`` says how each channel / head gate's units are ranked:
+    ``"magnitude"`` (default) by their scores as the weights train (from the start ``init`` gave them);
+    ``"obs"`` re-ranks them as the one-shot pruner would on the current weights and ``calibration_data``, a few
+    times during the ramp; ``"taylor"`` re-ranks them by the first-order Taylor importance of their gates,
+    ``E[(dL/dP)^2]``, accumulated from the training steps (see :mod:`fermigates.methods.fermi.ranking`).
+    ``steer`` says how the levels follow the schedule: ``"band"`` (default) clamps them into a band around the
+    scheduled quantile; ``"lagrangian"`` lets them move with their gradients under a Lagrangian on the expected
+    sparsity (:mod:`fermigates.methods.fermi.lagrangian`; ``sparsity_loss()`` then returns that term).
+    ``level_lr``: the learning rate of the Fermi levels (``mu`` and per-unit offsets), in a group of their own
+    without weight decay; None (default): the wrapped optimizer's own.
+    With ``budget=`` and ``calibration_data``, the budget is allocated by the importance the one-shot pruner
+    uses (OBS on the calibration data, on one scale across gates), as ``prune`` does; without calibration data
+    by the gates' normalised scores.
     Under DistributedDataParallel build the annealer before wrapping the model (DDP synchronises only the
     parameters it saw when it was built), with the same calibration batches on every process.
     """
@@ -398,6 +472,10 @@ class FermiAnnealer(Optimizer):
         example_inputs: Any = None,
         init: str = "auto",
         calibration_data: Any = None,
+        importance: str = "magnitude",
+        steer: str = "band",
+        level_lr: float | None = None,
+        calibrate_at_freeze: str | None = None,
     ) -> None:
         if isinstance(temperature, (int, float, str)) or not isinstance(temperature, (tuple, list)):
             raise TypeError(f"temperature must be a pair (T_start, T_end), e.g. (1.0, 0.01), got {temperature!r}")
@@ -415,6 +493,15 @@ class FermiAnnealer(Optimizer):
                 "quantiles would be computed on one shard. Train with torch.nn.parallel.DistributedDataParallel "
                 "(or accelerate's DDP) instead, where every process holds the full model")
         _check_init(init, calibration_data)
+        if importance not in IMPORTANCES:
+            raise ValueError(f"importance must be one of {IMPORTANCES}, got {importance!r}")
+        if calibrate_at_freeze not in FREEZE_REFERENCES:
+            raise ValueError(f"calibrate_at_freeze must be one of {FREEZE_REFERENCES}, got {calibrate_at_freeze!r}")
+        if steer not in STEERS:
+            raise ValueError(f"steer must be one of {STEERS}, got {steer!r}")
+        if level_lr is not None and not (isinstance(level_lr, (int, float)) and not isinstance(level_lr, bool)
+                                         and math.isfinite(level_lr) and level_lr > 0):
+            raise ValueError(f"level_lr must be None or a finite number > 0, got {level_lr!r}")
         budget = budget_from(budget, target_sparsity, state.config, "FermiAnnealer")
         if target_sparsity is None:  # with a budget the gates get their own shares: the config's is a placeholder
             target_sparsity = 0.5 if state.config.target_sparsity is None else state.config.target_sparsity
@@ -428,8 +515,46 @@ class FermiAnnealer(Optimizer):
         if not isinstance(sparsity_weight, (int, float)) or isinstance(sparsity_weight, bool) \
                 or not math.isfinite(sparsity_weight) or sparsity_weight < 0:
             raise ValueError(f"sparsity_weight must be a finite number >= 0, got {sparsity_weight!r}")
-        self.budget = None if budget is None else BudgetSteer(model, budget, allocation, min_keep, example_inputs)
-        _add_params(optimizer, set_start(model, init, calibration_data, min_keep))
+        structured = bool(structured_gates(model))
+        if (importance != "magnitude" or calibrate_at_freeze) and not structured:
+            raise ValueError("importance= and calibrate_at_freeze= act on channel and head gates: convert with "
+                             "granularity 'channel' and/or 'head'")
+        # no calibration data: the inputs of the first training forwards stand in for it (ranked on after a few
+        # steps, before the sparsity rises), when the run is long enough to see them first
+        record_steps = min(RECORD_BATCHES, max(1, round(0.1 * ramp * total_steps)))
+        record = structured and calibration_data is None and record_steps < ramp * total_steps and (
+            init == "auto" or importance == "obs" or calibrate_at_freeze is not None)
+        if record:
+            self.schedule.ramp_start = record_steps / total_steps
+        wants_obs = structured and calibration_data is not None and (
+            resolve_init(model, init, calibration_data) == "obs" or importance == "obs" or budget is not None)
+        if importance == "obs" and calibration_data is None and not record:
+            raise ValueError("importance='obs' re-ranks the units on calibration inputs: pass calibration_data= (a "
+                             "few batches of training inputs)")
+        check_min_keep(min_keep)
+        batches = calibration_batches(calibration_data) if (wants_obs or calibrate_at_freeze) else None
+        ranked = obs_ranking(model, batches, min_keep) if wants_obs else None  # one pass serves all three
+        self.budget = None if budget is None else BudgetSteer(model, budget, allocation, min_keep, example_inputs,
+                                                               ranked=ranked)
+        levels = set_start(model, init, batches if wants_obs else calibration_data, min_keep, ranked=ranked)
+        if (importance != "magnitude" or (record and init == "auto")) and not levels:
+            # re-ranking (or a start ranked later) writes into per-unit levels, zero until then
+            levels = [g.add_unit_levels().requires_grad_(True) for g in structured_gates(model)]
+        _add_params(optimizer, levels)
+        if level_lr is not None:
+            _move_to_own_group(optimizer, [t for g in all_gates(model) for t in (g.mu, g.mu_offset)
+                                           if t is not None], float(level_lr))
+        self.importance, self.steer, self.level_lr = importance, steer, level_lr
+        self.calibrate_at_freeze = calibrate_at_freeze
+        self._recorder = InputRecorder(model, RECORD_BATCHES) if record else None
+        self._late_start = record and init == "auto"
+        self._record_steps = record_steps if record else 0
+        self._batches = self._recorder.batches if record else batches
+        self._min_keep = min_keep
+        #: the calibration report of ``calibrate_at_freeze`` (None until the decisions freeze)
+        self.freeze_calibration: Any = None
+        self._tracker = TaylorTracker(model) if importance == "taylor" else None
+        self._lagrangian = LagrangianSteer() if steer == "lagrangian" else None
         self.sparsity_weight = float(sparsity_weight)
         self.step_count = 0
         # what torch.optim.Optimizer.__init__ would set, for hooks and LR schedulers
@@ -440,12 +565,49 @@ class FermiAnnealer(Optimizer):
         self._optimizer_load_state_dict_pre_hooks: dict = OrderedDict()
         self._optimizer_load_state_dict_post_hooks: dict = OrderedDict()
         self._steer()
-        self.schedule.apply(model, 0)
+        self._apply()
 
     def _steer(self) -> None:
-        """Re-allocate the budget across gates from the current scores, until the decisions freeze."""
-        if self.budget is not None:
-            self.budget.maybe_update(self.step_count, self.schedule.hard_step)
+        """Re-rank the units (``importance``) and re-allocate the budget across gates, until the decisions
+        freeze."""
+        step, hard = self.step_count, self.schedule.hard_step
+        if self._late_start and step >= self._record_steps and self._batches:
+            self._late_start = False  # the start the calibration data would have given, on the recorded inputs
+            ranked = obs_ranking(self.model, list(self._batches), self._min_keep)
+            write_orders(structured_gates(self.model), ranked)
+            if self.budget is not None:
+                self.budget.update(ranked)
+        if self.importance != "magnitude" and 0 < step < hard:
+            every = max(1, hard // RERANKS[self.importance])
+            if step % every == 0:
+                self._rerank()
+        if self.budget is not None and (self.budget.ranked is None or self.budget.result is None):
+            self.budget.maybe_update(step, hard)  # scores move: re-allocate; an importance ranking: once
+
+    @torch.no_grad()
+    def _rerank(self) -> None:
+        gates = structured_gates(self.model)
+        if self.importance == "obs":
+            if not self._batches:
+                return
+            ranked = obs_ranking(self.model, list(self._batches), self._min_keep)
+            if self.budget is not None and self.budget.ranked is not None:
+                self.budget.update(ranked)
+        elif self._tracker is not None and self._tracker.ready():
+            ranked = self._tracker.ranked()
+        else:
+            return
+        write_orders(gates, ranked)
+
+    def _targets(self) -> list[float]:
+        s = self.schedule
+        return [s.sparsity_at(self.step_count, gate.kind, s.gate_final(gate)) for gate, _ in distinct_gates(self.model)]
+
+    def _apply(self) -> None:
+        lagrangian = self._lagrangian is not None and self.step_count < self.schedule.hard_step
+        if lagrangian:
+            self._lagrangian.place(self.model, self._targets())
+        self.schedule.apply(self.model, self.step_count, clamp=not lagrangian)
 
     @property
     def budget_result(self) -> Any:
@@ -475,10 +637,21 @@ class FermiAnnealer(Optimizer):
         gates = all_gates(self.model)
         _check_finite(gates, "grad", self.step_count)  # a NaN loss: refuse before anything moves
         loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        if self._lagrangian is not None:
+            self._lagrangian.ascend()
         self.step_count += 1
         _check_finite(gates, "data", self.step_count)
         self._steer()
-        self.schedule.apply(self.model, self.step_count)
+        freezes = self.calibrate_at_freeze is not None and self.step_count == self.schedule.hard_step
+        reference = None
+        if freezes:  # the reference is taken before the freeze: the soft model as trained, or the dense one
+            reference = dense_reference(self.model) if self.calibrate_at_freeze == "dense" else \
+                copy.deepcopy(self.model).eval().requires_grad_(False)
+        self._apply()
+        if freezes and self._batches:
+            self.freeze_calibration = calibrate_frozen(self.model, list(self._batches), reference)
+        if self.decided and self._recorder is not None:
+            self._recorder.close()
         return loss
 
     # -- what the annealer adds ---------------------------------------------------------------
@@ -530,6 +703,10 @@ class FermiAnnealer(Optimizer):
         scores of units near the threshold down, so units leave smoothly instead of being cut. Zero (and
         without gradient) once the decisions are frozen.
         """
+        if self._lagrangian is not None:
+            if self.step_count >= self.schedule.hard_step:
+                return torch.zeros(())
+            return self.sparsity_weight * self._lagrangian.loss(self.model, self._targets())
         return sparsity_loss(self.model, self.schedule, self.step_count, self.sparsity_weight)
 
     def state_dict(self) -> dict[str, Any]:
@@ -540,6 +717,9 @@ class FermiAnnealer(Optimizer):
             "sparsity_weight": self.sparsity_weight,
             # frozen decisions, so a run resumed in its hard phase applies exactly the same masks
             "decided": [None if g.decided is None else g.decided.cpu() for g in all_gates(self.model)],
+            **({"lagrangian": self._lagrangian.state_dict()} if self._lagrangian is not None else {}),
+            **({"taylor": [t.clone() for t in self._tracker.scores], "taylor_seen": list(self._tracker.seen)}
+               if self._tracker is not None else {}),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -552,6 +732,8 @@ class FermiAnnealer(Optimizer):
         self.schedule = AnnealSchedule(**schedule)
         self.sparsity_weight = float(state_dict.get("sparsity_weight", self.sparsity_weight))
         self.step_count = int(state_dict["step_count"])
+        if self.step_count >= self._record_steps:
+            self._late_start = False  # the run being resumed already ranked its units: keep its levels
         if self.budget is not None and self.step_count < self.schedule.hard_step:
             self.budget.update()  # the shares of the restored scores
         decided = state_dict.get("decided")
@@ -561,7 +743,12 @@ class FermiAnnealer(Optimizer):
                              f"{len(gates)}: was it saved from another model?")
         for gate, mask in zip(gates, decided or [None] * len(gates)):
             gate.decided = None if mask is None else mask.to(gate.mu.device)
-        self.schedule.apply(self.model, self.step_count)
+        if self._lagrangian is not None and "lagrangian" in state_dict:
+            self._lagrangian.load_state_dict(state_dict["lagrangian"])
+        if self._tracker is not None and "taylor" in state_dict:
+            self._tracker.scores = [t.clone() for t in state_dict["taylor"]]
+            self._tracker.seen = list(state_dict["taylor_seen"])
+        self._apply()
 
     def __repr__(self) -> str:
         s = self.schedule

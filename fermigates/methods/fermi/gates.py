@@ -144,6 +144,15 @@ class FermiGate(nn.Module):
                 keep[margin.topk(want).indices] = True
         return keep
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # a state dict saved with per-unit levels (an anneal started from a ranking) loads into a gate without
+        # them: the levels are created first
+        if self.mu_offset is None and f"{prefix}mu_offset" in state_dict:
+            self.add_unit_levels()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def get_extra_state(self) -> torch.Tensor:
         """The frozen decision travels with the state dict (an empty tensor while undecided), so a model saved by
         any trainer and loaded again bakes exactly what was trained."""

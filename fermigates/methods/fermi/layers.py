@@ -59,6 +59,11 @@ def _shared(gate: FermiGate, inputs_version: tuple, compute: Callable[[], torch.
     return p
 
 
+#: gate -> callback given every soft probability tensor the gate computes with gradients (e.g. to accumulate
+#: ``dL/dP`` for a Taylor importance); outside the modules, so copies and pickles of a model never carry it
+PROBABILITY_HOOKS: "weakref.WeakKeyDictionary[FermiGate, Callable[[torch.Tensor], None]]" = weakref.WeakKeyDictionary()
+
+
 def weight_probability(gate: FermiGate, weight: torch.Tensor) -> torch.Tensor:
     """A weight gate's soft probabilities of ``weight``'s entries, shared within a forward (the layer and the
     annealer's sparsity term read the same tensor)."""
@@ -102,7 +107,14 @@ class GroupGate(FermiGate):
         many layers consume the group (see :func:`new_forward`)."""
         if self.enabled and self.decided is not None:  # no need to score: the decision is frozen
             return self._touch(self.decided.float())
-        return _shared(self, tuple(m.weight._version for m, _, _ in self.producers), lambda: self(self.score()))
+        return _shared(self, tuple(m.weight._version for m, _, _ in self.producers), self._soft_probability)
+
+    def _soft_probability(self) -> torch.Tensor:
+        p = self(self.score())
+        hook = PROBABILITY_HOOKS.get(self)
+        if hook is not None and p.requires_grad:
+            hook(p)
+        return p
 
     def keep_units(self) -> torch.Tensor:
         if self.decided is not None:
