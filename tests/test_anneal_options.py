@@ -76,7 +76,7 @@ def test_taylor_importance_ranks_units_by_the_gradients_of_their_gates():
         opt.step()
         opt.zero_grad()
         if not opt.decided:
-            last = [score.clone() for score in opt._tracker.scores]  # what the last re-rank read
+            last = [score.clone() for score in opt.control.tracker.scores]  # what the last re-rank read
     assert all(bool(s.sum() > 0) for s in last)
     for gate, score, keep in zip(structured_gates(model), last, _kept(model)):
         n_keep = int(keep.sum())
@@ -113,18 +113,18 @@ def test_lagrangian_steering_pushes_the_levels_and_ends_at_the_target():
     for i in range(40):
         xb, yb = x[32 * (i % 8): 32 * (i % 8 + 1)], y[32 * (i % 8): 32 * (i % 8 + 1)]
         term = opt.sparsity_loss()
-        if term.requires_grad and any(lam[0] for lam in opt._lagrangian.lambdas.values()):
+        if term.requires_grad and any(lam[0] for lam in opt.control.lagrangian.lambdas.values()):
             seen_loss = True
             mu_grad = torch.autograd.grad(term, [g.mu for g in all_gates(model)], retain_graph=True,
                                           allow_unused=True)
             assert any(g is not None and bool(g.abs().sum() > 0) for g in mu_grad)
         (F.cross_entropy(model(xb), yb) + term).backward()
-        before = copy.deepcopy(opt._lagrangian.lambdas)
-        gaps = dict(opt._lagrangian.gaps)
+        before = copy.deepcopy(opt.control.lagrangian.lambdas)
+        gaps = dict(opt.control.lagrangian.gaps)
         opt.step()
         opt.zero_grad()
         for k, gap in gaps.items():  # gradient ascent: a gate above its target is pushed down, below it up
-            assert opt._lagrangian.lambdas[k][0] == pytest.approx(before.get(k, [0.0])[0] + 0.05 * gap)
+            assert opt.control.lagrangian.lambdas[k][0] == pytest.approx(before.get(k, [0.0])[0] + 0.05 * gap)
     assert seen_loss and opt.decided
     assert all(int((~k).sum()) == 32 for k in _kept(model))  # exactly the target at the end
     state = opt.state_dict()
@@ -132,7 +132,7 @@ def test_lagrangian_steering_pushes_the_levels_and_ends_at_the_target():
     opt2 = fg.FermiAnnealer(torch.optim.AdamW(other.parameters(), lr=1e-2), other, total_steps=40,
                             steer="lagrangian", level_lr=0.05)
     opt2.load_state_dict(state)
-    assert opt2._lagrangian.lambdas == opt._lagrangian.lambdas
+    assert opt2.control.lagrangian.lambdas == opt.control.lagrangian.lambdas
     with pytest.raises(ValueError, match="steer must be one of"):
         fg.FermiAnnealer(torch.optim.SGD(model.parameters(), lr=0.1), _model(), total_steps=8, steer="pid")
 
@@ -166,12 +166,12 @@ def test_without_calibration_data_the_annealer_ranks_on_the_inputs_it_is_trained
     model, opt = _frozen_run(steps=80)  # ramp of 20 steps: the first 2 training batches are ranked on
     assert opt.schedule.ramp_start == 2 / 80
     recorded = list(x[:64].split(32))
-    assert all(torch.equal(a, b) for a, b in zip(opt._batches[:2], recorded))
+    assert all(torch.equal(a, b) for a, b in zip(opt.control.batches[:2], recorded))
     assert _baked_kept(model) == _prune_kept(recorded, target_sparsity=0.5)
-    assert len(opt._batches) <= 8 and opt._recorder._handle.id not in model._forward_pre_hooks
+    assert len(opt.control.batches) <= 8 and opt.control.recorder._handle.id not in model._forward_pre_hooks
     # with init="scores", or calibration data, nothing is recorded and the ramp starts at once
     _, plain = _frozen_run(steps=80, init="scores")
-    assert plain._recorder is None and plain.schedule.ramp_start == 0.0
+    assert plain.control.recorder is None and plain.schedule.ramp_start == 0.0
 
 
 def test_calibrate_frozen_equals_the_bake_calibrated_toward_the_dense_model():

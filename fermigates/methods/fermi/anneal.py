@@ -421,6 +421,170 @@ def _add_params(optimizer: Optimizer, params: list[torch.Tensor]) -> None:
     optimizer.add_param_group({"params": list(params), "weight_decay": 0.0})
 
 
+def _record_steps(schedule: AnnealSchedule) -> int:
+    """Training steps whose inputs are recorded (and ranked on) before the sparsity rises, when there is no
+    calibration data: 10% of the ramp, at least 1 and at most :data:`RECORD_BATCHES`."""
+    return min(RECORD_BATCHES, max(1, round(0.1 * schedule.ramp * schedule.total_steps)))
+
+
+class AnnealControl:
+    """What an anneal does around the optimizer's steps, shared by :class:`FermiAnnealer` and the Trainer callback:
+    where each channel / head gate's units start (``init``), how they are ranked and steered while the sparsity
+    ramps (``importance``, ``steer``, a ``budget``), and the calibration when the decisions freeze
+    (``calibrate_at_freeze``). The arguments are :class:`FermiAnnealer`'s.
+
+    Everything that can refuse the arguments runs before the model is changed. ``levels`` are the per-unit Fermi
+    levels it created, for the optimizer. :meth:`bind` attaches the schedule (known later in a Trainer):
+    without calibration data it then records the inputs of the first training forwards to rank on.
+    """
+
+    def __init__(self, model: nn.Module, *, budget: Any, allocation: str, min_keep: float | int, example_inputs: Any,
+                 init: str, calibration_data: Any, importance: str, steer: str,
+                 calibrate_at_freeze: str | None, schedule: AnnealSchedule | None = None) -> None:
+        _check_init(init, calibration_data)
+        if importance not in IMPORTANCES:
+            raise ValueError(f"importance must be one of {IMPORTANCES}, got {importance!r}")
+        if calibrate_at_freeze not in FREEZE_REFERENCES:
+            raise ValueError(f"calibrate_at_freeze must be one of {FREEZE_REFERENCES}, got {calibrate_at_freeze!r}")
+        if steer not in STEERS:
+            raise ValueError(f"steer must be one of {STEERS}, got {steer!r}")
+        check_min_keep(min_keep)
+        structured = bool(structured_gates(model))
+        if (importance != "magnitude" or calibrate_at_freeze) and not structured:
+            raise ValueError("importance= and calibrate_at_freeze= act on channel and head gates: convert with "
+                             "granularity 'channel' and/or 'head'")
+        self.model, self.init, self.importance, self.steer = model, init, importance, steer
+        self.calibrate_at_freeze = calibrate_at_freeze
+        self.min_keep = min_keep
+        # without calibration data the inputs of the first training forwards stand in for it (see bind)
+        self.may_record = structured and calibration_data is None and (
+            init == "auto" or importance == "obs" or calibrate_at_freeze is not None) and (
+            schedule is None or _record_steps(schedule) < schedule.ramp * schedule.total_steps)
+        wants_obs = structured and calibration_data is not None and (
+            resolve_init(model, init, calibration_data) == "obs" or importance == "obs" or budget is not None)
+        batches = calibration_batches(calibration_data) if (wants_obs or calibrate_at_freeze) else None
+        ranked = obs_ranking(model, batches, min_keep) if wants_obs else None  # one pass serves all three
+        self.budget = None if budget is None else BudgetSteer(model, budget, allocation, min_keep, example_inputs,
+                                                               ranked=ranked)
+        self.levels = set_start(model, init, batches if wants_obs else calibration_data, min_keep, ranked=ranked)
+        if (importance != "magnitude" or (self.may_record and init == "auto")) and not self.levels:
+            # re-ranking (or a start ranked on recorded inputs) writes into per-unit levels, zero until then
+            self.levels = [g.add_unit_levels().requires_grad_(True) for g in structured_gates(model)]
+        self.batches: list | None = batches
+        self.recorder: InputRecorder | None = None
+        self.late_start = False
+        self.record_steps = 0
+        self.tracker = TaylorTracker(model) if importance == "taylor" else None
+        self.lagrangian = LagrangianSteer() if steer == "lagrangian" else None
+        self.schedule: AnnealSchedule | None = None
+        #: the calibration report of ``calibrate_at_freeze`` (None until the decisions freeze)
+        self.freeze_calibration: Any = None
+        if schedule is not None:
+            self.bind(schedule)
+
+    def bind(self, schedule: AnnealSchedule) -> None:
+        """Attach the schedule. Without calibration data, when the ramp is long enough, the sparsity starts rising
+        only after the inputs of ``min(8, 10% of the ramp)`` training steps have been recorded and ranked on."""
+        self.schedule = schedule
+        steps = _record_steps(schedule)
+        if self.may_record and steps < schedule.ramp * schedule.total_steps:
+            schedule.ramp_start = steps / schedule.total_steps
+            self.record_steps = steps
+            self.recorder = InputRecorder(self.model, RECORD_BATCHES)
+            self.batches = self.recorder.batches
+            self.late_start = self.init == "auto"
+        elif self.importance == "obs" and self.batches is None:
+            raise ValueError("importance='obs' re-ranks the units on calibration inputs: pass calibration_data= (a "
+                             "few batches of training inputs)")
+
+    @property
+    def budget_result(self) -> Any:
+        return None if self.budget is None else self.budget.result
+
+    def _targets(self, step: int) -> list[float]:
+        s = self.schedule
+        return [s.sparsity_at(step, gate.kind, s.gate_final(gate)) for gate, _ in distinct_gates(self.model)]
+
+    def steer_to(self, step: int) -> None:
+        """Rank and steer for ``step`` (before the model is annealed to it)."""
+        hard = self.schedule.hard_step
+        if self.late_start and step >= self.record_steps and self.batches:
+            self.late_start = False  # the start calibration data would have given, on the recorded inputs
+            ranked = obs_ranking(self.model, list(self.batches), self.min_keep)
+            write_orders(structured_gates(self.model), ranked)
+            if self.budget is not None:
+                self.budget.update(ranked)
+        if self.importance != "magnitude" and 0 < step < hard and step % max(1, hard // RERANKS[self.importance]) == 0:
+            self._rerank()
+        if self.budget is not None and (self.budget.ranked is None or self.budget.result is None):
+            self.budget.maybe_update(step, hard)  # scores move: re-allocate; an importance ranking: once
+
+    @torch.no_grad()
+    def _rerank(self) -> None:
+        if self.importance == "obs":
+            if not self.batches:
+                return
+            ranked = obs_ranking(self.model, list(self.batches), self.min_keep)
+            if self.budget is not None and self.budget.ranked is not None:
+                self.budget.update(ranked)
+        elif self.tracker is not None and self.tracker.ready():
+            ranked = self.tracker.ranked()
+        else:
+            return
+        write_orders(structured_gates(self.model), ranked)
+
+    def apply(self, step: int) -> None:
+        """Anneal the model to ``step`` (temperature, levels, the freeze), calibrating at the freeze if asked."""
+        freezes = self.calibrate_at_freeze is not None and step == self.schedule.hard_step
+        reference = None
+        if freezes:  # taken before the freeze: the model as trained (soft), or the dense network
+            reference = dense_reference(self.model) if self.calibrate_at_freeze == "dense" else \
+                copy.deepcopy(self.model).eval().requires_grad_(False)
+        lagrangian = self.lagrangian is not None and step < self.schedule.hard_step
+        if lagrangian:
+            self.lagrangian.place(self.model, self._targets(step))
+        self.schedule.apply(self.model, step, clamp=not lagrangian)
+        if freezes and self.batches:
+            self.freeze_calibration = calibrate_frozen(self.model, list(self.batches), reference)
+        if step >= self.schedule.hard_step and self.recorder is not None:
+            self.recorder.close()
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Everything after the optimizer stepped to ``step``: the multipliers, steering, the anneal."""
+        if self.lagrangian is not None:
+            self.lagrangian.ascend()
+        self.steer_to(step)
+        self.apply(step)
+
+    def loss(self, step: int, weight: float) -> torch.Tensor:
+        """The term added to the loss at ``step`` (the sparsity term, or the Lagrangian when ``steer`` says so)."""
+        if self.lagrangian is not None:
+            if step >= self.schedule.hard_step:
+                return torch.zeros(())
+            return weight * self.lagrangian.loss(self.model, self._targets(step))
+        return sparsity_loss(self.model, self.schedule, step, weight)
+
+    def state_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.lagrangian is not None:
+            out["lagrangian"] = self.lagrangian.state_dict()
+        if self.tracker is not None:
+            out["taylor"] = [t.clone() for t in self.tracker.scores]
+            out["taylor_seen"] = list(self.tracker.seen)
+        return out
+
+    def load_state_dict(self, state: dict[str, Any], step: int) -> None:
+        if step >= self.record_steps:
+            self.late_start = False  # the run being resumed already ranked its units: keep its levels
+        if self.lagrangian is not None and "lagrangian" in state:
+            self.lagrangian.load_state_dict(state["lagrangian"])
+        if self.tracker is not None and "taylor" in state:
+            self.tracker.scores = [t.clone() for t in state["taylor"]]
+            self.tracker.seen = list(state["taylor_seen"])
+        if self.budget is not None and step < self.schedule.hard_step:
+            self.budget.update()  # the shares of the restored scores (or of the ranking)
+
+
 class FermiAnnealer(Optimizer):
     """Wraps any torch optimizer: ``step()`` steps it, then anneals the gates of ``model``.
 
@@ -492,13 +656,6 @@ class FermiAnnealer(Optimizer):
                 "FermiAnnealer needs whole weights: FSDP2 (fully_shard) shards them, so a gate's score and its "
                 "quantiles would be computed on one shard. Train with torch.nn.parallel.DistributedDataParallel "
                 "(or accelerate's DDP) instead, where every process holds the full model")
-        _check_init(init, calibration_data)
-        if importance not in IMPORTANCES:
-            raise ValueError(f"importance must be one of {IMPORTANCES}, got {importance!r}")
-        if calibrate_at_freeze not in FREEZE_REFERENCES:
-            raise ValueError(f"calibrate_at_freeze must be one of {FREEZE_REFERENCES}, got {calibrate_at_freeze!r}")
-        if steer not in STEERS:
-            raise ValueError(f"steer must be one of {STEERS}, got {steer!r}")
         if level_lr is not None and not (isinstance(level_lr, (int, float)) and not isinstance(level_lr, bool)
                                          and math.isfinite(level_lr) and level_lr > 0):
             raise ValueError(f"level_lr must be None or a finite number > 0, got {level_lr!r}")
@@ -515,46 +672,15 @@ class FermiAnnealer(Optimizer):
         if not isinstance(sparsity_weight, (int, float)) or isinstance(sparsity_weight, bool) \
                 or not math.isfinite(sparsity_weight) or sparsity_weight < 0:
             raise ValueError(f"sparsity_weight must be a finite number >= 0, got {sparsity_weight!r}")
-        structured = bool(structured_gates(model))
-        if (importance != "magnitude" or calibrate_at_freeze) and not structured:
-            raise ValueError("importance= and calibrate_at_freeze= act on channel and head gates: convert with "
-                             "granularity 'channel' and/or 'head'")
-        # no calibration data: the inputs of the first training forwards stand in for it (ranked on after a few
-        # steps, before the sparsity rises), when the run is long enough to see them first
-        record_steps = min(RECORD_BATCHES, max(1, round(0.1 * ramp * total_steps)))
-        record = structured and calibration_data is None and record_steps < ramp * total_steps and (
-            init == "auto" or importance == "obs" or calibrate_at_freeze is not None)
-        if record:
-            self.schedule.ramp_start = record_steps / total_steps
-        wants_obs = structured and calibration_data is not None and (
-            resolve_init(model, init, calibration_data) == "obs" or importance == "obs" or budget is not None)
-        if importance == "obs" and calibration_data is None and not record:
-            raise ValueError("importance='obs' re-ranks the units on calibration inputs: pass calibration_data= (a "
-                             "few batches of training inputs)")
-        check_min_keep(min_keep)
-        batches = calibration_batches(calibration_data) if (wants_obs or calibrate_at_freeze) else None
-        ranked = obs_ranking(model, batches, min_keep) if wants_obs else None  # one pass serves all three
-        self.budget = None if budget is None else BudgetSteer(model, budget, allocation, min_keep, example_inputs,
-                                                               ranked=ranked)
-        levels = set_start(model, init, batches if wants_obs else calibration_data, min_keep, ranked=ranked)
-        if (importance != "magnitude" or (record and init == "auto")) and not levels:
-            # re-ranking (or a start ranked later) writes into per-unit levels, zero until then
-            levels = [g.add_unit_levels().requires_grad_(True) for g in structured_gates(model)]
-        _add_params(optimizer, levels)
+        self.control = AnnealControl(model, budget=budget, allocation=allocation, min_keep=min_keep,
+                                     example_inputs=example_inputs, init=init, calibration_data=calibration_data,
+                                     importance=importance, steer=steer, calibrate_at_freeze=calibrate_at_freeze,
+                                     schedule=self.schedule)
+        _add_params(optimizer, self.control.levels)
         if level_lr is not None:
             _move_to_own_group(optimizer, [t for g in all_gates(model) for t in (g.mu, g.mu_offset)
                                            if t is not None], float(level_lr))
-        self.importance, self.steer, self.level_lr = importance, steer, level_lr
-        self.calibrate_at_freeze = calibrate_at_freeze
-        self._recorder = InputRecorder(model, RECORD_BATCHES) if record else None
-        self._late_start = record and init == "auto"
-        self._record_steps = record_steps if record else 0
-        self._batches = self._recorder.batches if record else batches
-        self._min_keep = min_keep
-        #: the calibration report of ``calibrate_at_freeze`` (None until the decisions freeze)
-        self.freeze_calibration: Any = None
-        self._tracker = TaylorTracker(model) if importance == "taylor" else None
-        self._lagrangian = LagrangianSteer() if steer == "lagrangian" else None
+        self.level_lr = level_lr
         self.sparsity_weight = float(sparsity_weight)
         self.step_count = 0
         # what torch.optim.Optimizer.__init__ would set, for hooks and LR schedulers
@@ -564,50 +690,17 @@ class FermiAnnealer(Optimizer):
         self._optimizer_state_dict_post_hooks: dict = OrderedDict()
         self._optimizer_load_state_dict_pre_hooks: dict = OrderedDict()
         self._optimizer_load_state_dict_post_hooks: dict = OrderedDict()
-        self._steer()
-        self._apply()
+        self.control.steer_to(0)
+        self.control.apply(0)
 
-    def _steer(self) -> None:
-        """Re-rank the units (``importance``) and re-allocate the budget across gates, until the decisions
-        freeze."""
-        step, hard = self.step_count, self.schedule.hard_step
-        if self._late_start and step >= self._record_steps and self._batches:
-            self._late_start = False  # the start the calibration data would have given, on the recorded inputs
-            ranked = obs_ranking(self.model, list(self._batches), self._min_keep)
-            write_orders(structured_gates(self.model), ranked)
-            if self.budget is not None:
-                self.budget.update(ranked)
-        if self.importance != "magnitude" and 0 < step < hard:
-            every = max(1, hard // RERANKS[self.importance])
-            if step % every == 0:
-                self._rerank()
-        if self.budget is not None and (self.budget.ranked is None or self.budget.result is None):
-            self.budget.maybe_update(step, hard)  # scores move: re-allocate; an importance ranking: once
+    @property
+    def budget(self) -> BudgetSteer | None:
+        return self.control.budget
 
-    @torch.no_grad()
-    def _rerank(self) -> None:
-        gates = structured_gates(self.model)
-        if self.importance == "obs":
-            if not self._batches:
-                return
-            ranked = obs_ranking(self.model, list(self._batches), self._min_keep)
-            if self.budget is not None and self.budget.ranked is not None:
-                self.budget.update(ranked)
-        elif self._tracker is not None and self._tracker.ready():
-            ranked = self._tracker.ranked()
-        else:
-            return
-        write_orders(gates, ranked)
-
-    def _targets(self) -> list[float]:
-        s = self.schedule
-        return [s.sparsity_at(self.step_count, gate.kind, s.gate_final(gate)) for gate, _ in distinct_gates(self.model)]
-
-    def _apply(self) -> None:
-        lagrangian = self._lagrangian is not None and self.step_count < self.schedule.hard_step
-        if lagrangian:
-            self._lagrangian.place(self.model, self._targets())
-        self.schedule.apply(self.model, self.step_count, clamp=not lagrangian)
+    @property
+    def freeze_calibration(self) -> Any:
+        """With ``calibrate_at_freeze``: the calibration report of the freeze (None before it)."""
+        return self.control.freeze_calibration
 
     @property
     def budget_result(self) -> Any:
@@ -637,21 +730,9 @@ class FermiAnnealer(Optimizer):
         gates = all_gates(self.model)
         _check_finite(gates, "grad", self.step_count)  # a NaN loss: refuse before anything moves
         loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
-        if self._lagrangian is not None:
-            self._lagrangian.ascend()
         self.step_count += 1
         _check_finite(gates, "data", self.step_count)
-        self._steer()
-        freezes = self.calibrate_at_freeze is not None and self.step_count == self.schedule.hard_step
-        reference = None
-        if freezes:  # the reference is taken before the freeze: the soft model as trained, or the dense one
-            reference = dense_reference(self.model) if self.calibrate_at_freeze == "dense" else \
-                copy.deepcopy(self.model).eval().requires_grad_(False)
-        self._apply()
-        if freezes and self._batches:
-            self.freeze_calibration = calibrate_frozen(self.model, list(self._batches), reference)
-        if self.decided and self._recorder is not None:
-            self._recorder.close()
+        self.control.after_optimizer_step(self.step_count)
         return loss
 
     # -- what the annealer adds ---------------------------------------------------------------
@@ -703,11 +784,7 @@ class FermiAnnealer(Optimizer):
         scores of units near the threshold down, so units leave smoothly instead of being cut. Zero (and
         without gradient) once the decisions are frozen.
         """
-        if self._lagrangian is not None:
-            if self.step_count >= self.schedule.hard_step:
-                return torch.zeros(())
-            return self.sparsity_weight * self._lagrangian.loss(self.model, self._targets())
-        return sparsity_loss(self.model, self.schedule, self.step_count, self.sparsity_weight)
+        return self.control.loss(self.step_count, self.sparsity_weight)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -717,9 +794,7 @@ class FermiAnnealer(Optimizer):
             "sparsity_weight": self.sparsity_weight,
             # frozen decisions, so a run resumed in its hard phase applies exactly the same masks
             "decided": [None if g.decided is None else g.decided.cpu() for g in all_gates(self.model)],
-            **({"lagrangian": self._lagrangian.state_dict()} if self._lagrangian is not None else {}),
-            **({"taylor": [t.clone() for t in self._tracker.scores], "taylor_seen": list(self._tracker.seen)}
-               if self._tracker is not None else {}),
+            **self.control.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -732,10 +807,8 @@ class FermiAnnealer(Optimizer):
         self.schedule = AnnealSchedule(**schedule)
         self.sparsity_weight = float(state_dict.get("sparsity_weight", self.sparsity_weight))
         self.step_count = int(state_dict["step_count"])
-        if self.step_count >= self._record_steps:
-            self._late_start = False  # the run being resumed already ranked its units: keep its levels
-        if self.budget is not None and self.step_count < self.schedule.hard_step:
-            self.budget.update()  # the shares of the restored scores
+        self.control.schedule = self.schedule
+        self.control.load_state_dict(state_dict, self.step_count)
         decided = state_dict.get("decided")
         gates = all_gates(self.model)
         if decided is not None and len(decided) != len(gates):
@@ -743,12 +816,7 @@ class FermiAnnealer(Optimizer):
                              f"{len(gates)}: was it saved from another model?")
         for gate, mask in zip(gates, decided or [None] * len(gates)):
             gate.decided = None if mask is None else mask.to(gate.mu.device)
-        if self._lagrangian is not None and "lagrangian" in state_dict:
-            self._lagrangian.load_state_dict(state_dict["lagrangian"])
-        if self._tracker is not None and "taylor" in state_dict:
-            self._tracker.scores = [t.clone() for t in state_dict["taylor"]]
-            self._tracker.seen = list(state_dict["taylor_seen"])
-        self._apply()
+        self.control.apply(self.step_count)
 
     def __repr__(self) -> str:
         s = self.schedule
