@@ -27,8 +27,11 @@ allocation
 calibration at the freeze
   ``early bake``     ``fine_tune(bake_when_decided=True)``: baked, calibrated (toward the teacher when distilling,
                      else toward the model as trained) and shrunk when the decisions freeze
-  ``freeze calib dense`` / ``freeze calib trained``  ``calibrate_at_freeze``: the layers that lost inputs re-fitted
-                     in place when the decisions freeze, toward the dense network / the model as trained
+  ``freeze calib dense`` / ``freeze calib open``  ``calibrate="freeze"``: the layers that lost inputs re-fitted
+                     in place when the decisions freeze, toward the original network / the current weights with
+                     every gate open
+  ``ramp calib dense`` / ``ramp calib open``  ``calibrate="ramp"``: the same at 4 points of the ramp and at the
+                     freeze (with T/100, so that the model trained is close to the hard one calibrated)
 references
   ``prune + FT``     ``fermigates.prune`` (global, OBS, calibrated) + ``fine_tune`` for every step
 
@@ -68,9 +71,16 @@ VARIANTS: dict[str, tuple[Any, dict]] = {
     "taylor": (at.anneal_fine_tune, {"init": "obs", "importance": "taylor"}),
     "global obs": (at.anneal_fine_tune, {"init": "obs", "budget": True, "allocation": "global"}),
     "early bake": (at.anneal_fine_tune, {"init": "obs", "bake_when_decided": True}),
-    "freeze calib dense": (at.anneal_fine_tune, {"init": "obs", "calibrate_at_freeze": "dense"}),
-    "freeze calib trained": (at.anneal_fine_tune, {"init": "obs", "calibrate_at_freeze": "trained"}),
+    "freeze calib dense": (at.anneal_fine_tune, {"init": "obs", "calibrate": "freeze", "calibrate_toward": "dense"}),
+    "freeze calib open": (at.anneal_fine_tune, {"init": "obs", "calibrate": "freeze", "calibrate_toward": "open"}),
+    "ramp calib dense": (at.anneal_fine_tune, {"init": "obs", "calibrate": "ramp", "calibrate_toward": "dense",
+                                               "temperature": (0.01, 0.0001)}),
+    "ramp calib open": (at.anneal_fine_tune, {"init": "obs", "calibrate": "ramp", "calibrate_toward": "open",
+                                              "temperature": (0.01, 0.0001)}),
     "prune + FT": (at.prune_fine_tune, {}),
+    # a candidate default: all of the changes that measured better, together
+    "combined": (at.anneal_fine_tune, {"init": "obs", "temperature": (0.01, 0.0001), "budget": True,
+                                       "allocation": "global", "calibrate": "ramp", "calibrate_toward": "dense"}),
 }
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import fermigates as fg
 from fermigates.methods.fermi.model import all_gates, structured_gates
 from fermigates.methods.fermi.ranking import obs_ranking
-from fermigates.methods.fermi.refit import calibrate_frozen, dense_reference
+from fermigates.methods.fermi.refit import calibrate_decisions, open_reference
 
 
 def _task(n=256, seed=0):
@@ -174,7 +174,7 @@ def test_without_calibration_data_the_annealer_ranks_on_the_inputs_it_is_trained
     assert plain.control.recorder is None and plain.schedule.ramp_start == 0.0
 
 
-def test_calibrate_frozen_equals_the_bake_calibrated_toward_the_dense_model():
+def test_calibrate_decisions_equals_the_bake_calibrated_toward_the_same_reference():
     x, _ = _task()
     data = list(x[:128].split(32))
     model, _ = _frozen_run()
@@ -182,36 +182,44 @@ def test_calibrate_frozen_equals_the_bake_calibrated_toward_the_dense_model():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     baked = copy.deepcopy(model)
-    fg.convert_from_fermi(baked, calibration_data=data, reference=dense_reference(model), progress=False)
-    report = calibrate_frozen(model, data, dense_reference(model))
+    fg.convert_from_fermi(baked, calibration_data=data, reference=open_reference(model), progress=False)
+    report = calibrate_decisions(model, data, open_reference(model))
     assert report is not None and len(report) == 2  # the two layers that lost inputs
     with torch.no_grad():
         torch.testing.assert_close(model(x), baked(x), rtol=1e-4, atol=1e-5)
 
 
-def test_calibrate_at_freeze_refits_in_place_and_training_goes_on():
+@pytest.mark.parametrize("when, toward", [("freeze", "dense"), ("freeze", "open"), ("ramp", "dense"),
+                                          ("ramp", "trained")])
+def test_calibration_while_annealing_refits_in_place_and_training_goes_on(when, toward):
     x, y = _task()
     data = list(x[:128].split(32))
-    runs = {}
-    for where in (None, "dense"):
+    errors = {}
+    for calibrate in (None, when):
         model = _model()
         dense = copy.deepcopy(model)
         fg.methods.fermi.model.disable_gates(dense)
-        opt = fg.FermiAnnealer(torch.optim.AdamW(model.parameters(), lr=1e-3), model, total_steps=16,
-                               calibration_data=data, calibrate_at_freeze=where)
+        opt = fg.FermiAnnealer(torch.optim.AdamW(model.parameters(), lr=1e-3), model, total_steps=32,
+                               calibration_data=data, calibrate=calibrate, calibrate_toward=toward,
+                               temperature=(0.01, 1e-4))
         params = [id(p) for p in model.parameters()]
-        for i in range(16):
+        for i in range(32):
             xb, yb = x[32 * (i % 4): 32 * (i % 4 + 1)], y[32 * (i % 4): 32 * (i % 4 + 1)]
             (F.cross_entropy(model(xb), yb) + opt.sparsity_loss()).backward()
             opt.step()
             opt.zero_grad()
             if opt.step_count == opt.schedule.hard_step:
                 with torch.no_grad():
-                    runs[where] = float((model(x[:128]) - dense(x[:128])).pow(2).mean())
+                    errors[calibrate] = float((model(x[:128]) - dense(x[:128])).pow(2).mean())
         assert [id(p) for p in model.parameters()] == params  # the optimizer's parameters are the model's
         assert fg.convert_from_fermi(model, progress=False).trained_vs_baked == 0.0
-        assert (opt.freeze_calibration is not None) == (where is not None)
-    assert runs["dense"] < runs[None]
-    with pytest.raises(ValueError, match="calibrate_at_freeze"):
-        fg.FermiAnnealer(torch.optim.SGD(model.parameters(), lr=0.1), _model(), total_steps=8,
-                         calibrate_at_freeze="teacher")
+        expected = 0 if calibrate is None else 1 if when == "freeze" else 4
+        assert len(opt.calibrations) == expected
+        assert opt.control.original is None  # the original network's copy is dropped at the freeze
+    if toward == "dense":
+        assert errors[when] < errors[None]
+    with pytest.raises(ValueError, match="calibrate must be"):
+        fg.FermiAnnealer(torch.optim.SGD(model.parameters(), lr=0.1), _model(), total_steps=8, calibrate="always")
+    with pytest.raises(ValueError, match="calibrate_toward"):
+        fg.FermiAnnealer(torch.optim.SGD(model.parameters(), lr=0.1), _model(), total_steps=8, calibrate="freeze",
+                         calibrate_toward="teacher")

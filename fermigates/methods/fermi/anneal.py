@@ -53,7 +53,7 @@ from .model import (
 from .lagrangian import LagrangianSteer
 from .prior import INITS, resolve_init, set_rank_prior
 from .ranking import IMPORTANCES, Ranked, TaylorTracker, obs_ranking, write_orders
-from .refit import InputRecorder, calibrate_frozen, dense_reference
+from .refit import InputRecorder, calibrate_decisions, open_reference
 
 TEMPERATURE_SCHEDULES = ("linear", "exponential", "cosine")
 SPARSITY_SCHEDULES = ("cubic", "linear", "constant")
@@ -264,8 +264,13 @@ class BudgetSteer:
         self.result = result
 
 
-#: ``FermiAnnealer(calibrate_at_freeze=...)``: no calibration, toward the dense network, toward the model as trained
-FREEZE_REFERENCES = (None, "dense", "trained")
+#: ``FermiAnnealer(calibrate=...)``: never, when the decisions freeze, or also at points of the ramp
+CALIBRATE = (None, "freeze", "ramp")
+#: ``FermiAnnealer(calibrate_toward=...)``: the original network (as the annealer found it), the current weights
+#: with every gate open, the gated model as trained
+CALIBRATE_TOWARD = ("dense", "open", "trained")
+#: with ``calibrate="ramp"``, how many times the layers that lost inputs are re-fitted before the freeze
+RAMP_CALIBRATIONS = 4
 #: without calibration data, the annealer keeps the inputs of this many training forwards to rank and calibrate on
 RECORD_BATCHES = 8
 
@@ -431,7 +436,7 @@ class AnnealControl:
     """What an anneal does around the optimizer's steps, shared by :class:`FermiAnnealer` and the Trainer callback:
     where each channel / head gate's units start (``init``), how they are ranked and steered while the sparsity
     ramps (``importance``, ``steer``, a ``budget``), and the calibration when the decisions freeze
-    (``calibrate_at_freeze``). The arguments are :class:`FermiAnnealer`'s.
+    (``calibrate``). The arguments are :class:`FermiAnnealer`'s.
 
     Everything that can refuse the arguments runs before the model is changed. ``levels`` are the per-unit Fermi
     levels it created, for the optimizer. :meth:`bind` attaches the schedule (known later in a Trainer):
@@ -440,29 +445,33 @@ class AnnealControl:
 
     def __init__(self, model: nn.Module, *, budget: Any, allocation: str, min_keep: float | int, example_inputs: Any,
                  init: str, calibration_data: Any, importance: str, steer: str,
-                 calibrate_at_freeze: str | None, schedule: AnnealSchedule | None = None) -> None:
+                 calibrate: str | None, calibrate_toward: str, schedule: AnnealSchedule | None = None) -> None:
         _check_init(init, calibration_data)
         if importance not in IMPORTANCES:
             raise ValueError(f"importance must be one of {IMPORTANCES}, got {importance!r}")
-        if calibrate_at_freeze not in FREEZE_REFERENCES:
-            raise ValueError(f"calibrate_at_freeze must be one of {FREEZE_REFERENCES}, got {calibrate_at_freeze!r}")
+        if calibrate not in CALIBRATE:
+            raise ValueError(f"calibrate must be one of {CALIBRATE}, got {calibrate!r}")
+        if calibrate_toward not in CALIBRATE_TOWARD:
+            raise ValueError(f"calibrate_toward must be one of {CALIBRATE_TOWARD}, got {calibrate_toward!r}")
         if steer not in STEERS:
             raise ValueError(f"steer must be one of {STEERS}, got {steer!r}")
         check_min_keep(min_keep)
         structured = bool(structured_gates(model))
-        if (importance != "magnitude" or calibrate_at_freeze) and not structured:
-            raise ValueError("importance= and calibrate_at_freeze= act on channel and head gates: convert with "
+        if (importance != "magnitude" or calibrate) and not structured:
+            raise ValueError("importance= and calibrate= act on channel and head gates: convert with "
                              "granularity 'channel' and/or 'head'")
         self.model, self.init, self.importance, self.steer = model, init, importance, steer
-        self.calibrate_at_freeze = calibrate_at_freeze
+        self.calibrate, self.calibrate_toward = calibrate, calibrate_toward
+        #: the original network, the calibration's reference with ``calibrate_toward="dense"``
+        self.original = open_reference(model) if calibrate and calibrate_toward == "dense" else None
         self.min_keep = min_keep
         # without calibration data the inputs of the first training forwards stand in for it (see bind)
         self.may_record = structured and calibration_data is None and (
-            init == "auto" or importance == "obs" or calibrate_at_freeze is not None) and (
+            init == "auto" or importance == "obs" or calibrate is not None) and (
             schedule is None or _record_steps(schedule) < schedule.ramp * schedule.total_steps)
         wants_obs = structured and calibration_data is not None and (
             resolve_init(model, init, calibration_data) == "obs" or importance == "obs" or budget is not None)
-        batches = calibration_batches(calibration_data) if (wants_obs or calibrate_at_freeze) else None
+        batches = calibration_batches(calibration_data) if (wants_obs or calibrate) else None
         ranked = obs_ranking(model, batches, min_keep) if wants_obs else None  # one pass serves all three
         self.budget = None if budget is None else BudgetSteer(model, budget, allocation, min_keep, example_inputs,
                                                                ranked=ranked)
@@ -477,8 +486,8 @@ class AnnealControl:
         self.tracker = TaylorTracker(model) if importance == "taylor" else None
         self.lagrangian = LagrangianSteer() if steer == "lagrangian" else None
         self.schedule: AnnealSchedule | None = None
-        #: the calibration report of ``calibrate_at_freeze`` (None until the decisions freeze)
-        self.freeze_calibration: Any = None
+        #: the calibration reports of ``calibrate``, one per calibration (the last one: at the freeze)
+        self.calibrations: list = []
         if schedule is not None:
             self.bind(schedule)
 
@@ -488,8 +497,8 @@ class AnnealControl:
         self.schedule = schedule
         steps = _record_steps(schedule)
         if self.may_record and steps < schedule.ramp * schedule.total_steps:
-            schedule.ramp_start = steps / schedule.total_steps
-            self.record_steps = steps
+            schedule.ramp_start = max(schedule.ramp_start, steps / schedule.total_steps)
+            self.record_steps = max(steps, math.floor(schedule.ramp_start * schedule.total_steps))
             self.recorder = InputRecorder(self.model, RECORD_BATCHES)
             self.batches = self.recorder.batches
             self.late_start = self.init == "auto"
@@ -533,21 +542,41 @@ class AnnealControl:
             return
         write_orders(structured_gates(self.model), ranked)
 
+    def _calibrates_at(self, step: int) -> bool:
+        hard = self.schedule.hard_step
+        if self.calibrate is None or step > hard or not self.batches:
+            return False
+        if step == hard:
+            return True
+        if self.calibrate != "ramp":
+            return False
+        start = math.floor(self.schedule.ramp_start * self.schedule.total_steps)
+        points = {start + round(k * (hard - start) / RAMP_CALIBRATIONS) for k in range(1, RAMP_CALIBRATIONS)}
+        return step in points
+
+    def _reference(self) -> nn.Module:
+        if self.calibrate_toward == "dense":
+            return self.original
+        if self.calibrate_toward == "open":
+            return open_reference(self.model)
+        return copy.deepcopy(self.model).eval().requires_grad_(False)  # the gated model as trained
+
     def apply(self, step: int) -> None:
-        """Anneal the model to ``step`` (temperature, levels, the freeze), calibrating at the freeze if asked."""
-        freezes = self.calibrate_at_freeze is not None and step == self.schedule.hard_step
-        reference = None
-        if freezes:  # taken before the freeze: the model as trained (soft), or the dense network
-            reference = dense_reference(self.model) if self.calibrate_at_freeze == "dense" else \
-                copy.deepcopy(self.model).eval().requires_grad_(False)
+        """Anneal the model to ``step`` (temperature, levels, the freeze), calibrating where ``calibrate`` says."""
+        calibrates = self._calibrates_at(step)
+        reference = self._reference() if calibrates else None  # taken before the model moves to ``step``
         lagrangian = self.lagrangian is not None and step < self.schedule.hard_step
         if lagrangian:
             self.lagrangian.place(self.model, self._targets(step))
         self.schedule.apply(self.model, step, clamp=not lagrangian)
-        if freezes and self.batches:
-            self.freeze_calibration = calibrate_frozen(self.model, list(self.batches), reference)
-        if step >= self.schedule.hard_step and self.recorder is not None:
-            self.recorder.close()
+        if calibrates:
+            report = calibrate_decisions(self.model, list(self.batches), reference)
+            if report is not None:
+                self.calibrations.append(report)
+        if step >= self.schedule.hard_step:
+            if self.recorder is not None:
+                self.recorder.close()
+            self.original = None  # no calibration after the freeze: the copy is not needed any more
 
     def after_optimizer_step(self, step: int) -> None:
         """Everything after the optimizer stepped to ``step``: the multipliers, steering, the anneal."""
@@ -607,6 +636,8 @@ class FermiAnnealer(Optimizer):
     ``steer`` says how the levels follow the schedule: ``"band"`` (default) clamps them into a band around the
     scheduled quantile; ``"lagrangian"`` lets them move with their gradients under a Lagrangian on the expected
     sparsity (:mod:`fermigates.methods.fermi.lagrangian`; ``sparsity_loss()`` then returns that term).
+    ``ramp_start``: the fraction of the run trained dense before the sparsity starts rising (a warm-up; the
+    ramp still ends at ``ramp``).
     ``level_lr``: the learning rate of the Fermi levels (``mu`` and per-unit offsets), in a group of their own
     without weight decay; None (default): the wrapped optimizer's own.
     With ``budget=`` and ``calibration_data``, the budget is allocated by the importance the one-shot pruner
@@ -630,6 +661,7 @@ class FermiAnnealer(Optimizer):
         tolerance: float = 0.05,
         sparsity_weight: float = 1.0,
         hard_after: float | None = None,
+        ramp_start: float = 0.0,
         budget: Any = None,
         allocation: str = "uniform",
         min_keep: float | int = 0.1,
@@ -639,7 +671,8 @@ class FermiAnnealer(Optimizer):
         importance: str = "magnitude",
         steer: str = "band",
         level_lr: float | None = None,
-        calibrate_at_freeze: str | None = None,
+        calibrate: str | None = None,
+        calibrate_toward: str = "dense",
     ) -> None:
         if isinstance(temperature, (int, float, str)) or not isinstance(temperature, (tuple, list)):
             raise TypeError(f"temperature must be a pair (T_start, T_end), e.g. (1.0, 0.01), got {temperature!r}")
@@ -667,15 +700,15 @@ class FermiAnnealer(Optimizer):
         # everything that can refuse the arguments runs before the model gets new per-unit levels
         self.schedule = AnnealSchedule(
             total_steps, tuple(temperature), schedule, target_sparsity, sparsity_schedule,
-            ramp=ramp, tolerance=tolerance, hard_after=hard_after,
+            ramp=ramp, tolerance=tolerance, hard_after=hard_after, ramp_start=ramp_start,
         )
         if not isinstance(sparsity_weight, (int, float)) or isinstance(sparsity_weight, bool) \
                 or not math.isfinite(sparsity_weight) or sparsity_weight < 0:
             raise ValueError(f"sparsity_weight must be a finite number >= 0, got {sparsity_weight!r}")
         self.control = AnnealControl(model, budget=budget, allocation=allocation, min_keep=min_keep,
                                      example_inputs=example_inputs, init=init, calibration_data=calibration_data,
-                                     importance=importance, steer=steer, calibrate_at_freeze=calibrate_at_freeze,
-                                     schedule=self.schedule)
+                                     importance=importance, steer=steer, calibrate=calibrate,
+                                     calibrate_toward=calibrate_toward, schedule=self.schedule)
         _add_params(optimizer, self.control.levels)
         if level_lr is not None:
             _move_to_own_group(optimizer, [t for g in all_gates(model) for t in (g.mu, g.mu_offset)
@@ -698,9 +731,9 @@ class FermiAnnealer(Optimizer):
         return self.control.budget
 
     @property
-    def freeze_calibration(self) -> Any:
-        """With ``calibrate_at_freeze``: the calibration report of the freeze (None before it)."""
-        return self.control.freeze_calibration
+    def calibrations(self) -> list:
+        """With ``calibrate``: the report of every calibration so far (the last one at the freeze)."""
+        return self.control.calibrations
 
     @property
     def budget_result(self) -> Any:

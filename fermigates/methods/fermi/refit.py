@@ -5,8 +5,8 @@ the layers that lost inputs, written into the gated model in place when the deci
 the annealer ranks the units on them when it was given no ``calibration_data``, so that a loop that never passes
 calibration data still starts from the one-shot pruner's order, and calibrates on them.
 
-``calibrate_frozen`` is what ``convert_from_fermi(calibration_data=...)`` does to a copy, brought back into the
-model being trained: a copy is baked with the frozen decisions and shrunk, the layers that lost inputs are
+``calibrate_decisions`` is what ``convert_from_fermi(calibration_data=...)`` does to a copy, brought back into the
+model being trained: a copy is baked with the current hard decisions and shrunk, the layers that lost inputs are
 re-fitted toward a reference (ridge regression, :func:`fermigates.calibration.engine.calibrate`), and their new
 weights are written into the kept rows / columns of the gated model's own parameters (the same Parameter
 objects: an optimizer holding them keeps working). The columns of removed units are left as they were: the
@@ -99,20 +99,20 @@ def _write_back(full: nn.Module, small: nn.Module, kept_in: torch.Tensor | None,
         full.bias.data[rows] = small.bias.data.to(full.bias.dtype)
 
 
-def dense_reference(model: nn.Module) -> nn.Module:
-    """A frozen copy of a converted model that computes the dense network (every gate open)."""
+def open_reference(model: nn.Module) -> nn.Module:
+    """A frozen copy of a converted model with every gate open: its current weights, no unit removed."""
     ref = copy.deepcopy(model)
     disable_gates(ref)
     return ref.eval().requires_grad_(False)
 
 
 @torch.no_grad()
-def calibrate_frozen(model: nn.Module, batches: list[Any], reference: nn.Module, ridge: float = 1e-2) -> Any:
-    """Re-fit, in place, the layers of a converted ``model`` whose inputs lost units under its frozen decisions,
-    toward ``reference``'s outputs (see the module docstring). Returns the calibration report, or None when
-    nothing was removed. On any error nothing is changed."""
-    if not structured_gates(model) or any(g.decided is None for g in structured_gates(model)):
-        raise ValueError("calibrate_frozen needs frozen channel / head decisions (the annealer's hard phase)")
+def calibrate_decisions(model: nn.Module, batches: list[Any], reference: nn.Module, ridge: float = 1e-2) -> Any:
+    """Re-fit, in place, the layers of a converted ``model`` whose inputs lost units under its current hard
+    decisions (frozen or not), toward ``reference``'s outputs (see the module docstring). Returns the calibration
+    report, or None when nothing was removed. On any error nothing is changed."""
+    if not structured_gates(model):
+        raise ValueError("calibrate_decisions re-fits the consumers of channel / head gates: the model has none")
     keep = group_keep(model)
     if all(bool(mask.all()) for mask in keep.values()):
         return None

@@ -29,7 +29,8 @@ def fermi_trainer_callback(
     calibration_data: Any = None,
     importance: str = "magnitude",
     steer: str = "band",
-    calibrate_at_freeze: str | None = None,
+    calibrate: str | None = None,
+    calibrate_toward: str = "dense",
     **schedule_kwargs: Any,
 ):
     """A ``transformers.TrainerCallback`` that anneals the gates of ``model`` like :class:`FermiAnnealer`.
@@ -48,7 +49,7 @@ def fermi_trainer_callback(
     units (``init="auto"`` or ``"obs"``, as in :class:`FermiAnnealer`); the per-unit levels are set when the callback is made, so they are
     parameters of ``model`` by the time ``trainer.train()`` builds its optimizer. Without calibration data the
     inputs of the first training forwards are ranked on, as :class:`FermiAnnealer` does. ``importance``,
-    ``steer`` and ``calibrate_at_freeze`` are :class:`FermiAnnealer`'s.
+    ``steer``, ``calibrate`` and ``calibrate_toward`` are :class:`FermiAnnealer`'s.
     Use: ``Trainer(..., callbacks=[fermigates.fermi_trainer_callback(model)])``.
     """
     from transformers import TrainerCallback
@@ -65,7 +66,8 @@ def fermi_trainer_callback(
         AnnealSchedule(int(total_steps), tuple(temperature), schedule, sparsity, sparsity_schedule, **schedule_kwargs)
     control = AnnealControl(model, budget=budget, allocation=allocation, min_keep=min_keep,
                             example_inputs=example_inputs, init=init, calibration_data=calibration_data,
-                            importance=importance, steer=steer, calibrate_at_freeze=calibrate_at_freeze)
+                            importance=importance, steer=steer, calibrate=calibrate,
+                            calibrate_toward=calibrate_toward)
 
     class FermiCallback(TrainerCallback):
         """Anneals Fermi gates inside a ``transformers.Trainer`` (see :func:`fermi_trainer_callback`)."""
@@ -90,9 +92,9 @@ def fermi_trainer_callback(
             return control.budget_result
 
         @property
-        def freeze_calibration(self) -> Any:
-            """With ``calibrate_at_freeze``: the calibration report of the freeze (None before it)."""
-            return control.freeze_calibration
+        def calibrations(self) -> list:
+            """With ``calibrate``: the report of every calibration so far (the last one at the freeze)."""
+            return control.calibrations
 
         def on_train_begin(self, args, state, control_, **kwargs):
             self._ensure(state)
