@@ -26,7 +26,15 @@ import torch
 import torch.nn as nn
 from torch.optim import Optimizer
 
-from ...allocation.budget import Budget, BudgetResult, budget_from, check_min_keep, check_sparsity, unit_floor
+from ...allocation.budget import (
+    Budget,
+    BudgetResult,
+    budget_from,
+    check_min_keep,
+    check_sparsity,
+    resolve_allocation,
+    unit_floor,
+)
 from ...allocation.cost import CostModel
 from ...allocation.importance import magnitude
 from ...allocation.solve import solve
@@ -211,7 +219,7 @@ class BudgetSteer:
             raise ValueError("FermiAnnealer(budget=) takes 'macs', 'params' or 'units': a latency budget is measured "
                              "on shrunk candidates, which fermigates.prune does")
         if allocation not in ("global", "uniform"):
-            raise ValueError(f"allocation must be 'global' or 'uniform', got {allocation!r}")
+            raise ValueError(f"allocation must be 'auto', 'global' or 'uniform', got {allocation!r}")
         check_min_keep(min_keep)
         state = get_state(model)
         self.model, self.allocation = model, allocation
@@ -473,6 +481,10 @@ class AnnealControl:
             resolve_init(model, init, calibration_data) == "obs" or importance == "obs" or budget is not None)
         batches = calibration_batches(calibration_data) if (wants_obs or calibrate) else None
         ranked = obs_ranking(model, batches, min_keep) if wants_obs else None  # one pass serves all three
+        if allocation == "auto":  # global by the one-shot importance where there is one (prune's rule), else uniform
+            ranks = wants_obs or self.may_record
+            allocation = resolve_allocation("auto", Budget.parse(budget)) if budget is not None and ranks \
+                else "uniform"
         self.budget = None if budget is None else BudgetSteer(model, budget, allocation, min_keep, example_inputs,
                                                                ranked=ranked)
         self.levels = set_start(model, init, batches if wants_obs else calibration_data, min_keep, ranked=ranked)
@@ -643,6 +655,14 @@ class FermiAnnealer(Optimizer):
     With ``budget=`` and ``calibration_data``, the budget is allocated by the importance the one-shot pruner
     uses (OBS on the calibration data, on one scale across gates), as ``prune`` does; without calibration data
     by the gates' normalised scores.
+    ``calibrate``: ``"freeze"`` re-fits the layers that lost inputs (ridge regression, as ``convert_from_fermi``
+    calibrates) in place when the decisions freeze, ``"ramp"`` also at 4 points of the ramp; toward
+    ``calibrate_toward``: ``"dense"`` the original network (a copy kept until the freeze), ``"open"`` the current
+    weights with every gate open, ``"trained"`` the gated model as trained. It uses ``calibration_data``, else
+    the recorded inputs. The parameters stay the same objects, so the optimizer goes on with them.
+    Without ``calibration_data`` (and with channel / head gates) the annealer keeps the inputs of the first
+    training forwards (up to 8) and, after ``min(8, 10% of the ramp)`` steps at full width, ranks the units on
+    them as it would on calibration data (``init="auto"``); the sparsity starts rising then.
     Under DistributedDataParallel build the annealer before wrapping the model (DDP synchronises only the
     parameters it saw when it was built), with the same calibration batches on every process.
     """
