@@ -18,11 +18,11 @@ from __future__ import annotations
 import copy
 import math
 import os
-from collections.abc import Sequence
 import sys
 import time
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -32,13 +32,13 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import fermigates as fg  # noqa: E402
-import fermigates.bake  # noqa: E402,F401  (everything a run uses is loaded now: the library may be edited meanwhile)
-import fermigates.finetune  # noqa: E402,F401
-import fermigates.losses  # noqa: E402
-import fermigates.oneshot  # noqa: E402
-import fermigates.surgery.macs  # noqa: E402,F401
-from fermigates.methods.fermi.anneal import AnnealSchedule  # noqa: E402
+import fermigates as fg
+import fermigates.bake
+import fermigates.finetune
+import fermigates.losses
+import fermigates.oneshot
+import fermigates.surgery.macs
+from fermigates.methods.fermi.anneal import AnnealSchedule
 
 
 def _quiet_bake(model: nn.Module, **kwargs: Any) -> Any:
@@ -176,7 +176,7 @@ class MobileNetTask(Task):
     def student(self) -> nn.Module:
         return copy.deepcopy(self.dense)
 
-    def stream(self, steps: int, seed: int) -> "LazyBatches":
+    def stream(self, steps: int, seed: int) -> LazyBatches:
         order = torch.randperm(self.pool, generator=torch.Generator().manual_seed(1000 + seed))
         order = order.repeat(-(-steps * self.batch // self.pool))[: steps * self.batch]
         return LazyBatches(self.xtr, self.ytr, list(order.split(self.batch)))

@@ -52,8 +52,8 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _anneal_tasks as at  # noqa: E402
-from _common import write_results  # noqa: E402
+import _anneal_tasks as at
+from _common import write_results
 
 VARIANTS: dict[str, tuple[Any, dict]] = {
     "baseline": (at.anneal_fine_tune, {"init": "obs"}),

@@ -34,10 +34,10 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _anneal_tasks as at  # noqa: E402
-from _common import write_results  # noqa: E402
+import _anneal_tasks as at
+from _common import write_results
 
-import fermigates as fg  # noqa: E402
+import fermigates as fg
 
 
 def fine_tune_defaults(task: at.Task, stream: list) -> tuple[Any, dict]:

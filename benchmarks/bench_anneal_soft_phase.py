@@ -21,11 +21,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _anneal_tasks as at  # noqa: E402
-from _common import write_results  # noqa: E402
+import _anneal_tasks as at
+from _common import write_results
 
-import fermigates as fg  # noqa: E402
-from fermigates.methods.fermi.model import hard_gates, soft_probabilities  # noqa: E402
+import fermigates as fg
+from fermigates.methods.fermi.model import hard_gates, soft_probabilities
 
 
 def main() -> None:
@@ -70,7 +70,7 @@ def main() -> None:
                     soft = features(model)
                     with hard_gates(model):
                         hard = features(model)
-                err = lambda out: float((out - ref).pow(2).sum() / ref.pow(2).sum())  # noqa: E731
+                err = lambda out: float((out - ref).pow(2).sum() / ref.pow(2).sum())
                 row = {"task": name, "temperature": f"({t0:g}, {t1:g})", "step": step,
                        "T": opt.schedule.temperature_at(step), "scheduled sparsity": opt.schedule.sparsity_at(step),
                        "mean P": float(p.mean()), "soft units": float(((p > 0.05) & (p < 0.95)).float().mean()),

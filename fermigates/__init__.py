@@ -49,6 +49,8 @@ if TYPE_CHECKING:
     from .surgery.shrink import ModuleChange, ShrinkResult, mask_model, shrink_model
     from .surgery.macs import count_macs
     from .report import FermiReport, SparsityReport, compute_sparsity, count_parameters
+    from .metrics import PerplexityResult, perplexity
+    from .surgery.depth import RemovedBlocks, block_importance, remove_blocks
 
 _EXPORTS: dict[str, str] = {
     "AnnealSchedule": ".methods.fermi.anneal",
@@ -120,6 +122,11 @@ _EXPORTS: dict[str, str] = {
     "SparsityReport": ".report",
     "compute_sparsity": ".report",
     "count_parameters": ".report",
+    "PerplexityResult": ".metrics",
+    "perplexity": ".metrics",
+    "RemovedBlocks": ".surgery.depth",
+    "block_importance": ".surgery.depth",
+    "remove_blocks": ".surgery.depth",
 }
 
 
@@ -215,4 +222,9 @@ __all__ = [
     "make_optimizer",
     "register_method",
     "rewire_param_groups",
+    "PerplexityResult",
+    "perplexity",
+    "RemovedBlocks",
+    "block_importance",
+    "remove_blocks",
 ]

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 import fermigates as fg
 from fermigates.methods.fermi.model import all_gates, structured_gates

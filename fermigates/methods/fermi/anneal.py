@@ -19,11 +19,12 @@ from __future__ import annotations
 import copy
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 from torch.optim import Optimizer
 
 from ...allocation.budget import (
@@ -47,6 +48,7 @@ from ...core.batches import (
 )
 from ...core.state import get_state
 from .gates import check_temperature, kth_quantile
+from .lagrangian import LagrangianSteer
 from .model import (
     all_gates,
     allocatable,
@@ -58,7 +60,6 @@ from .model import (
     undecided_units,
     unit_groups,
 )
-from .lagrangian import LagrangianSteer
 from .prior import INITS, resolve_init, set_rank_prior
 from .ranking import IMPORTANCES, Ranked, TaylorTracker, obs_ranking, write_orders
 from .refit import InputRecorder, calibrate_decisions, open_reference
@@ -212,7 +213,7 @@ BUDGET_UPDATES = 20
 class BudgetSteer:
     """Per-gate shares that meet a MAC / parameter / unit budget, from the gates' current normalised scores."""
 
-    def __init__(self, model: nn.Module, budget: Any, allocation: str, min_keep: float | int, example: Any,
+    def __init__(self, model: nn.Module, budget: Any, allocation: str, min_keep: float, example: Any,
                  ranked: Ranked | None = None) -> None:
         self.budget = Budget.parse(budget)
         if self.budget.kind == "latency":
@@ -270,6 +271,7 @@ class BudgetSteer:
             by_id[group.id].budget_share = (r + 0.5) / group.n_units if r else 0.0  # floor(share * n) == r exactly
             result.kept[group.label] = (group.n_units - r, group.n_units)
         self.result = result
+        get_state(self.model).budget_result = result  # the bake reports it
 
 
 #: ``FermiAnnealer(calibrate=...)``: never, when the decisions freeze, or also at points of the ramp
@@ -399,17 +401,17 @@ def calibration_batches(calibration_data: Any) -> list | None:
     return batches
 
 
-def set_start(model: nn.Module, init: str, calibration_data: Any, min_keep: float | int,
-              ranked: Ranked | None = None) -> list[torch.Tensor]:
+def set_start(model: nn.Module, init: str, calibration_data: Any, min_keep: float,
+              ranked: Ranked | None = None, progress: bool = False) -> list[torch.Tensor]:
     """Apply ``init`` (see ``FermiAnnealer``); the per-unit levels it created, for the optimizer. ``ranked``: the
-    OBS ranking of the calibration data when already computed."""
+    OBS ranking of the calibration data when already computed; ``progress``: bars while it is computed."""
     _check_init(init, calibration_data)
     init = resolve_init(model, init, calibration_data)
     if init == "scores":
         return []
     check_min_keep(min_keep)
     batches = calibration_data if ranked is not None else calibration_batches(calibration_data)
-    return set_rank_prior(model, batches, min_keep, ranked=ranked)
+    return set_rank_prior(model, batches, min_keep, ranked=ranked, progress=progress)
 
 
 def _move_to_own_group(optimizer: Optimizer, params: list[torch.Tensor], lr: float) -> None:
@@ -451,9 +453,10 @@ class AnnealControl:
     without calibration data it then records the inputs of the first training forwards to rank on.
     """
 
-    def __init__(self, model: nn.Module, *, budget: Any, allocation: str, min_keep: float | int, example_inputs: Any,
+    def __init__(self, model: nn.Module, *, budget: Any, allocation: str, min_keep: float, example_inputs: Any,
                  init: str, calibration_data: Any, importance: str, steer: str,
-                 calibrate: str | None, calibrate_toward: str, schedule: AnnealSchedule | None = None) -> None:
+                 calibrate: str | None, calibrate_toward: str, schedule: AnnealSchedule | None = None,
+                 progress: bool = False) -> None:
         _check_init(init, calibration_data)
         if importance not in IMPORTANCES:
             raise ValueError(f"importance must be one of {IMPORTANCES}, got {importance!r}")
@@ -480,7 +483,8 @@ class AnnealControl:
         wants_obs = structured and calibration_data is not None and (
             resolve_init(model, init, calibration_data) == "obs" or importance == "obs" or budget is not None)
         batches = calibration_batches(calibration_data) if (wants_obs or calibrate) else None
-        ranked = obs_ranking(model, batches, min_keep) if wants_obs else None  # one pass serves all three
+        # one pass serves all three
+        ranked = obs_ranking(model, batches, min_keep, progress=progress) if wants_obs else None
         if allocation == "auto":  # global by the one-shot importance where there is one (prune's rule), else uniform
             ranks = wants_obs or self.may_record
             allocation = resolve_allocation("auto", Budget.parse(budget)) if budget is not None and ranks \
@@ -684,7 +688,7 @@ class FermiAnnealer(Optimizer):
         ramp_start: float = 0.0,
         budget: Any = None,
         allocation: str = "uniform",
-        min_keep: float | int = 0.1,
+        min_keep: float = 0.1,
         example_inputs: Any = None,
         init: str = "auto",
         calibration_data: Any = None,
@@ -693,6 +697,7 @@ class FermiAnnealer(Optimizer):
         level_lr: float | None = None,
         calibrate: str | None = None,
         calibrate_toward: str = "dense",
+        progress: bool = False,
     ) -> None:
         if isinstance(temperature, (int, float, str)) or not isinstance(temperature, (tuple, list)):
             raise TypeError(f"temperature must be a pair (T_start, T_end), e.g. (1.0, 0.01), got {temperature!r}")
@@ -728,7 +733,7 @@ class FermiAnnealer(Optimizer):
         self.control = AnnealControl(model, budget=budget, allocation=allocation, min_keep=min_keep,
                                      example_inputs=example_inputs, init=init, calibration_data=calibration_data,
                                      importance=importance, steer=steer, calibrate=calibrate,
-                                     calibrate_toward=calibrate_toward, schedule=self.schedule)
+                                     calibrate_toward=calibrate_toward, schedule=self.schedule, progress=progress)
         _add_params(optimizer, self.control.levels)
         if level_lr is not None:
             _move_to_own_group(optimizer, [t for g in all_gates(model) for t in (g.mu, g.mu_offset)

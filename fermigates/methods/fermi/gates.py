@@ -14,7 +14,7 @@ import math
 from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 #: the logit is clamped to +-this: beyond it ``P`` is 1.0 in float32 (or below 4e-18) anyway, and unclamped
 #: logits of thousands (T = 1e-3) make sigmoid's gradients subnormal floats, which stall CPU steps 20x
@@ -73,7 +73,7 @@ class FermiGate(nn.Module):
     @classmethod
     def for_scores(
         cls, score: torch.Tensor, temperature: float = 1.0, init: str | float = "open"
-    ) -> "FermiGate":
+    ) -> FermiGate:
         """A gate whose scale is the mean of ``score``; ``init`` is "open" or a percentile in [0, 1)."""
         score = score.detach().float().flatten()
         scale = float(score.mean()) if score.numel() else 1.0

@@ -18,7 +18,7 @@ import math
 from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .gates import kth_quantile
 from .model import gate_scores, soft_probabilities

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .model import structured_gates
 from .ranking import Ranked, obs_ranking, write_orders
@@ -32,14 +32,14 @@ def resolve_init(model: nn.Module, init: str, calibration_data: Any) -> str:
 
 
 @torch.no_grad()
-def set_rank_prior(model: nn.Module, batches: list[Any], min_keep: float | int = 0.1,
-                   ridge: float = 1e-2, ranked: Ranked | None = None) -> list[nn.Parameter]:
+def set_rank_prior(model: nn.Module, batches: list[Any], min_keep: float = 0.1,
+                   ridge: float = 1e-2, ranked: Ranked | None = None, progress: bool = False) -> list[nn.Parameter]:
     """Set every structured gate's per-unit offsets so its units rank as the one-shot OBS selection ranks them
-    (``ranked``: that ranking, when already computed); return the offsets (trainable parameters, created where
-    the gate had none)."""
+    (``ranked``: that ranking, when already computed; ``progress``: bars while it is computed); return the
+    offsets (trainable parameters, created where the gate had none)."""
     gates = structured_gates(model)
     if not gates:
         raise ValueError("init='obs' ranks channel and head gates: convert with granularity 'channel' and/or "
                          "'head' (weight gates have no one-shot ranking; use init='scores')")
-    ranked = obs_ranking(model, batches, min_keep, ridge) if ranked is None else ranked
+    ranked = obs_ranking(model, batches, min_keep, ridge, progress) if ranked is None else ranked
     return write_orders(gates, ranked)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ...allocation.budget import unit_floor
 from ...allocation.importance import ranked_importance
@@ -33,12 +33,13 @@ Ranked = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 @torch.no_grad()
-def obs_ranking(model: nn.Module, batches: list[Any], min_keep: float | int = 0.1, ridge: float = 1e-2) -> Ranked:
+def obs_ranking(model: nn.Module, batches: list[Any], min_keep: float = 0.1, ridge: float = 1e-2,
+                progress: bool = False) -> Ranked:
     """Per structured gate: ``(removal order, non-decreasing importance)`` as :func:`fermigates.prune` ranks them
-    (units a greedy OBS never reaches, the gate's floor, at infinite importance)."""
+    (units a greedy OBS never reaches, the gate's floor, at infinite importance); ``progress``: bars."""
     target = allocatable(model)
     floors = [unit_floor(g.n_units, min_keep, g.step) for g in target.groups]
-    return ranked_importance(target, floors, "obs", batches, ridge)
+    return ranked_importance(target, floors, "obs", batches, ridge, progress)
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ...calibration.engine import calibrate
 from ...core.layouts import weight_axes

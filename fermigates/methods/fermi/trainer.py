@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ...allocation.budget import budget_from
 from ...core.state import get_state
@@ -23,7 +23,7 @@ def fermi_trainer_callback(
     sparsity_weight: float = 1.0,
     budget: Any = None,
     allocation: str = "uniform",
-    min_keep: float | int = 0.1,
+    min_keep: float = 0.1,
     example_inputs: Any = None,
     init: str = "auto",
     calibration_data: Any = None,
