@@ -338,13 +338,20 @@ def readme_loop(task: Task, stream: list, *, calibration: bool = False, share: f
     return model, extra
 
 
+#: the annealer's defaults before the ablation study, which every ablation variant starts from
+PRE_STUDY = {"calibrate": None, "allocation": "uniform"}
+
+
 def anneal_fine_tune(task: Task, stream: list, *, share: float | None = None, budget: bool = False,
                      bake_when_decided: bool = False, init: str = "auto", calibration: bool = True,
                      **anneal: Any) -> tuple[nn.Module, dict]:
     """``convert_to_fermi`` -> ``fine_tune(anneal={...})`` -> ``convert_from_fermi(calibration_data=...)``.
 
     ``budget=True`` converts with ``FermiConfig(budget="macs:…")`` (the annealer steers to it); else the uniform
-    share that meets the budget. ``calibration``: ``fine_tune(calibration_data=<the calibration batches>)``."""
+    share that meets the budget. ``calibration``: ``fine_tune(calibration_data=<the calibration batches>)``.
+    The annealer's options not given keep the values of the baseline the ablations change one at a time (the
+    defaults before this study: ``calibrate=None``, ``allocation="uniform"``)."""
+    anneal = {**PRE_STUDY, **anneal}
     model = task.student()
     if budget:
         config = task.config(budget=f"macs:{task.kept:.6f}")

@@ -223,3 +223,27 @@ def test_calibration_while_annealing_refits_in_place_and_training_goes_on(when, 
     with pytest.raises(ValueError, match="calibrate_toward"):
         fg.FermiAnnealer(torch.optim.SGD(model.parameters(), lr=0.1), _model(), total_steps=8, calibrate="freeze",
                          calibrate_toward="teacher")
+
+
+def test_the_defaults_calibrate_and_allocate_across_layers_where_there_is_data():
+    """``calibrate="auto"`` is "ramp" with calibration data, None without; ``allocation="auto"`` is "global" for a
+    MAC budget whose units are ranked on data (calibration data or recorded inputs), else the one share."""
+    x, _ = _task()
+    data = list(x[:128].split(32))
+    _, opt = _frozen_run(budget="macs:0.5", calibration_data=data, example_inputs=x[:1])
+    assert opt.budget_result.allocation == "global" and "obs" in opt.budget_result.selection
+    assert opt.control.calibrate == "ramp" and len(opt.calibrations) == 4
+    _, recorded = _frozen_run(steps=80, budget="macs:0.5", example_inputs=x[:1])  # no data: inputs recorded
+    assert recorded.budget_result.allocation == "global" and recorded.calibrations == []
+    assert recorded.control.calibrate is None
+    _, scores = _frozen_run(steps=80, budget="macs:0.5", example_inputs=x[:1], init="scores")  # nothing ranks
+    assert scores.budget_result.allocation == "uniform"
+    _, forced = _frozen_run(budget="macs:0.5", calibration_data=data, example_inputs=x[:1], allocation="uniform",
+                            calibrate=None)
+    assert forced.budget_result.allocation == "uniform" and forced.calibrations == []
+    # weight gates have no units to re-fit: the default does not calibrate them, and asks nothing of them
+    model = _plain()
+    fg.convert_to_fermi(model, fg.FermiConfig(granularity="weight", target_sparsity=0.5), example_inputs=x[:1])
+    weights = fg.FermiAnnealer(torch.optim.SGD(model.parameters(), lr=0.0), model, total_steps=8,
+                               calibration_data=data, init="scores")
+    assert weights.control.calibrate is None
