@@ -10,6 +10,8 @@ Rows (the tasks and the rows' code: ``_anneal_tasks.py``):
 * ``annealer + calibration_data``: the same loop with ``FermiAnnealer(..., calibration_data=<calibration batches>)``.
 * ``fine_tune defaults``: ``convert_to_fermi(FermiConfig(granularity=..., budget="macs:…"))`` -> ``fine_tune(model,
   data, steps, lr)`` with every other argument at its default -> ``convert_from_fermi(calibration_data=...)``.
+* ``fine_tune, T (0.01, 1e-4)``: the same with ``anneal={"temperature": (0.01, 1e-4)}``: a cold start, where the
+  default ``calibrate="auto"`` re-fits the layers that lost inputs toward the original network on the ramp.
 * ``prune + FT``: ``fermigates.prune(budget="macs:…")`` (defaults) -> ``fine_tune`` for every step.
 * ``TP magnitude + FT``, ``TP Taylor + FT``: Torch-Pruning one-shot (L2 magnitude; Taylor from the gradients of the
   calibration batches), local, the uniform ratio that meets the budget -> ``fine_tune``.
@@ -40,10 +42,10 @@ from _common import write_results
 import fermigates as fg
 
 
-def fine_tune_defaults(task: at.Task, stream: list) -> tuple[Any, dict]:
+def fine_tune_defaults(task: at.Task, stream: list, **anneal: Any) -> tuple[Any, dict]:
     model = task.student()
     fg.convert_to_fermi(model, task.config(budget=f"macs:{task.kept:.6f}"), example_inputs=task.example)
-    log = fg.fine_tune(model, stream, steps=len(stream), lr=task.lr, progress=False)
+    log = fg.fine_tune(model, stream, steps=len(stream), lr=task.lr, progress=False, anneal=anneal or True)
     extra: dict[str, Any] = {"distill": log.distill}
     if log.report is None:
         report = at._quiet_bake(model, calibration_data=task.calib)
@@ -55,6 +57,7 @@ ROWS: dict[str, tuple[Any, dict]] = {
     "README loop": (at.readme_loop, {}),
     "annealer + calibration_data": (at.readme_loop, {"calibration": True}),
     "fine_tune defaults": (fine_tune_defaults, {}),
+    "fine_tune, T (0.01, 1e-4)": (fine_tune_defaults, {"temperature": (0.01, 1e-4)}),
     "prune + FT": (at.prune_fine_tune, {}),
     "TP magnitude + FT": (at.tp_oneshot, {}),
     "TP Taylor + FT": (at.tp_oneshot, {"importance": "taylor"}),

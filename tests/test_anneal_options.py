@@ -226,13 +226,16 @@ def test_calibration_while_annealing_refits_in_place_and_training_goes_on(when, 
 
 
 def test_the_defaults_calibrate_and_allocate_across_layers_where_there_is_data():
-    """``calibrate="auto"`` is "ramp" with calibration data, None without; ``allocation="auto"`` is "global" for a
-    MAC budget whose units are ranked on data (calibration data or recorded inputs), else the one share."""
+    """``calibrate="auto"`` is "ramp" with calibration data and a cold start, else None; ``allocation="auto"`` is
+    "global" for a MAC budget whose units are ranked on data (calibration data or recorded inputs), else the one
+    share."""
     x, _ = _task()
     data = list(x[:128].split(32))
-    _, opt = _frozen_run(budget="macs:0.5", calibration_data=data, example_inputs=x[:1])
+    _, opt = _frozen_run(budget="macs:0.5", calibration_data=data, example_inputs=x[:1], temperature=(0.01, 1e-4))
     assert opt.budget_result.allocation == "global" and "obs" in opt.budget_result.selection
     assert opt.control.calibrate == "ramp" and len(opt.calibrations) == 4
+    _, warm = _frozen_run(budget="macs:0.5", calibration_data=data, example_inputs=x[:1])  # T from 1: no calibration
+    assert warm.control.calibrate is None and warm.calibrations == [] and warm.budget_result.allocation == "global"
     _, recorded = _frozen_run(steps=80, budget="macs:0.5", example_inputs=x[:1])  # no data: inputs recorded
     assert recorded.budget_result.allocation == "global" and recorded.calibrations == []
     assert recorded.control.calibrate is None

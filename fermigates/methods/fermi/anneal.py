@@ -274,9 +274,13 @@ class BudgetSteer:
         get_state(self.model).budget_result = result  # the bake reports it
 
 
-#: ``FermiAnnealer(calibrate=...)``: ``"auto"`` (``"ramp"`` with calibration data and channel / head gates, else
-#: never), never, when the decisions freeze, or also at points of the ramp
+#: ``FermiAnnealer(calibrate=...)``: ``"auto"`` (``"ramp"`` with calibration data, channel / head gates and a cold
+#: start, else never), never, when the decisions freeze, or also at points of the ramp
 CALIBRATE = ("auto", None, "freeze", "ramp")
+#: ``calibrate="auto"`` calibrates on the ramp only from this starting temperature down: warmer, nearly every unit
+#: is soft while the sparsity ramps (P about 0.5), so the hard decisions it fits are not the network being trained
+#: (measured: docs/anneal-ablations.md)
+COLD_START = 0.01
 #: ``FermiAnnealer(calibrate_toward=...)``: the original network (as the annealer found it), the current weights
 #: with every gate open, the gated model as trained
 CALIBRATE_TOWARD = ("dense", "open", "trained")
@@ -457,7 +461,7 @@ class AnnealControl:
     def __init__(self, model: nn.Module, *, budget: Any, allocation: str, min_keep: float, example_inputs: Any,
                  init: str, calibration_data: Any, importance: str, steer: str,
                  calibrate: str | None, calibrate_toward: str, schedule: AnnealSchedule | None = None,
-                 progress: bool = False) -> None:
+                 progress: bool = False, temperature: tuple[float, float] | None = None) -> None:
         _check_init(init, calibration_data)
         if importance not in IMPORTANCES:
             raise ValueError(f"importance must be one of {IMPORTANCES}, got {importance!r}")
@@ -469,8 +473,10 @@ class AnnealControl:
             raise ValueError(f"steer must be one of {STEERS}, got {steer!r}")
         check_min_keep(min_keep)
         structured = bool(structured_gates(model))
-        if calibrate == "auto":  # measured: +2.6 pt cosine on MiniLM, level on MobileNetV2 (docs/anneal-ablations.md)
-            calibrate = "ramp" if structured and calibration_data is not None else None
+        if calibrate == "auto":  # measured with a cold start: +2.6 pt cosine on MiniLM, level on MobileNetV2
+            t_start = (schedule.temperature if schedule is not None else temperature or (1.0,))[0]
+            cold = isinstance(t_start, (int, float)) and t_start <= COLD_START
+            calibrate = "ramp" if structured and calibration_data is not None and cold else None
         if (importance != "magnitude" or calibrate) and not structured:
             raise ValueError("importance= and calibrate= act on channel and head gates: convert with "
                              "granularity 'channel' and/or 'head'")
@@ -664,8 +670,9 @@ class FermiAnnealer(Optimizer):
     by the gates' normalised scores. ``allocation``: ``"auto"`` (default) is ``"global"`` (across gates) for a
     MAC / parameter budget where the units are ranked on data (calibration data, or the recorded inputs), else
     ``"uniform"`` (every gate its share); ``"global"`` / ``"uniform"`` force one.
-    ``calibrate``: ``"auto"`` (default) is ``"ramp"`` when ``calibration_data`` is given and the model has
-    channel / head gates, else None (never); ``"freeze"`` re-fits the layers that lost inputs (ridge regression, as ``convert_from_fermi``
+    ``calibrate``: ``"auto"`` (default) is ``"ramp"`` when ``calibration_data`` is given, the model has
+    channel / head gates and the temperature starts at 0.01 or below (few units soft while the sparsity ramps),
+    else None (never); ``"freeze"`` re-fits the layers that lost inputs (ridge regression, as ``convert_from_fermi``
     calibrates) in place when the decisions freeze, ``"ramp"`` also at 4 points of the ramp; toward
     ``calibrate_toward``: ``"dense"`` the original network (a copy kept until the freeze), ``"open"`` the current
     weights with every gate open, ``"trained"`` the gated model as trained. It uses ``calibration_data``, else

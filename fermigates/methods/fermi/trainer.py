@@ -67,7 +67,7 @@ def fermi_trainer_callback(
     control = AnnealControl(model, budget=budget, allocation=allocation, min_keep=min_keep,
                             example_inputs=example_inputs, init=init, calibration_data=calibration_data,
                             importance=importance, steer=steer, calibrate=calibrate,
-                            calibrate_toward=calibrate_toward)
+                            calibrate_toward=calibrate_toward, temperature=tuple(temperature))
 
     class FermiCallback(TrainerCallback):
         """Anneals Fermi gates inside a ``transformers.Trainer`` (see :func:`fermi_trainer_callback`)."""
