@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ...calibration.engine import calibrate
@@ -33,6 +34,31 @@ from .model import disable_gates, gated_modules, group_keep, structured_gates, u
 
 def _detached(value: Any) -> Any:
     return value.detach().clone() if isinstance(value, torch.Tensor) else value
+
+
+def _gathered(batch: Any) -> Any:
+    """``batch`` joined along its first dimension with the other processes' (in rank order) when
+    ``torch.distributed`` runs several; None when any process's batch is None or they cannot be joined (the same
+    answer on every process)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return batch
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, None if batch is None else _cpu(batch))
+    if any(p is None for p in parts):
+        return None
+    try:
+        if isinstance(parts[0], Mapping):
+            return {k: torch.cat([p[k] for p in parts]).to(batch[k].device) if isinstance(parts[0][k], torch.Tensor)
+                    else parts[0][k] for k in parts[0]}
+        return torch.cat(parts).to(batch.device)
+    except (RuntimeError, KeyError, TypeError):
+        return None
+
+
+def _cpu(batch: Any) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.cpu()
+    return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 class InputRecorder:
@@ -65,13 +91,18 @@ class InputRecorder:
         if self.full or not torch.is_grad_enabled():
             return
         if len(args) == 1 and isinstance(args[0], torch.Tensor) and not kwargs:
-            self.batches.append(_detached(args[0]))
+            batch: Any = _detached(args[0])
         elif not args and kwargs:
-            self.batches.append({k: _detached(v) for k, v in kwargs.items()})
+            batch = {k: _detached(v) for k, v in kwargs.items()}
         elif len(args) == 1 and isinstance(args[0], Mapping) and not kwargs:
-            self.batches.append({k: _detached(v) for k, v in args[0].items()})
+            batch = {k: _detached(v) for k, v in args[0].items()}
         else:
+            batch = None
+        batch = _gathered(batch)  # under DDP every process ranks on the global batch, so all decide alike
+        if batch is None:
             self.unusable = True
+        else:
+            self.batches.append(batch)
         if self.full:
             self.close()
 
