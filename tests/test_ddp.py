@@ -24,7 +24,10 @@ def test_ddp_two_processes_end_at_the_same_gates_as_one(tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(a["keep"], b["keep"]))
     assert any(not bool(k.all()) for k in a["keep"])  # something was pruned
     for key in a["state"]:
-        torch.testing.assert_close(a["state"][key], b["state"][key], rtol=1e-4, atol=1e-5)
+        # the per-unit offsets hold an order ranked on the recorded (gathered) inputs: units whose importance ties
+        # to float precision may swap places, by the difference of their scores, with the same decisions
+        atol = 1e-3 if key.endswith("mu_offset") else 1e-5
+        torch.testing.assert_close(a["state"][key], b["state"][key], rtol=1e-4, atol=atol)
 
 
 def test_fsdp2_sharded_weights_are_refused(monkeypatch):

@@ -14,7 +14,7 @@ import math
 from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 #: the logit is clamped to +-this: beyond it ``P`` is 1.0 in float32 (or below 4e-18) anyway, and unclamped
 #: logits of thousands (T = 1e-3) make sigmoid's gradients subnormal floats, which stall CPU steps 20x
@@ -73,7 +73,7 @@ class FermiGate(nn.Module):
     @classmethod
     def for_scores(
         cls, score: torch.Tensor, temperature: float = 1.0, init: str | float = "open"
-    ) -> "FermiGate":
+    ) -> FermiGate:
         """A gate whose scale is the mean of ``score``; ``init`` is "open" or a percentile in [0, 1)."""
         score = score.detach().float().flatten()
         scale = float(score.mean()) if score.numel() else 1.0
@@ -143,6 +143,15 @@ class FermiGate(nn.Module):
                 keep = torch.zeros_like(keep)
                 keep[margin.topk(want).indices] = True
         return keep
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # a state dict saved with per-unit levels (an anneal started from a ranking) loads into a gate without
+        # them: the levels are created first
+        if self.mu_offset is None and f"{prefix}mu_offset" in state_dict:
+            self.add_unit_levels()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def get_extra_state(self) -> torch.Tensor:
         """The frozen decision travels with the state dict (an empty tensor while undecided), so a model saved by

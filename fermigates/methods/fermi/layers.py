@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import functools
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from ...core.layouts import LinearLayout, linear_like, plain_base
 from ...core.twin import Twin, make_twin, plain_copy
@@ -34,13 +35,13 @@ _GATE_ATTRS = ("weight_gate", "_slots", "_row_slots", "_plain_cls", "_in_axis", 
 class GroupSlot:
     """A consumer's view of one group gate: column indices ``index[u]`` read unit ``u``."""
 
-    gate: "GroupGate"
+    gate: GroupGate
     index: torch.Tensor  # (n_units, width), long
 
 
 #: gate -> [key, probability, used by a backward] of the current forward: outside the modules, so deep copies never see a tensor
 #: that carries an autograd graph
-_PROBABILITIES: "weakref.WeakKeyDictionary[FermiGate, list]" = weakref.WeakKeyDictionary()
+_PROBABILITIES: weakref.WeakKeyDictionary[FermiGate, list] = weakref.WeakKeyDictionary()
 
 
 def _shared(gate: FermiGate, inputs_version: tuple, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -57,6 +58,11 @@ def _shared(gate: FermiGate, inputs_version: tuple, compute: Callable[[], torch.
         p.register_hook(lambda grad: entry.__setitem__(2, True))
     _PROBABILITIES[gate] = entry
     return p
+
+
+#: gate -> callback given every soft probability tensor the gate computes with gradients (e.g. to accumulate
+#: ``dL/dP`` for a Taylor importance); outside the modules, so copies and pickles of a model never carry it
+PROBABILITY_HOOKS: weakref.WeakKeyDictionary[FermiGate, Callable[[torch.Tensor], None]] = weakref.WeakKeyDictionary()
 
 
 def weight_probability(gate: FermiGate, weight: torch.Tensor) -> torch.Tensor:
@@ -102,7 +108,14 @@ class GroupGate(FermiGate):
         many layers consume the group (see :func:`new_forward`)."""
         if self.enabled and self.decided is not None:  # no need to score: the decision is frozen
             return self._touch(self.decided.float())
-        return _shared(self, tuple(m.weight._version for m, _, _ in self.producers), lambda: self(self.score()))
+        return _shared(self, tuple(m.weight._version for m, _, _ in self.producers), self._soft_probability)
+
+    def _soft_probability(self) -> torch.Tensor:
+        p = self(self.score())
+        hook = PROBABILITY_HOOKS.get(self)
+        if hook is not None and p.requires_grad:
+            hook(p)
+        return p
 
     def keep_units(self) -> torch.Tensor:
         if self.decided is not None:
@@ -134,7 +147,7 @@ class GatedMixin(Twin):
         self.weight_gate.to(self.weight.device)
         return self.weight_gate
 
-    def add_slot(self, gate: "GroupGate", index: torch.Tensor, owner: bool, rows: bool = False) -> None:
+    def add_slot(self, gate: GroupGate, index: torch.Tensor, owner: bool, rows: bool = False) -> None:
         """Gate the input columns (or, with ``rows``, the output rows and bias) ``index[u]`` by unit ``u``."""
         if owner:
             self.gates.append(gate)
@@ -305,7 +318,7 @@ class FermiLinear(GatedMixin, nn.Linear):
     """``nn.Linear`` whose weight is multiplied by Fermi retention probabilities."""
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "FermiLinear":
+    def from_linear(cls, linear: nn.Linear) -> FermiLinear:
         return gated_twin(linear, cls)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -358,7 +371,7 @@ class FermiEmbedding(GatedMixin, nn.Embedding):
 _TWIN_CLASSES = {nn.Linear: FermiLinear, nn.Conv1d: FermiConv1d, nn.Conv2d: FermiConv2d, nn.Conv3d: FermiConv3d}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _linear_like_twin_class(base: type, layout: LinearLayout) -> type:
     """A gated twin of a registered Linear-like class that stores its weight as ``(in, out)`` (transformers'
     ``Conv1D``): ``y = x @ W + b`` with ``W`` gated."""

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ...allocation.budget import budget_from
 from ...core.state import get_state
-from .anneal import AnnealSchedule, BudgetSteer, anneal_stats, set_start, sparsity_loss
+from .anneal import AnnealControl, AnnealSchedule, anneal_stats
 
 
 def fermi_trainer_callback(
@@ -22,11 +22,15 @@ def fermi_trainer_callback(
     *,
     sparsity_weight: float = 1.0,
     budget: Any = None,
-    allocation: str = "uniform",
-    min_keep: float | int = 0.1,
+    allocation: str = "auto",
+    min_keep: float = 0.1,
     example_inputs: Any = None,
     init: str = "auto",
     calibration_data: Any = None,
+    importance: str = "magnitude",
+    steer: str = "band",
+    calibrate: str | None = "auto",
+    calibrate_toward: str = "dense",
     **schedule_kwargs: Any,
 ):
     """A ``transformers.TrainerCallback`` that anneals the gates of ``model`` like :class:`FermiAnnealer`.
@@ -43,7 +47,9 @@ def fermi_trainer_callback(
     shares are re-allocated from the current scores, so a resumed run steers on from its loaded weights.
     ``calibration_data`` (a few batches of training inputs) starts the anneal from the one-shot pruner's order of
     units (``init="auto"`` or ``"obs"``, as in :class:`FermiAnnealer`); the per-unit levels are set when the callback is made, so they are
-    parameters of ``model`` by the time ``trainer.train()`` builds its optimizer.
+    parameters of ``model`` by the time ``trainer.train()`` builds its optimizer. Without calibration data the
+    inputs of the first training forwards are ranked on, as :class:`FermiAnnealer` does. ``importance``,
+    ``steer``, ``calibrate`` and ``calibrate_toward`` are :class:`FermiAnnealer`'s.
     Use: ``Trainer(..., callbacks=[fermigates.fermi_trainer_callback(model)])``.
     """
     from transformers import TrainerCallback
@@ -52,12 +58,16 @@ def fermi_trainer_callback(
     budget = budget_from(budget, target_sparsity, config, "fermi_trainer_callback")
     sparsity = target_sparsity if target_sparsity is not None else (
         0.5 if config.target_sparsity is None else config.target_sparsity)  # with a budget: a placeholder
-    steer = None if budget is None else BudgetSteer(model, budget, allocation, min_keep, example_inputs)
     if not isinstance(temperature, (tuple, list)):
         raise TypeError(f"temperature must be a pair (T_start, T_end), e.g. (1.0, 0.01), got {temperature!r}")
     if sparsity_weight < 0:
         raise ValueError(f"sparsity_weight must be >= 0, got {sparsity_weight!r}")
-    set_start(model, init, calibration_data, min_keep)
+    if total_steps is not None:  # refuse bad schedule arguments now, not when training starts
+        AnnealSchedule(int(total_steps), tuple(temperature), schedule, sparsity, sparsity_schedule, **schedule_kwargs)
+    control = AnnealControl(model, budget=budget, allocation=allocation, min_keep=min_keep,
+                            example_inputs=example_inputs, init=init, calibration_data=calibration_data,
+                            importance=importance, steer=steer, calibrate=calibrate,
+                            calibrate_toward=calibrate_toward, temperature=tuple(temperature))
 
     class FermiCallback(TrainerCallback):
         """Anneals Fermi gates inside a ``transformers.Trainer`` (see :func:`fermi_trainer_callback`)."""
@@ -73,34 +83,38 @@ def fermi_trainer_callback(
                 self.schedule = AnnealSchedule(
                     int(steps), tuple(temperature), schedule, sparsity, sparsity_schedule, **schedule_kwargs
                 )
+                control.bind(self.schedule)
             return self.schedule
-
-        def _apply(self, state) -> None:
-            schedule = self._ensure(state)
-            if steer is not None:
-                steer.maybe_update(state.global_step, schedule.hard_step)
-            schedule.apply(model, state.global_step)
 
         @property
         def budget_result(self) -> Any:
             """With a budget: the latest :class:`fermigates.BudgetResult` (requested, predicted, units kept)."""
-            return None if steer is None else steer.result
+            return control.budget_result
 
-        def on_train_begin(self, args, state, control, **kwargs):
-            self._apply(state)
+        @property
+        def calibrations(self) -> list:
+            """With ``calibrate``: the report of every calibration so far (the last one at the freeze)."""
+            return control.calibrations
 
-        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        def on_train_begin(self, args, state, control_, **kwargs):
+            self._ensure(state)
+            control.steer_to(state.global_step)
+            control.apply(state.global_step)
+
+        def on_pre_optimizer_step(self, args, state, control_, **kwargs):
             if sparsity_weight == 0:
                 return
+            self._ensure(state)
             with torch.enable_grad():
-                loss = sparsity_loss(model, self._ensure(state), state.global_step, sparsity_weight)
+                loss = control.loss(state.global_step, sparsity_weight)
                 if loss.requires_grad:
                     loss.backward()
 
-        def on_step_end(self, args, state, control, **kwargs):
-            self._apply(state)
+        def on_step_end(self, args, state, control_, **kwargs):
+            self._ensure(state)
+            control.after_optimizer_step(state.global_step)
 
-        def on_log(self, args, state, control, logs=None, **kwargs):
+        def on_log(self, args, state, control_, logs=None, **kwargs):
             stats = anneal_stats(model, self._ensure(state), state.global_step)
             extra = {f"fermi/{k}": stats[k] for k in ("temperature", "sparsity", "target_sparsity", "undecided")}
             if logs is not None:
