@@ -36,6 +36,7 @@ from .losses import task_loss
 from .methods.registry import method_of
 from .report import FermiReport
 from .surgery.macs import count_macs
+from .surgery.merge import merge_layers, record_replaced
 from .surgery.shrink import shrink_model
 from .surgery.verify import SHRINK_RTOL
 
@@ -182,13 +183,18 @@ def _bake(model, method, state, example, batches, reference, ref_name, ridge, ca
     params_before = count_parameters(model, own)
     macs_before = _count_macs(model, example)
     decisions = method.decisions(model)
-    twin_names = set(method.twins(model))
+    twins = method.twins(model)
+    twin_names = set(twins)
     for tensor, mask in decisions.zero:
         where = mask.expand_as(tensor) if mask.shape != tensor.shape else mask
         zeroed.append((tensor, where, tensor.detach()[where].clone()))
         tensor.data[where] = 0
     swap_modules(model, decisions.replacements)
     detach_state(model)
+    # a replacement of another class than the twin stood for (an identity for a removed activation): recorded so
+    # that a checkpoint rebuilds it in the stock model
+    record_replaced(model, [name for name, twin in twins.items() if id(twin) in decisions.replacements and
+                            type(decisions.replacements[id(twin)]) is not twin.plain_class])
     report = FermiReport(sparsity=sparsity, params_before=params_before, params_after=params_before)
 
     changes: dict[str, Any] = {}
@@ -225,6 +231,8 @@ def _bake(model, method, state, example, batches, reference, ref_name, ridge, ca
                     "the baked weights were kept as they were")
                 _logger.info("fermigates: %s", report.calibration_reverted)
 
+    if decisions.merges:  # after calibration, which matches layers to the reference by name
+        report.merges = merge_layers(model, example, decisions.merges)
     report.params_after = count_parameters(model)
     report.macs_before = macs_before
     report.macs_after = _count_macs(model, example) if macs_before is not None else None

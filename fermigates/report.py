@@ -72,6 +72,8 @@ class FermiReport:
     latency_ms: dict[str, float] | None = None
     #: how ``prune(..., budget=...)`` met its budget (a ``fermigates.BudgetResult``), or None
     budget: Any = None
+    #: the layers the shared merge step composed across removed non-linearities (a ``MergeReport``), or None
+    merges: Any = None
 
     def kept_by_kind(self) -> dict[str, tuple[int, int]]:
         """``{granularity: (kept, total)}`` over the gates' decisions."""
@@ -116,6 +118,7 @@ class FermiReport:
                 **(self.calibration.to_dict() if hasattr(self.calibration, "to_dict") else {}),
                 "mean_err_before": err[0] if err else None, "mean_err_after": err[1] if err else None},
             "calibration_reverted": self.calibration_reverted,
+            "merges": None if self.merges is None else self.merges.to_dict(),
         }
 
     def to_json(self, path: str | None = None) -> str:
@@ -165,6 +168,12 @@ def format_summary(d: dict[str, Any]) -> str:
                      f"{cal['mean_err_before']:.3g} -> {cal['mean_err_after']:.3g}")
     if d.get("calibration_reverted"):
         lines.append(f"  calibration  undone: {d['calibration_reverted']}")
+    merges = d.get("merges")
+    if merges is not None:
+        fewer = sum(len(m["members"]) - 1 for m in merges["merged"])
+        lines.append(f"  merged       {len(merges['merged'])} segments, {fewer} layers fewer"
+                     + (f"; {len(merges['skipped'])} removed activations not merged across (see the full report)"
+                        if merges["skipped"] else ""))
     return "\n".join(lines)
 
 
@@ -178,6 +187,13 @@ def format_full(d: dict[str, Any], *, summary: bool = True) -> str:
         lines += ["", "resized modules:", format_table(["module", "before", "after"], d["shapes"])]
     for what, why in d.get("not_shrunk") or []:
         lines.append(f"not shrunk: {what}: {why}")
+    merges = d.get("merges") or {}
+    if merges.get("merged"):
+        rows = [[" + ".join(m["members"]), m["shape"], f"{m['macs_before']:,}", f"{m['macs_after']:,}"]
+                for m in merges["merged"]]
+        lines += ["", "merged layers:", format_table(["members", "merged layer", "MACs before", "MACs after"], rows)]
+    for at, why in (merges.get("skipped") or {}).items():
+        lines.append(f"not merged at {at}: {why}")
     cal = d.get("calibration") or {}
     if cal.get("layers"):
         rows = [[r["name"], r.get("kind", ""), f"{r['err_before']:.3e}", f"{r['err_after']:.3e}"]

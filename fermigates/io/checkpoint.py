@@ -29,6 +29,7 @@ from fermigates.core.twin import is_twin
 from fermigates.io.hf import GENERATION_NAME, hf_factory, will_write_generation, write_hf_config
 from fermigates.surgery.fold import FOLDED_ATTR
 from fermigates.io.onnx import export_onnx
+from fermigates.io.replaced import PLAIN_FORMAT_VERSION, apply_replaced, replaced_manifest
 
 _logger = logging.getLogger(__name__)
 
@@ -121,9 +122,10 @@ def save_shrunk(
     root = mf.check_directory(directory)
     tensors, tied = mf.find_ties(model.state_dict())
     unique_params = {id(p): p.numel() for p in model.parameters()}
+    replaced = replaced_manifest(model)  # modules the bake / merge put in place of the stock ones
     manifest: dict[str, Any] = {
         "format": mf.FORMAT,
-        "format_version": mf.FORMAT_VERSION,
+        "format_version": mf.FORMAT_VERSION if replaced else PLAIN_FORMAT_VERSION,
         "fermigates_version": _version(),
         "model_class": qualname(type(model)),
         "source": mf.model_source(model),
@@ -132,6 +134,8 @@ def save_shrunk(
         "tied": tied,
         "tensors": mf.tensor_table(tensors),
     }
+    if replaced:
+        manifest["replaced"] = replaced
     num_classes = getattr(model, "num_classes", None)
     if isinstance(num_classes, int) and not isinstance(num_classes, bool):
         manifest["num_classes"] = num_classes
@@ -441,23 +445,28 @@ def load_shrunk(
             "model_or_factory must be a torch.nn.Module or a zero-argument callable returning one, "
             f"got {type(model_or_factory).__name__}"
         )
-    keys = _check_fits(model, manifest, header, strict, where)
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    undo_replaced = apply_replaced(model, manifest, where)  # merged / removed layers, before the checks
+    try:
+        keys = _check_fits(model, manifest, header, strict, where)
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
 
-    try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError, RuntimeError) as err:
-        raise CheckpointError(f"{weights} cannot be read: {err}; re-save the checkpoint") from None
-    _verify_checksums(manifest, tensors, weights)
-    # safetensors hands out views at 8-byte offsets; oneDNN picks other kernels for unaligned weights and the
-    # loaded model would then differ from the saved one in the last bit (seen: MobileNetV2's depthwise convs)
-    tensors = {k: v.clone() if v.data_ptr() % 64 else v for k, v in tensors.items()}
-    journal = _Journal(model, {p: list(e.get("attrs", {})) for p, e in manifest["modules"].items()})
-    try:
-        _apply(model, manifest, header, tensors, keys, strict)
+        try:
+            tensors = load_file(str(weights))
+        except (SafetensorError, OSError, RuntimeError) as err:
+            raise CheckpointError(f"{weights} cannot be read: {err}; re-save the checkpoint") from None
+        _verify_checksums(manifest, tensors, weights)
+        # safetensors hands out views at 8-byte offsets; oneDNN picks other kernels for unaligned weights and the
+        # loaded model would then differ from the saved one in the last bit (seen: MobileNetV2's depthwise convs)
+        tensors = {k: v.clone() if v.data_ptr() % 64 else v for k, v in tensors.items()}
+        journal = _Journal(model, {p: list(e.get("attrs", {})) for p, e in manifest["modules"].items()})
+        try:
+            _apply(model, manifest, header, tensors, keys, strict)
+        except BaseException:
+            journal.restore()
+            raise
     except BaseException:
-        journal.restore()
+        undo_replaced()
         raise
     _logger.info("loaded %s from %s", type(model).__name__, directory)
     return model

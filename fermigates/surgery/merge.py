@@ -56,7 +56,7 @@ from .verify import SHRINK_RTOL
 
 __all__ = [
     "BorderBiasConv1d", "BorderBiasConv2d", "BorderBiasConv3d", "ChainTrace", "MergeReport", "MergeRequest",
-    "MergedLayer", "build_module", "merge_layers", "merged_macs", "module_spec", "record_replaced",
+    "MergedLayer", "build_module", "merge_layers", "merge_savings", "module_spec", "record_replaced",
     "replaced_paths", "trace_chains",
 ]
 
@@ -625,13 +625,23 @@ def _links(chain: list[str], trace: ChainTrace, points: set[str]) -> tuple[set[i
     return {k for k, pts in enumerate(crossings) if not set(pts) & points}, crossings
 
 
-def merged_macs(model: nn.Module, trace: ChainTrace, removed: Iterable[str], *, when: str = "cheaper") -> int:
-    """MACs the merges would save if exactly the points in ``removed`` computed the identity, predicted from
-    ``trace`` (a run with every candidate point as an identity) without building anything. Biases are assumed
-    present (a folded batch norm has one), so a padded conv after a 1x1 prefix counts its border term."""
+def _params(geo: _Geometry, first: nn.Module, last: nn.Module) -> int:
+    if geo.dims == 0:
+        return first.in_features * last.out_features + last.out_features
+    k = math.prod(geo.kernel)
+    return last.out_channels * (first.in_channels // geo.groups) * k + last.out_channels + \
+        (last.out_channels * k if geo.border else 0)
+
+
+def merge_savings(model: nn.Module, trace: ChainTrace, removed: Iterable[str], *, when: str = "cheaper"
+                  ) -> tuple[int, int]:
+    """``(MACs, parameters)`` the merges would save if exactly the points in ``removed`` computed the identity,
+    predicted from ``trace`` (a run of ``model`` with every candidate point as an identity) without building
+    anything. Biases are assumed present (a folded batch norm has one), so a padded conv after a 1x1 prefix counts
+    its border term."""
     removed = set(removed)
     maps = dict(model.named_modules())
-    saved = 0
+    macs = params = 0
     for chain in trace.chains:
         cut, _ = _links(chain, trace, removed)
         forced = set(range(len(chain) - 1)) - cut if when == "always" else set()
@@ -640,9 +650,11 @@ def merged_macs(model: nn.Module, trace: ChainTrace, removed: Iterable[str], *, 
             if j > i:
                 members = [maps[c] for c in chain[i:j + 1]]
                 geo = _segment_geometry(members, bias_known=False)
-                after = _segment_macs(geo, members[0], members[-1], trace.shapes[chain[j]][1])
-                saved += sum(trace.macs[c] for c in chain[i:j + 1]) - after
-    return saved
+                macs += sum(trace.macs[c] for c in chain[i:j + 1]) - \
+                    _segment_macs(geo, members[0], members[-1], trace.shapes[chain[j]][1])
+                params += sum(p.numel() for m in members for p in m.parameters(recurse=False)) - \
+                    _params(geo, members[0], members[-1])
+    return macs, params
 
 
 # -- the merge step -------------------------------------------------------------------------------------------------
