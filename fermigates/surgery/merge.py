@@ -207,6 +207,18 @@ def _jsonable(value: Any, where: str) -> Any:
     raise ValueError(f"cannot record {where} = {value!r} ({type(value).__name__}) in a checkpoint manifest")
 
 
+def _init_parameters(cls: type) -> list[tuple[str, inspect.Parameter]]:
+    """The named constructor parameters of ``cls``, or of the nearest base whose ``__init__`` names them (a
+    subclass that only forwards ``*args, **kwargs``)."""
+    for klass in cls.__mro__:
+        if "__init__" not in klass.__dict__:
+            continue
+        params = list(inspect.signature(klass.__init__).parameters.items())[1:]
+        if any(p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for _, p in params) or klass is nn.Module:
+            return params
+    return []
+
+
 def module_spec(module: nn.Module, where: str = "module") -> dict[str, Any]:
     """``{"class", "args", "children"}``: enough to build an empty ``module`` again (its tensors come from the
     state dict). ``args`` are the constructor arguments read from the same-named attributes (``bias``: whether
@@ -217,7 +229,7 @@ def module_spec(module: nn.Module, where: str = "module") -> dict[str, Any]:
         args = custom()
     else:
         args = {}
-        for name, param in list(inspect.signature(cls.__init__).parameters.items())[1:]:
+        for name, param in _init_parameters(cls):
             if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD) or name in ("device", "dtype"):
                 continue
             if name == "bias" and ("bias" in module._parameters or "bias" in module._buffers):
@@ -628,9 +640,7 @@ def _links(chain: list[str], trace: ChainTrace, points: set[str]) -> tuple[set[i
 def _params(geo: _Geometry, first: nn.Module, last: nn.Module) -> int:
     if geo.dims == 0:
         return first.in_features * last.out_features + last.out_features
-    k = math.prod(geo.kernel)
-    return last.out_channels * (first.in_channels // geo.groups) * k + last.out_channels + \
-        (last.out_channels * k if geo.border else 0)
+    return last.out_channels * (first.in_channels // geo.groups) * math.prod(geo.kernel) + last.out_channels
 
 
 def merge_savings(model: nn.Module, trace: ChainTrace, removed: Iterable[str], *, when: str = "cheaper"
