@@ -250,13 +250,15 @@ def test_n_remove_counts_activations():
 
 
 def test_latency_budget_measures_baked_candidates():
-    torch.manual_seed(0)
-    model = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(256, 256), nn.ReLU())], nn.Linear(256, 4)).eval()
+    torch.manual_seed(0)  # each merge of 256 -> 2048 -> 256 into 256 -> 256 saves 8x its MACs
+    model = nn.Sequential(*[m for _ in range(3) for m in (nn.Linear(256, 2048), nn.ReLU(), nn.Linear(2048, 256))],
+                          nn.Linear(256, 4)).eval()
     x = torch.randn(64, 256)
-    fg.convert_to_fermi(model, _config(budget="latency:0.6"), example_inputs=x)
+    fg.convert_to_fermi(model, _config(budget="latency:0.7"), example_inputs=x)
     opt = _train(model, x, 6)
-    assert opt.budget_result.kind == "latency" and opt.budget_result.predicted <= 0.6
-    assert sum(u.pa_removed for u in units(model).values()) >= 2
+    result = opt.budget_result
+    assert result.kind == "latency" and result.requested == 0.7 and result.predicted <= 0.7
+    assert sum(u.pa_removed for u in units(model).values()) >= 1
 
 
 # -- merges, checkpoints and ONNX -----------------------------------------------------------------------------------

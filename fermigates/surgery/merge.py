@@ -51,12 +51,12 @@ from ..core.batches import call_model, max_relative_diff, output_tensors, walk_t
 from ..core.modules import restore, snapshot
 from ..core.state import find_state
 from ..core.twin import is_twin
-from .fold import fold_batchnorm
+from .fold import BatchNormFold, _find_pairs, _fold_into
 from .verify import SHRINK_RTOL
 
 __all__ = [
     "BorderBiasConv1d", "BorderBiasConv2d", "BorderBiasConv3d", "ChainTrace", "MergeReport", "MergeRequest",
-    "MergedLayer", "build_module", "merge_layers", "merge_savings", "module_spec", "record_replaced",
+    "MergedLayer", "build_module", "fold_norms", "merge_layers", "merge_savings", "module_spec", "record_replaced",
     "replaced_paths", "trace_chains",
 ]
 
@@ -682,6 +682,18 @@ def _requests(requests: Iterable[MergeRequest | str]) -> tuple[list[str], set[st
     return names, forced
 
 
+@torch.no_grad()
+def fold_norms(model: nn.Module, example_inputs: Any) -> dict[str, str]:
+    """Fold every batch norm that directly follows a Conv / Linear into it (the pairs
+    :func:`fermigates.fold_batchnorm` finds), without its whole-model check: the merge step checks the merged
+    model itself. For copies; returns ``{norm: producer}``."""
+    pairs, _ = _find_pairs(model, example_inputs, BatchNormFold())
+    for norm_name, producer_name, replacement in pairs:
+        _fold_into(model.get_submodule(producer_name), model.get_submodule(norm_name))
+        _set(model, norm_name, replacement)
+    return {norm: producer for norm, producer, _ in pairs}
+
+
 def _set(model: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, child = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
@@ -716,11 +728,7 @@ def merge_layers(model: nn.Module, example_inputs: Any, requests: Iterable[Merge
     try:
         before = output_tensors(call_model(model, example_inputs))
         folded = copy.deepcopy(model)
-        try:
-            fold = fold_batchnorm(folded, example_inputs).folded
-        except (RuntimeError, ValueError) as err:  # merge what needs no fold
-            _logger.info("batch norms not folded before merging: %s", err)
-            folded, fold = copy.deepcopy(model), {}
+        fold = fold_norms(folded, example_inputs)
         trace = trace_chains(folded, example_inputs, names)
         report.skipped.update(trace.unlinked)
         maps = dict(folded.named_modules())

@@ -38,7 +38,7 @@ SPARSITY_SCHEDULES = ("cubic", "linear", "constant")
 #: how many times the chosen set grows during the ramp (each a measurement of every remaining unit)
 SELECTIONS = 8
 #: batches the distortion of a unit is measured on
-PROBE_BATCHES = 4
+PROBE_BATCHES = 2
 
 
 def ramp_fraction(progress: float, schedule: str) -> float:
@@ -233,11 +233,12 @@ class ActivationAnnealer(Optimizer):
             k = int(math.floor(frac * self.final_count + 1e-9)) - len(self.chosen)
             if k <= 0:
                 return
-            err = self._costs(left)
             if self.budget is not None:  # latency: the measured order's prefix
                 new = [n for n in self.latency_order if n not in self.chosen][:k]
+            elif k >= len(left):  # every remaining one: nothing to measure
+                new = left
             else:
-                new = by_count(left, err, k)
+                new = by_count(left, self._costs(left), k)
         else:
             target = 1.0 - frac * (1.0 - self.budget.fraction)
             if self.plan.kept(set(self.chosen), self.budget.kind) <= target:

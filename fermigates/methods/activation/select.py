@@ -4,7 +4,6 @@ latency), chosen greedily to meet a count or a budget."""
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -13,12 +12,9 @@ from torch import nn
 from ...allocation.latency import compare_latency
 from ...core.batches import call_model, feed, output_tensors
 from ...core.sparsity import count_parameters
-from ...surgery.fold import fold_batchnorm
 from ...surgery.macs import count_macs
-from ...surgery.merge import MergeRequest, merge_layers, merge_savings, trace_chains
+from ...surgery.merge import MergeRequest, fold_norms, merge_layers, merge_savings, trace_chains
 from .model import plain_copy, units, view
-
-_logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -53,10 +49,7 @@ class MergePlan:
         self.copy = plain_copy(model, identity=names)
         self.dense_macs = max(1, count_macs(self.copy, example))
         self.dense_params = max(1, count_parameters(self.copy))
-        try:
-            fold_batchnorm(self.copy, example)
-        except (RuntimeError, ValueError) as err:
-            _logger.info("batch norms not folded for the merge plan: %s", err)
+        fold_norms(self.copy, example)
         self.trace = trace_chains(self.copy, example, names)
         self.points = [p for pts in self.trace.across.values() for p in pts]
         self.chains = [sorted({p for a, b in zip(c, c[1:]) for p in self.trace.across[(a, b)]})
