@@ -4,6 +4,8 @@ latency), chosen greedily to meet a count or a budget."""
 
 from __future__ import annotations
 
+import statistics
+import time
 from typing import Any
 
 import torch
@@ -99,16 +101,42 @@ def by_budget(selected: list[str], candidates: list[str], err: dict[str, float],
     return chosen
 
 
-def latency_ratio(model: nn.Module, example: Any, removed: list[str], when: str, dense: nn.Module | None = None
-                  ) -> float:
+def latency_ratio(model: nn.Module, example: Any, removed: list[str], when: str, dense: nn.Module | None = None,
+                  repeats: int = 3) -> float:
     """Measured latency of the baked, merged model with ``removed`` units removed, over the dense model's (both
-    timed round-robin on ``example``)."""
+    timed round-robin on ``example``; the median of ``repeats`` comparisons). With one torch thread the time is
+    the thread's CPU time (:func:`thread_times`), else wall-clock time (``compare_latency``)."""
     dense = dense if dense is not None else plain_copy(model)
     cand = plain_copy(model, identity=removed)
     if when != "never" and removed:
         merge_layers(cand, example, [MergeRequest(n, force=when == "always") for n in removed])
-    times = compare_latency({"dense": lambda: call_model(dense, example), "cand": lambda: call_model(cand, example)})
-    return times["cand"] / times["dense"]
+    jobs = {"dense": lambda: call_model(dense, example), "cand": lambda: call_model(cand, example)}
+    ratios = []
+    for _ in range(repeats):
+        times = thread_times(jobs) if torch.get_num_threads() == 1 else compare_latency(jobs)
+        ratios.append(times["cand"] / times["dense"])
+    return statistics.median(ratios)
+
+
+def thread_times(jobs: dict, rounds: int = 7, burst: float = 0.002) -> dict[str, float]:
+    """Median CPU seconds of this thread per call of each job, round-robin in bursts of at least ``burst``. With
+    one torch thread every op runs on the calling thread, so this is the forward's compute time whatever else the
+    machine runs (wall-clock time would count the time other processes hold the core)."""
+    with torch.inference_mode():
+        repeat = {}
+        for key, fn in jobs.items():
+            fn()
+            t0 = time.thread_time()
+            fn()
+            repeat[key] = max(1, min(1000, int(burst / max(time.thread_time() - t0, 1e-6)) + 1))
+        times: dict[str, list[float]] = {k: [] for k in jobs}
+        for _ in range(rounds):
+            for key, fn in jobs.items():
+                t0 = time.thread_time()
+                for _ in range(repeat[key]):
+                    fn()
+                times[key].append((time.thread_time() - t0) / repeat[key])
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def by_latency(model: nn.Module, example: Any, order: list[str], target: float, when: str) -> tuple[int, float]:
