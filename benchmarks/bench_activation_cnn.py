@@ -9,10 +9,11 @@ budget (AdamW, ``--steps`` steps at batch 64, lr 1e-3, the same data order per s
   budget="latency:L"))`` -> ``fine_tune`` under the method's ``ActivationAnnealer`` (it measures the baked, merged
   candidates at batch 1 to choose how many activations go, then fades them out in order of least output
   distortion, decisions frozen at 70% of the run) -> ``convert_from_fermi`` (the shared merge step).
-* ``channels pruned + FT``: ``fermigates.prune(FermiConfig(granularity="channel"), budget="latency:L")`` (per-layer
-  latency tables, measured; OBS selection, ridge calibration) then the same fine-tune. When the budget is out of
-  reach for channel pruning (``prune`` refuses it: thin layers keep their call and memory cost), the row is the
-  fastest channel-pruned model instead (90% of every layer's channels removed), and the JSON says so.
+* ``channels pruned + FT``: ``fermigates.prune(FermiConfig(granularity="channel"), budget="macs:f")`` (OBS
+  selection, global allocation, ridge calibration) then the same fine-tune, ``f`` bisected so that the pruned
+  model's latency (CPU time at the latency batch, see below) equals the activation row's (seed 0): the same
+  measured latency, not the same request (``prune``'s own latency budget times wall-clock and lands far off on a
+  loaded machine).
 * ``dense FT``: the dense model fine-tuned for the same steps.
 
 Latency budgets are measured at batch ``--latency-batch`` (64: at batch 1 these sub-millisecond models are timed
@@ -171,6 +172,22 @@ def run_activation(dense, budget, batches, calib):
                    "merged": report.merges.layers_removed if report.merges else 0}
 
 
+def matched_channels(dense, calib, target: float, iterations: int) -> tuple[nn.Module, float, float]:
+    """``fermigates.prune`` to the MAC budget whose model's CPU-time latency ratio (at the latency batch) is
+    closest to ``target``: bisection over the MAC fraction kept. Returns the model, the fraction, its ratio."""
+    lo, hi, best = 0.02, 1.0, None
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        model = copy.deepcopy(dense)
+        fg.prune(model, calib, fg.FermiConfig(granularity="channel"), budget=f"macs:{mid:.4f}",
+                 example_inputs=EXAMPLE, progress=False)
+        r = latency_ratio(model, dense, LATENCY_X[0].shape[0], 3)
+        if best is None or abs(r - target) < abs(best[2] - target):
+            best = (model, mid, r)
+        lo, hi = (lo, mid) if r > target else (mid, hi)
+    return best
+
+
 def run_channels(pruned, batches):
     model = copy.deepcopy(pruned)
     fg.fine_tune(model, batches, steps=len(batches), lr=1e-3, progress=False)
@@ -194,6 +211,7 @@ def main() -> None:
     ap.add_argument("--serve-batch", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--latency-batch", type=int, default=64, help="the batch latency budgets are measured on")
+    ap.add_argument("--search-iterations", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="activation_cnn")
     ap.add_argument("--quick", action="store_true", help="20 steps, 1 seed, 1 repeat; results to the temp dir")
@@ -206,32 +224,19 @@ def main() -> None:
     test = dataset("test")
     calib = list(zip(xtr[-args.calib:].split(128), ytr[-args.calib:].split(128)))
     pool = len(xtr) - args.calib
-    rows, raw = [], []
+    rows, raw, matched = [], [], {}
     t_start = time.perf_counter()
     for name in args.models:
         dense = train_dense(name, xtr, ytr, args.dense_epochs)
         dense_acc, dense_macs = accuracy(dense, *test), fg.count_macs(dense, EXAMPLE)
         dense_params = fg.count_parameters(dense)
         print(f"{name}: dense accuracy {dense_acc:.4f}, {dense_macs:,} MACs, {layers(dense)} layers", flush=True)
-        channel_models = {}
-        for budget in args.budgets:
-            pruned = copy.deepcopy(dense)
-            t0 = time.perf_counter()
-            try:
-                report = fg.prune(pruned, calib, fg.FermiConfig(granularity="channel"), budget=f"latency:{budget}",
-                                  example_inputs=LATENCY_X[0], progress=False)
-                measured = report.budget.measured
-            except ValueError as err:  # out of reach: the fastest channel-pruned model (every layer at its floor)
-                print(f"  channel pruning cannot reach latency {budget}: {err}", flush=True)
-                pruned = copy.deepcopy(dense)
-                fg.prune(pruned, calib, fg.FermiConfig(granularity="channel", target_sparsity=0.9),
-                         example_inputs=EXAMPLE, progress=False)
-                measured = "unreachable; 90% of the channels of every layer pruned: " \
-                    f"{latency_ratio(pruned, dense, LATENCY_X[0].shape[0], 3):.3f}"
-            channel_models[budget] = (pruned, measured, time.perf_counter() - t0)
         plans = [("dense FT", None)] + [(m, b) for b in args.budgets
                                        for m in ("activations removed + merged", "channels pruned + FT")]
+        channel_models: dict = {}
         for method, budget in plans:
+            if method.startswith("channels") and budget not in channel_models:
+                channel_models[budget] = matched_channels(dense, calib, matched[f"{name} {budget}"], args.search_iterations)
             runs = []
             for seed in args.seeds:
                 torch.manual_seed(seed)
@@ -243,9 +248,11 @@ def main() -> None:
                     model, extra = run_dense(dense, batches)
                 elif method.startswith("activations"):
                     model, extra = run_activation(dense, budget, batches, calib)
+                    if seed == args.seeds[0]:  # the latency the channel-pruned row is matched to
+                        matched[f"{name} {budget}"] = latency_ratio(model, dense, LATENCY_X[0].shape[0], args.repeats)
                 else:
                     model, extra = run_channels(channel_models[budget][0], batches)
-                    extra = {"planned latency": channel_models[budget][1]}
+                    extra = {"macs budget": channel_models[budget][1], "matched latency": channel_models[budget][2]}
                 seconds = time.perf_counter() - t0
                 run = {"model": name, "method": method, "budget": budget, "seed": seed, "acc": accuracy(model, *test),
                        "layers": layers(model), "macs_kept": fg.count_macs(model, EXAMPLE) / dense_macs,
@@ -276,7 +283,7 @@ def main() -> None:
         "steps": args.steps, "batch": 64, "lr": 1e-3, "seeds": args.seeds, "calib_images": args.calib,
         "dense_epochs": args.dense_epochs, "latency": "ratio to the dense model, same process, round-robin medians "
         f"of thread CPU time per forward (cpu_times), median of {args.repeats} repeats, {args.threads} thread(s)",
-        "channel_prunes": {str(b): {"measured_latency": m, "seconds": s} for b, (_, m, s) in channel_models.items()},
+        "matched_latency": matched,
         "wall_s": time.perf_counter() - t_start, "runs": raw,
         "command": "OMP_NUM_THREADS=1 python benchmarks/bench_activation_cnn.py " + " ".join(sys.argv[1:])})
 

