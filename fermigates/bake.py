@@ -208,6 +208,8 @@ def _bake(model, method, state, example, batches, reference, ref_name, ridge, ca
                           "only the hard-masked layers are calibrated", stacklevel=3)
         # unshrunk: calibrate finds the hard-masked layers itself (whole input columns zeroed)
         targets = _calibration_targets(model, twin_names, changes, calibrate_layers) if changes else None
+        if decisions.refit:  # layers whose inputs changed without a shrink (after a removed non-linearity)
+            targets = {**{n: (None, None) for n in decisions.refit}, **(targets or {})}
         labelled = all(split_batch(b)[1] is not None for b in batches)
         guard = ref_name in ("trained", "module") or labelled
         before = _fidelity(model, reference, batches, labelled) if guard else None

@@ -15,7 +15,7 @@ from ...core.state import get_state
 from ...surgery.merge import MergeRequest
 from ..base import Decisions, Method
 from .anneal import ActivationAnnealer
-from .model import decided, dense, make_dense, own_tensors, plain_replacements, undecided_units, units
+from .model import decided, dense, make_dense, own_tensors, plain_replacements, readers, undecided_units, units
 from .options import ActivationOptions
 from .targets import is_activation, probe
 from .units import PaTwin, make_unit
@@ -116,7 +116,9 @@ class ActivationMethod(Method):
         options = get_state(model).extra["options"]
         merges = [] if options.merge == "never" else \
             [MergeRequest(n, force=options.merge == "always") for n in gone]
-        return Decisions(replacements, merges=merges)
+        example = get_state(model).example_inputs
+        refit = readers(model, gone, example) if gone and example is not None else []
+        return Decisions(replacements, merges=merges, refit=refit)
 
     @torch.no_grad()
     def sparsity(self, model: nn.Module) -> SparsityReport:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
+from ...core.batches import call_model
 from ...core.modules import swap_modules
 from ...core.state import detach_state, get_state
 from .units import PaActivation, PaTwin
@@ -96,6 +98,48 @@ def plain_copy(model: nn.Module, identity: Iterable[str] = ()) -> nn.Module:
     swap_modules(clone, plain_replacements(clone, identity, decided_alphas=False))
     detach_state(clone)
     return clone.eval()
+
+
+@torch.no_grad()
+def readers(model: nn.Module, names: Iterable[str], example: Any) -> list[str]:
+    """The Linear / ungrouped conv layers that read the output of the units in ``names`` directly, found on one
+    run of ``model`` on ``example`` (the layers a calibration re-fits once those units are identities)."""
+    names = set(names)
+    found = units(model)
+    made: dict[int, str] = {}
+    alive: list[torch.Tensor] = []
+    out: list[str] = []
+    handles = []
+
+    def after(name):
+        def hook(module, args, output):
+            if isinstance(output, torch.Tensor):
+                made[id(output)] = name
+                alive.append(output)
+        return hook
+
+    def before(name):
+        def hook(module, args):
+            if args and isinstance(args[0], torch.Tensor) and id(args[0]) in made and name not in out:
+                out.append(name)
+        return hook
+
+    for name in names:
+        if name in found:
+            handles.append(found[name].register_forward_hook(after(name)))
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) or (isinstance(module, nn.modules.conv._ConvNd) and module.groups == 1
+                                             and not module.transposed):
+            handles.append(module.register_forward_pre_hook(before(name)))
+    was = model.training
+    model.eval()
+    try:
+        call_model(model, example)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    return out
 
 
 @torch.no_grad()
