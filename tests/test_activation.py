@@ -391,3 +391,21 @@ def test_fine_tune_trains_removes_and_the_report_lists_the_merges():
     report = fg.convert_from_fermi(model)
     assert "merged" in str(report) and "merged layers:" in report.full()
     assert _linear_layers(model) == 1
+
+
+def test_calibration_refits_the_layer_after_a_removed_activation_before_merging():
+    torch.manual_seed(0)
+    x = torch.randn(256, 8)
+    dense = _mlp()
+    ref = dense(x).detach()
+    errors = {}
+    for calibrate in (False, True):
+        model = copy.deepcopy(dense)
+        fg.convert_to_fermi(model, _config(method_options={"alpha": "fixed"}), example_inputs=x[:2])
+        set_alpha(model, {"3": 0.0})
+        report = fg.convert_from_fermi(model, calibration_data=[x[:128], x[128:]] if calibrate else None)
+        if calibrate:
+            assert [row.name for row in report.calibration.layers] == ["4"]  # the reader of the removed GELU
+        assert [m.members for m in report.merges.merged] == [["2", "4"]]
+        errors[calibrate] = float((model(x) - ref).pow(2).mean() / ref.pow(2).mean())
+    assert errors[True] < 0.5 * errors[False]
