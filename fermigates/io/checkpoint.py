@@ -29,7 +29,7 @@ from fermigates.core.twin import is_twin
 from fermigates.io.hf import GENERATION_NAME, hf_factory, will_write_generation, write_hf_config
 from fermigates.surgery.fold import FOLDED_ATTR
 from fermigates.io.onnx import export_onnx
-from fermigates.io.replaced import PLAIN_FORMAT_VERSION, apply_replaced, replaced_manifest
+from fermigates.io.replaced import apply_replaced, replaced_manifest
 
 _logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def save_shrunk(
     replaced = replaced_manifest(model)  # modules the bake / merge put in place of the stock ones
     manifest: dict[str, Any] = {
         "format": mf.FORMAT,
-        "format_version": mf.FORMAT_VERSION if replaced else PLAIN_FORMAT_VERSION,
+        "format_version": mf.FORMAT_VERSION,
         "fermigates_version": _version(),
         "model_class": qualname(type(model)),
         "source": mf.model_source(model),

@@ -18,10 +18,8 @@ from fermigates.io import manifest as mf
 from fermigates.io.manifest import CheckpointError
 from fermigates.surgery.merge import REPLACED_ATTR, build_module, module_spec, record_replaced, replaced_paths
 
-#: the manifest format version that introduced ``"replaced"`` (older fermigates refuse such a checkpoint);
-#: a checkpoint without replaced modules is still written as the version before, which older fermigates load
+#: the manifest format version that introduced ``"replaced"`` (older fermigates refuse such a checkpoint)
 REPLACED_FORMAT_VERSION = 3
-PLAIN_FORMAT_VERSION = 2
 
 
 def replaced_manifest(model: nn.Module) -> dict[str, Any]:

@@ -14,8 +14,8 @@ What qualifies is read from one run of the model on example inputs, not from mod
 modules and eval-mode dropout, which return their input), each map runs once, owns its weight and is a plain
 ``nn.Linear`` / ``nn.Conv{1,2,3}d``. So a residual connection that also reads a tensor inside the chain keeps the
 chain apart there, and the residual addition itself stays where it is (the merged layer is the branch; the skip
-is added as before). Batch norms between the maps are folded first (:func:`fermigates.fold_batchnorm`, on a copy,
-and only those inside merged segments are replaced in the model).
+is added as before). Batch norms between the maps are folded first (the pairs :func:`fermigates.fold_batchnorm`
+finds, on a copy; only those inside merged segments are replaced in the model).
 
 Exactness. Composition is exact for ``Linear`` maps and for convs, except at the border when the second conv pads
 its input with zeros: the first conv's output is not zero there. So a padded conv composes only after 1x1 maps

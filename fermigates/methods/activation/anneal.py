@@ -263,30 +263,22 @@ class ActivationAnnealer(Optimizer):
         hard = step >= self.hard_step
         for name, u in self.units.items():
             if name in self.chosen:
-                cap = 0.0 if hard else fade((step - self.chosen[name]) / max(self.fade_steps, 1e-9), self.schedule)
-                if self.fade_steps == 0:
-                    cap = 0.0
-                if self.mode == "learnable" and not hard:
+                cap = 0.0 if hard or self.fade_steps == 0 else \
+                    fade((step - self.chosen[name]) / self.fade_steps, self.schedule)
+                if self.mode == "learnable" and cap > 0.0:
                     u.pa_alpha.clamp_(0.0, cap)
                 else:
                     u.pa_alpha.fill_(cap)
                 u.pa_fixed = 0.0 if cap == 0.0 else None
                 u.pa_removed = True
-            else:
-                if self.mode == "learnable":
-                    u.pa_alpha.clamp_(0.0, 1.0)
-                if hard:
-                    if u.pa_keep == "original":
-                        u.pa_alpha.fill_(1.0)
-                        u.pa_fixed = 1.0
-                    else:
-                        u.pa_fixed = float(u.pa_alpha.flatten()[0]) if u.pa_alpha.numel() == 1 and \
-                            float(u.pa_alpha) in (0.0, 1.0) and self.mode != "learnable" else None
-                elif self.mode != "learnable":
-                    u.pa_fixed = float(u.pa_alpha) if u.pa_alpha.dim() == 0 and float(u.pa_alpha) in (0.0, 1.0) \
-                        else None
-            if hard and u.pa_alpha.requires_grad and (name in self.chosen or u.pa_keep == "original"):
-                u.pa_alpha.grad = None
+            elif self.mode == "learnable":
+                u.pa_alpha.clamp_(0.0, 1.0)
+                if hard and u.pa_keep == "original":  # kept units bake to the stock activation
+                    u.pa_alpha.fill_(1.0)
+                    u.pa_fixed = 1.0
+            elif hard and u.pa_keep == "original" and u.pa_fixed != 1.0:
+                u.pa_alpha.fill_(1.0)
+                u.pa_fixed = 1.0
 
     # -- optimizer delegation ---------------------------------------------------------------------------------------
     @property
