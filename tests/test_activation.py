@@ -409,3 +409,24 @@ def test_calibration_refits_the_layer_after_a_removed_activation_before_merging(
         assert [m.members for m in report.merges.merged] == [["2", "4"]]
         errors[calibrate] = float((model(x) - ref).pow(2).mean() / ref.pow(2).mean())
     assert errors[True] < 0.5 * errors[False]
+
+
+def test_a_merged_bert_reloads_from_its_folder_alone(tmp_path):
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64)
+    model = tf.BertModel(cfg).eval()
+    ids = torch.randint(0, 60, (2, 7))
+    fg.convert_to_fermi(model, _config(target_modules=r".*intermediate_act_fn", method_options={"alpha": "fixed"}),
+                        example_inputs={"input_ids": ids})
+    set_alpha(model, 0.0)
+    report = fg.convert_from_fermi(model)
+    assert [m.members[-1] for m in report.merges.merged] == [f"encoder.layer.{i}.output.dense" for i in (0, 1)]
+    layer = model.encoder.layer[0]
+    assert (layer.intermediate.dense.in_features, layer.intermediate.dense.out_features) == (16, 16)
+    fg.save_shrunk(model, tmp_path / "bert")
+    loaded = fg.from_pretrained(tmp_path / "bert")
+    assert type(loaded) is type(model) and isinstance(loaded.encoder.layer[1].output.dense, nn.Identity)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state)
