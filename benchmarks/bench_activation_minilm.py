@@ -82,7 +82,7 @@ def linearised_at_once(ctx: Ctx, k: int) -> tuple[nn.Module, list[str], Any]:
 def run_once_ft(ctx: Ctx, k: int, stream: list) -> tuple[nn.Module, dict]:
     model, chosen, report = linearised_at_once(ctx, k)
     extra = dict(zip(("cos_before_ft", "nn_before_ft"), ctx.score(model)))
-    extra.update({"linearised": [n.split(".")[3] for n in chosen], "merged": len(report.merges.merged)})
+    extra.update({"linearised": [n.split(".")[2] for n in chosen], "merged": len(report.merges.merged)})
     fg.fine_tune(model, stream, steps=len(stream), lr=ctx.lr, distill="hidden", teacher=ctx.teacher, progress=False)
     return model, extra
 
@@ -96,7 +96,7 @@ def run_anneal(ctx: Ctx, k: int, stream: list) -> tuple[nn.Module, dict]:
                        bake_when_decided=True, progress=False)
     report = log.report
     removed = [n for n, kept in zip(names, (layer.kept for layer in report.sparsity.layers)) if not kept]
-    return model, {"linearised": [n.split(".")[3] for n in removed], "merged": len(report.merges.merged),
+    return model, {"linearised": [n.split(".")[2] for n in removed], "merged": len(report.merges.merged),
                    "calibration_reverted": report.calibration_reverted}
 
 
