@@ -142,6 +142,7 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=512)
     ap.add_argument("--eval", type=int, default=1000)
     ap.add_argument("--quick", action="store_true", help="only the 50%% neurons and 2x MACs rows")
+    ap.add_argument("--out", default="budget_minilm", help="name of the JSON written to benchmarks/results/")
     ap.add_argument("--profile", action="store_true",
                     help="only profile the default prune at 50%% of the neurons (cProfile; where its time goes)")
     args = ap.parse_args()
@@ -191,7 +192,7 @@ def main() -> None:
     rows.append(fermi_row(dense, calib, evals, ref, example, **macs, allocation="global", selection="magnitude"))
     for g in (False, True):
         rows.append(tp_row(dense, evals, ref, example, ratio=0.5, heads=True, global_pruning=g))
-    write_results("budget_minilm", rows, columns=COLUMNS + ["error"], meta={
+    write_results(args.out, rows, columns=COLUMNS + ["error"], meta={
         "model": "all-MiniLM-L6-v2", "calib_sentences": args.calib, "eval_sentences": args.eval,
         "macs_counted_on": str({k: list(v.shape) for k, v in example.items()}),
         "default_selection": "obs", "default_allocation": "auto: uniform for units:, global for macs:", "default_calibration": "pruned, residual",

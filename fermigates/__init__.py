@@ -54,6 +54,8 @@ if TYPE_CHECKING:
     from .surgery.shrink import ModuleChange, ShrinkResult, mask_model, shrink_model
     from .surgery.macs import count_macs
     from .report import FermiReport, SparsityReport, compute_sparsity, count_parameters
+    from .metrics import PerplexityResult, perplexity
+    from .surgery.depth import RemovedBlocks, block_importance, remove_blocks
 
 _EXPORTS: dict[str, str] = {
     "AnnealSchedule": ".methods.fermi.anneal",
@@ -140,6 +142,11 @@ _EXPORTS: dict[str, str] = {
     "SparsityReport": ".report",
     "compute_sparsity": ".report",
     "count_parameters": ".report",
+    "PerplexityResult": ".metrics",
+    "perplexity": ".metrics",
+    "RemovedBlocks": ".surgery.depth",
+    "block_importance": ".surgery.depth",
+    "remove_blocks": ".surgery.depth",
 }
 
 
@@ -250,4 +257,9 @@ __all__ = [
     "MergeReport",
     "MergeRequest",
     "merge_layers",
+    "PerplexityResult",
+    "perplexity",
+    "RemovedBlocks",
+    "block_importance",
+    "remove_blocks",
 ]

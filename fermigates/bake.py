@@ -38,13 +38,15 @@ from .report import FermiReport
 from .surgery.macs import count_macs
 from .surgery.merge import merge_layers, record_replaced
 from .surgery.shrink import shrink_model
-from .surgery.verify import SHRINK_RTOL
+from .surgery.verify import shrink_tolerance
 
 _logger = logging.getLogger(__name__)
 
 
 #: a baked model farther than this from the trained one (relative, on the example inputs) gets a warning
 TRAINED_GAP_WARN = 1e-3
+#: a baked model this close to the trained one is the trained one: calibrating toward it has nothing to fit
+SAME_AS_TRAINED = 1e-6
 REFERENCES = ("auto", "trained", "dense")
 
 
@@ -124,6 +126,12 @@ def convert_from_fermi(
                 raise ValueError("the model rejects calibration_data batch 0 (nothing was baked): "
                                  f"{type(err).__name__}: {err}") from err
         trained_vs_baked = _trained_gap(model, method, example)
+        skipped = None
+        if reference == "trained" and batches is not None and trained_vs_baked is not None \
+                and trained_vs_baked <= SAME_AS_TRAINED:  # what the calibration would fit toward is the model baked
+            skipped = (f"the baked model computes what the model as trained does (relative difference "
+                       f"{trained_vs_baked:.2g} on the example inputs)")
+            batches = None
         ref_module, ref_name = _reference(model, method, reference, batches)
         record = state.reference_record
         state.reference_record = None
@@ -142,6 +150,8 @@ def convert_from_fermi(
     finally:
         model.train(was_training)
     report.trained_vs_baked = trained_vs_baked
+    if skipped is not None:
+        report.calibration_skipped, report.reference = skipped, "trained"
     return report
 
 
@@ -221,13 +231,15 @@ def _bake(model, method, state, example, batches, reference, ref_name, ridge, ca
         report.reference = ref_name
         if guard:
             after = _fidelity(model, reference, batches, labelled)
+            what = ("the task loss on the labelled calibration batches" if labelled else
+                    f"the relative error against the {'trained model' if ref_name == 'trained' else 'reference'}")
+            report.calibration_check = {"measure": what, "toward": ref_name, "before": before, "after": after,
+                                        "kept": after < before}
             if not after < before:
                 modules = dict(model.named_modules())
                 for n, values in saved.items():
                     for p, v in zip(modules[n].parameters(recurse=False), values):
                         p.copy_(v)
-                what = ("the task loss on the labelled calibration batches" if labelled else
-                        f"the relative error against the {'trained model' if ref_name == 'trained' else 'reference'}")
                 report.calibration_reverted = (
                     f"calibration toward the {ref_name} model did not lower {what} ({before:.4g} -> {after:.4g}), so "
                     "the baked weights were kept as they were")
@@ -238,6 +250,11 @@ def _bake(model, method, state, example, batches, reference, ref_name, ridge, ca
     report.params_after = count_parameters(model)
     report.macs_before = macs_before
     report.macs_after = _count_macs(model, example) if macs_before is not None else None
+    report.budget = state.budget_result
+    if report.budget is not None and report.budget.kind in ("macs", "params"):
+        before, after = ((report.macs_before, report.macs_after) if report.budget.kind == "macs"
+                         else (report.params_before, report.params_after))
+        report.budget.measured = after / before if before and after is not None else None
     return report
 
 
@@ -271,10 +288,11 @@ def _shrink_checked(model: nn.Module, graph: Any, keep: dict, example: Any, repo
     if masked is not None:
         diff = max_relative_diff(masked, output_tensors(call_model(model, example)))
         report.max_abs_diff = diff
-        if not diff <= SHRINK_RTOL:
+        tolerance = shrink_tolerance(len(result.changes))
+        if not diff <= tolerance:
             restore(saved)
             report.not_shrunk.append(
-                ("model", f"shrunk outputs differ from the hard-masked ones by {diff:.3g} (> {SHRINK_RTOL}); undone")
+                ("model", f"shrunk outputs differ from the hard-masked ones by {diff:.3g} (> {tolerance:.2g}); undone")
             )
             warnings.warn(f"fermigates: shrunk model differs from the masked one ({diff:.3g}); shrink undone")
             return {}

@@ -1,12 +1,16 @@
-"""The ``fermigates`` command: run a recipe (prune), inspect a checkpoint, list recipes, write a report.
+"""The fermigates command: run a recipe (prune), see it work on a bundled example (demo), inspect a
+checkpoint, list recipes, print a run's report.
 
 Exit codes: 0 success; 1 the pipeline failed while running (nothing was written to --out); 2 bad input
-(recipe, --set, --model, --data, --weights, --out, a checkpoint that cannot be read); 130 interrupted.
+(recipe, --set, --model, --data, --weights, --out, a checkpoint or report that cannot be read); 130
+interrupted (Ctrl-C or SIGTERM: nothing was written).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -17,22 +21,56 @@ _PRUNE_EPILOG = """\
 --data:   an image folder (DIR or images:DIR; class subfolders give labels)  |  FILE.npz (x [, y]; or
           input_ids [, attention_mask, labels])  |  FILE.txt (one sample per line, tokenised with the
           model's tokenizer)  |  fashion-mnist:DIR (IDX files, or the images file itself)
---set:    dotted recipe keys, values in YAML: --set train.steps=100 --set convert.target_sparsity=0.3
-          (see `fermigates recipes --keys`); structural keys of a checkpoint's recipe.yaml are refused
+          Images are resized to the model's input size (model.input_size) and normalised with its mean /
+          std; a classifier of another width than the data's classes is replaced and fitted (model.head).
+eval:     every run evaluates the dense model, the model after the cut and after fine-tuning on samples
+          held out of --data (or --eval-data; Fashion-MNIST: its t10k files): accuracy with labels,
+          perplexity for a causal LM, else the cosine of the outputs to the dense model's.
+--set:    dotted recipe keys, values in YAML: --set train.steps=100 --set convert.budget=macs:0.5
+          (see `fermigates recipes --keys`); structural keys of a run's recipe.yaml are refused
 """
 
 
-def _prune(args: argparse.Namespace) -> int:
-    from .recipe import load_recipe
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: handled like Ctrl-C, so that a run cleans up and writes nothing."""
 
-    recipe = load_recipe(args.recipe, overrides=args.set)
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from .recipe import parse_overrides, load_recipe
+
+    overrides = parse_overrides(args.set)
+    if args.model:
+        overrides["model.source"] = args.model  # a run's recipe refuses another architecture
+    recipe = load_recipe(args.recipe, overrides=overrides)
     from .pipeline import run_recipe
 
-    result = run_recipe(recipe, args.model, args.data, args.out, weights=args.weights, quiet=args.quiet,
-                        force=args.force, plots=not args.no_plots)
+    result = run_recipe(recipe, None, args.data, args.out, weights=args.weights, quiet=args.quiet,
+                        force=args.force, plots=not args.no_plots, eval_data=args.eval_data,
+                        pretrained=args.pretrained)
     if not args.quiet:
-        print(result.report)
-        print(f"wrote {result.out}: " + ", ".join(result.files))
+        _print_result(result, args.out)
+    return EXIT_OK
+
+
+def _print_result(result: object, out: str) -> None:
+    from .report import format_summary
+
+    print(format_summary(result.details))  # type: ignore[attr-defined]
+    where = str(result.out)  # type: ignore[attr-defined]
+    shown = out if os.path.realpath(out) == os.path.realpath(where) and out == where else f"{out} ({where})"
+    print(f"wrote {shown}: " + ", ".join(result.files))  # type: ignore[attr-defined]
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    result = run_demo(args.out, quick=args.quick, quiet=args.quiet, force=args.force)
+    if not args.quiet:
+        print(result.text)
     return EXIT_OK
 
 
@@ -73,12 +111,11 @@ def _report(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=1))
     else:
         print(format_full(report) if args.full else format_summary(report))
-    if not args.no_plots:
+    if args.write:
         from .report_plot import write_report
 
         path = write_report(report, args.directory, log=log)
-        if not args.json:
-            print(f"wrote {path} and its plots")
+        print(f"wrote {path} and its plots", file=sys.stderr if args.json else sys.stdout)
     return EXIT_OK
 
 
@@ -90,18 +127,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command")
 
-    p = sub.add_parser("prune", help="run a recipe: convert, fine-tune or prune one-shot, calibrate, shrink, save",
+    p = sub.add_parser("demo", help="the whole job on a bundled example, in about a minute: train a small CNN, prune "
+                                    "it to half its MACs, fine-tune, save, reload, compare accuracy and speed",
+                       description="Train a small CNN on synthetic 16x16 shapes (10 classes, generated from a "
+                                   "fixed seed: nothing is downloaded), prune it to half its MACs with annealed "
+                                   "fine-tuning, bake, save, reload the checkpoint into a fresh model and compare "
+                                   "accuracy and speed before and after.")
+    p.add_argument("--out", default="fermigates-demo", help="output directory (default: fermigates-demo; a previous "
+                                                            "demo there is replaced)")
+    p.add_argument("--quick", action="store_true", help="a few seconds: fewer samples and steps (a smoke test)")
+    p.add_argument("--force", action="store_true", help="replace --out if it holds something else")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars, no summary")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("prune", help="run a recipe: convert, fine-tune or prune one-shot, calibrate, shrink, "
+                                     "evaluate, save",
                        epilog=_PRUNE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("recipe", help="a bundled recipe name (see `fermigates recipes`), a YAML file, or a checkpoint "
-                                  "directory written by prune (its recipe.yaml)")
+    p.add_argument("recipe", help="a bundled recipe name (see `fermigates recipes`), a YAML file, or a directory a "
+                                  "run wrote (its recipe.yaml)")
     p.add_argument("--model", help="timm:NAME | hf:PATH | py:module:factory (default: the recipe's model.source)")
-    p.add_argument("--weights", help="a .safetensors / .pt state dict loaded strictly into the model")
+    p.add_argument("--pretrained", nargs="?", const=True, default=None, metavar="FILE|DIR",
+                   help="timm: load the pretrained weights from the local timm / Hugging Face cache (nothing is "
+                        "downloaded), or from FILE / a Hugging Face folder DIR")
+    p.add_argument("--weights", help="a .safetensors / .pt state dict (timm or torchvision key layout; a classifier "
+                                     "of another width is left out)")
     p.add_argument("--data", required=True, help="training / calibration data (see below)")
-    p.add_argument("--out", required=True, help="output directory; written only when every step succeeded")
+    p.add_argument("--eval-data", help="data to evaluate on instead of samples held out of --data")
+    p.add_argument("--out", required=True, help="output directory; written only when every step succeeded (a "
+                                                "symlink is written through)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     p.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
     p.add_argument("--no-plots", action="store_true", help="do not write report.md and its plots")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars, no summary")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars, notes or summary")
     p.set_defaults(func=_prune)
 
     p = sub.add_parser("inspect", help="summarise a checkpoint written by save_shrunk")
@@ -113,11 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keys", action="store_true", help="every recipe key with its help ([structural] marked)")
     p.set_defaults(func=_recipes)
 
-    p = sub.add_parser("report", help="print the report of a prune run and write report.md with plots")
+    p = sub.add_parser("report", help="print the report of a prune run (--write: also report.md and plots)")
     p.add_argument("directory")
     p.add_argument("--full", action="store_true", help="the per-layer tables too")
     p.add_argument("--json", action="store_true", help="the report as JSON on stdout")
-    p.add_argument("--no-plots", action="store_true", help="print only; write no files")
+    p.add_argument("--write", action="store_true", help="(re)write report.md and its plots in the directory")
+    p.add_argument("--no-plots", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for scripts
     p.set_defaults(func=_report)
     return parser
 
@@ -129,13 +187,21 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
 
     errors.append(RecipeError)
     mods = sys.modules
-    if "fermigates.data_specs" in mods:
-        errors.append(mods["fermigates.data_specs"].DataSpecError)
-    if "fermigates.pipeline" in mods:
-        errors.append(mods["fermigates.pipeline"].PipelineInputError)
-    if "fermigates.io.manifest" in mods:
-        errors.append(mods["fermigates.io.manifest"].CheckpointError)
+    for module, name in (("fermigates.data_specs", "DataSpecError"), ("fermigates.model_specs", "PipelineInputError"),
+                         ("fermigates.io.manifest", "CheckpointError"), ("fermigates.weight_files", "WeightsError")):
+        if module in mods:
+            errors.append(getattr(mods[module], name))
     return tuple(errors)
+
+
+def _silence_stdout() -> None:
+    """After a reader closed stdout (``| head``): send what is left to /dev/null so exiting does not fail."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,21 +216,39 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_BAD_INPUT
+    previous = None
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        print(f"fermigates {args.command}: interrupted; nothing was written", file=sys.stderr)
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_OK
+    except KeyboardInterrupt as err:
+        why = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+        wrote = "; nothing was written" if args.command in ("prune", "demo") else ""
+        print(f"fermigates {args.command}: {why}{wrote}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:
         if args.traceback:
             raise
         bad_input = isinstance(err, _bad_input_errors())
-        if args.command == "inspect" and isinstance(err, (OSError, ValueError)):
+        if args.command in ("inspect", "report") and isinstance(err, (OSError, ValueError)):
             bad_input = True
         what = "" if bad_input else f"failed ({type(err).__name__}): "
-        tail = "" if bad_input or args.command != "prune" else "\n  nothing was written to --out; --traceback shows where"
+        tail = ("" if bad_input or args.command not in ("prune", "demo")
+                else "\n  nothing was written to --out; --traceback shows where")
         print(f"fermigates {args.command}: {what}{err}{tail}", file=sys.stderr)
         return EXIT_BAD_INPUT if bad_input else EXIT_FAILED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _silence_stdout()
 
 
 if __name__ == "__main__":

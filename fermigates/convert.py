@@ -90,7 +90,7 @@ def select_targets(
             continue
         if filter_fn is not None and not filter_fn(module, name):
             continue
-        verdict = method.target(module)
+        verdict = method.target(module, config)
         if verdict is not True:
             if isinstance(verdict, str):
                 skipped.append((name, verdict))
@@ -102,7 +102,7 @@ def select_targets(
                 if gateable.pop(name, None) is not None:
                     skipped.append((name, why))
     if not method.structured(config) and config.keep_classifier:
-        every = [n for n, m in model.named_modules() if n and method.target(m) is True]
+        every = [n for n, m in model.named_modules() if n and method.target(m, config) is True]
         for name in classifier_names(model, every):
             if gateable.pop(name, None) is not None:
                 skipped.append((name, "final classifier (keep_classifier=True)"))
@@ -121,9 +121,12 @@ def _check_materialised(model: nn.Module) -> None:
             )
 
 
-def _check_ties(model: nn.Module, twins: dict[str, nn.Module]) -> None:
+def _check_ties(model: nn.Module, twins: dict[str, nn.Module], graph: Any = None) -> None:
     """Refuse to gate a layer whose weight or bias is also used by another module (tied weights): baking its
-    gates would rewrite the other module's tensor too (e.g. GPT-2's ``lm_head`` and ``transformer.wte``)."""
+    gates would rewrite the other module's tensor too (e.g. GPT-2's ``lm_head`` and ``transformer.wte``) --
+    unless the dependency graph put both in one prunable group (a tied embedding and LM head around a residual
+    stream: removing its channels slices the shared weight alike for both)."""
+    together = {frozenset(m.module for m in g.members) for g in getattr(graph, "groups", []) if g.prunable}
     modules = dict(model.named_modules())
     users: dict[int, list[tuple[str, str, nn.Module]]] = {}
     for path, module in model.named_modules(remove_duplicate=False):
@@ -135,7 +138,8 @@ def _check_ties(model: nn.Module, twins: dict[str, nn.Module]) -> None:
         for pname, param in original._parameters.items():
             if param is None:
                 continue
-            others = [f"{p}.{n}" if p else n for p, n, user in users.get(id(param), []) if user is not original]
+            others = [f"{p}.{n}" if p else n for p, n, user in users.get(id(param), []) if user is not original
+                      and not any(name in g and p in g for g in together)]
             if others:
                 raise ValueError(
                     f"cannot gate {name!r}: its {pname} is tied to {others[0]!r} (the same Parameter), so baking "
@@ -188,13 +192,15 @@ def convert_to_fermi(
     *,
     filter_fn: FilterFn | None = None,
     example_inputs: Any = None,
+    progress: bool = False,
 ) -> nn.Module:
     """Swap the targeted layers of ``model`` for Fermi-gated twins, in place, and return ``model``.
 
     ``config`` says what to gate (``FermiConfig``); ``filter_fn(module, fqn) -> bool`` narrows the targets
     further. Structured granularities (``channel``, ``head``) gate coupled groups found from a run of the
     model on ``example_inputs`` (a tensor, a tuple of positional arguments or a dict of keyword arguments;
-    for timm and Hugging Face models a default is derived from the model's config).
+    for timm and Hugging Face models a default is derived from the model's config). ``progress`` shows a bar
+    while the dependency graph is traced.
     With ``mu_init="open"`` (default) the converted model computes the original function.
     On any error the model is left exactly as it was.
     """
@@ -225,13 +231,13 @@ def convert_to_fermi(
             "is selected; check target_modules / exclude_modules / filter_fn"
         )
     summary_ = ConversionSummary(granularity=config.granularities, skipped=skipped, method=config.method)
-    state = ConversionState(config=config, summary=summary_)
+    state = ConversionState(config=config, summary=summary_, progress=progress)
     if method.structured(config) and example_inputs is None:
         example_inputs = default_example_inputs(model)
     state.example_inputs = example_inputs  # kept for every granularity: the bake checks its outputs on them
     twins = method.convert(model, config, targets, state, example_inputs)
 
-    _check_ties(model, twins)
+    _check_ties(model, twins, state.graph)
     _warn_all_zero(twins, method.structured(config))
 
     modules = dict(model.named_modules())

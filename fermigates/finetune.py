@@ -45,12 +45,14 @@ class TrainLog:
     report: Any = None
     #: how a budget was met (a :class:`fermigates.BudgetResult`) when the method's optimizer steered to one
     budget: Any = None
+    #: the step at which the method's optimizer froze its decisions (None: not during the run)
+    decided_at: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         budget = None if self.budget is None else {
             "kind": self.budget.kind, "requested": self.budget.requested, "predicted": self.budget.predicted,
             "allocation": self.budget.allocation}
-        return {"distill": self.distill, "rows": self.rows, "budget": budget}
+        return {"distill": self.distill, "rows": self.rows, "budget": budget, "decided_at": self.decided_at}
 
     def save(self, path: str | Path) -> Path:
         """Write the log as JSON (what ``fermigates report`` plots as the run's curves)."""
@@ -80,6 +82,7 @@ def fine_tune(
     init: str = "auto",
     log_every: int = 10,
     progress: bool = True,
+    on_decided: Callable[[nn.Module, int], Any] | None = None,
 ) -> TrainLog:
     """Fine-tune ``model`` in place for ``steps`` optimizer steps over ``data`` (cycled), and return the log.
 
@@ -115,6 +118,9 @@ def fine_tune(
             ``"auto"`` (default): ``"obs"`` when the annealer is built here and the model has channel / head
             gates, else ``"scores"``.
         log_every: a log row every this many steps (and at the last).
+        on_decided: called as ``on_decided(model, step)`` once, right after the step at which the method's
+            optimizer froze its decisions (after the bake when ``bake_when_decided``): the model is then the cut
+            one, e.g. to evaluate it before the rest of the run recovers what the cut lost.
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
@@ -130,14 +136,14 @@ def fine_tune(
         return _fine_tune(model, stream, first[0], steps=steps, lr=lr, optimizer=optimizer,
                           weight_decay=weight_decay, loss_fn=loss_fn, distill=distill, teacher=teacher,
                           anneal=anneal, bake_when_decided=bake_when_decided, calibration_data=calibration_data,
-                          init=init, log_every=log_every, progress=progress, saved=saved)
+                          init=init, log_every=log_every, progress=progress, saved=saved, on_decided=on_decided)
     except BaseException:
         model.train(was_training)
         raise
 
 
 def _fine_tune(model, stream, first, *, steps, lr, optimizer, weight_decay, loss_fn, distill, teacher, anneal,
-               bake_when_decided, calibration_data, init, log_every, progress, saved) -> TrainLog:
+               bake_when_decided, calibration_data, init, log_every, progress, saved, on_decided) -> TrainLog:
     device = device_of(model)
     converted = find_state(model) is not None
     method = method_of(model) if converted else None
@@ -157,7 +163,8 @@ def _fine_tune(model, stream, first, *, steps, lr, optimizer, weight_decay, loss
             teacher.eval().requires_grad_(False)
         opt, trainer = _optimizer(model, method, stream, steps=steps, lr=lr, optimizer=optimizer,
                                   weight_decay=weight_decay, anneal=anneal, init=init,
-                                  calibration_data=calibration_data, bake_when_decided=bake_when_decided)
+                                  calibration_data=calibration_data, bake_when_decided=bake_when_decided,
+                                  progress=progress)
     except BaseException:
         restore(saved)
         raise
@@ -196,6 +203,11 @@ def _fine_tune(model, stream, first, *, steps, lr, optimizer, weight_decay, loss
             reference = teacher if own_teacher else soft
             opt, trainer = _bake_and_continue(model, reference, calib, lr, weight_decay, optimizer, log), None
             del reference
+        if on_decided is not None and log.decided_at is None and (
+                after_bake is not None or getattr(trainer, "decided", False)):
+            log.decided_at = step
+            on_decided(model, step)
+            model.train()
         if step % log_every == 0 or step == steps:
             row = {"step": step, "loss": float(loss.detach())}
             if trainer is not None:
@@ -231,7 +243,7 @@ def _calibration(stream: BatchStream, calibration_data: Any) -> list:
 
 
 def _optimizer(model, method, stream, *, steps, lr, optimizer, weight_decay, anneal, init, calibration_data,
-               bake_when_decided) -> tuple[torch.optim.Optimizer, Any]:
+               bake_when_decided, progress) -> tuple[torch.optim.Optimizer, Any]:
     """``(the optimizer to step, the method's optimizer or None)``."""
     anneal_kwargs = dict(anneal) if isinstance(anneal, dict) else {}
     if "init" in anneal_kwargs:  # the method optimizer's own keyword, passed through anneal={...}
@@ -265,12 +277,14 @@ def _optimizer(model, method, stream, *, steps, lr, optimizer, weight_decay, ann
         if given is None:
             params = [p for p in model.parameters() if p.requires_grad]
             given = (optimizer or torch.optim.AdamW)(params, lr=lr, weight_decay=weight_decay)
-        opt = method.optimizer(model, total_steps=steps, base=given, calibration_data=calib, **options)
+        opt = method.optimizer(model, total_steps=steps, base=given, calibration_data=calib, progress=progress,
+                               **options)
     else:
         if optimizer is not None:
             raise ValueError(f"method={method.name!r} trains with its own optimizer: pass no optimizer= (or "
                              "anneal=False to train the converted model with yours)")
-        opt = method.optimizer(model, lr=lr, total_steps=steps, calibration_data=calib, **options)
+        opt = method.optimizer(model, lr=lr, total_steps=steps, calibration_data=calib, progress=progress,
+                               **options)
     if bake_when_decided and not hasattr(opt, "decided"):
         raise ValueError(f"bake_when_decided=True needs a method whose decisions freeze during the run; "
                          f"method={method.name!r} decides at every step")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -124,7 +123,7 @@ def prune(
     except Exception as err:
         model.train(was_training)
         raise ValueError(f"the model rejects the first calibration batch: {type(err).__name__}: {err}") from err
-    convert_to_fermi(model, config, example_inputs=example)
+    convert_to_fermi(model, config, example_inputs=example, progress=progress)
     method = method_of(model)
     # the selection pass keeps the dense outputs of the layers calibration will fit, so it need not rerun them
     state = get_state(model)
@@ -135,14 +134,14 @@ def prune(
         if budget is not None:
             budget_result = allocate(model, budget, example_inputs=example,
                                      data=batches if selection == "obs" else None, allocation=allocation,
-                                     selection=selection, min_keep=min_keep, ridge=ridge)
+                                     selection=selection, min_keep=min_keep, ridge=ridge, progress=progress)
         elif refine_steps:
             refined = method.refine(model, batches, steps=refine_steps, target_sparsity=config.target_sparsity,
                                     init="obs" if selection == "obs" else "scores", progress=progress)
         else:
             target = method.allocatable(model)
             method.set_keep(model, allocate_share(target, config.target_sparsity, selection=selection,
-                                                  data=batches, ridge=ridge))
+                                                  data=batches, ridge=ridge, progress=progress))
         if one_pass:
             grams, dense = state.selection_grams or {}, _lost_inputs(model, method)
             missing = [n for n in dense if n not in grams]
@@ -185,13 +184,14 @@ def prune(
 @torch.no_grad()
 def allocate(model: nn.Module, budget: Budget | str, *, example_inputs: Any, data: list | None = None,
              allocation: str = "global", selection: str = "obs", min_keep: float | int = 0.1,
-             ridge: float = 1e-2) -> BudgetResult:
+             ridge: float = 1e-2, progress: bool = False) -> BudgetResult:
     """Choose which units of a converted ``model`` to keep to meet ``budget`` (see
     :func:`fermigates.allocation.allocate`) and freeze that choice through the model's method: the bake then
     shrinks exactly it. Returns how the budget was met."""
     method = method_of(model)
     keep, result = allocate_units(method.allocatable(model), budget, example_inputs=example_inputs, data=data,
-                                  allocation=allocation, selection=selection, min_keep=min_keep, ridge=ridge)
+                                  allocation=allocation, selection=selection, min_keep=min_keep, ridge=ridge,
+                                  progress=progress)
     method.set_keep(model, keep)
     return result
 

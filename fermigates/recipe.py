@@ -12,6 +12,8 @@ This module imports no torch: ``fermigates recipes`` and ``--help`` stay fast.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -21,8 +23,12 @@ from typing import Any
 import yaml
 
 RECIPE_FILE = "recipe.yaml"  # the resolved recipe, written next to a checkpoint by ``fermigates prune``
+#: the first line of a recipe written next to a checkpoint: wherever such a file is read from, it describes
+#: that checkpoint, and its structural keys are not overridden
+RECIPE_HEADER = "# the recipe that produced this checkpoint (fermigates prune)"
+#: files that mark a directory as a checkpoint a run wrote
+_CHECKPOINT_MARKS = ("fermigates.json", "model.safetensors", "report.json")
 
-# FermiConfig fields (the ``convert`` section); which of them fix the shapes of a checkpoint
 # FermiConfig fields (the ``convert`` section) that only set the starting point; every other one is structural
 RUNTIME_CONVERT = ("temperature", "mu_init", "version")
 
@@ -48,11 +54,31 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A finite int or float (not a bool): NaN and infinities are never a meaningful setting here."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-3`` as the float YAML 1.2 (and every user) means, not a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def yaml_load(text: str) -> Any:
+    """YAML text to Python values with :class:`_Loader` (safe, ``1e-3`` is a float)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _bad(where: str, allowed: str, value: Any) -> RecipeError:
     return RecipeError(f"{where} must be {allowed}, got {value!r}", key=where)
+
+
+HEADS = ("auto", "keep")
 
 
 @dataclass
@@ -63,7 +89,17 @@ class ModelSection:
                             structural=True)
     kwargs: dict[str, Any] = _f(dict, "keyword arguments for the factory (e.g. num_classes for timm)",
                                 structural=True, factory=True)
-    weights: str | None = _f(None, "a .safetensors / .pt state dict loaded strictly into the built model")
+    weights: str | None = _f(None, "a .safetensors / .pt state dict loaded into the built model: by name, or by "
+                                   "position for a .pt / .pth in another key layout (torchvision's); a "
+                                   "classifier of another width is left out")
+    pretrained: bool | str = _f(False, "timm: true loads the model's pretrained weights from the local timm / "
+                                       "Hugging Face cache (nothing is downloaded), or give a weights file or a "
+                                       "Hugging Face folder; false builds random weights (with a notice)")
+    input_size: int | list[int] | None = _f(None, "image models: the side (or [C, H, W]) the images are resized "
+                                                  "to; default the model's pretrained input size")
+    head: str = _f("auto", "auto: a classifier whose width differs from the data's number of classes is replaced "
+                           "by one of that width and fitted to the training samples (a linear probe) before "
+                           "pruning; keep: leave the model's head as it is")
 
     def validate(self, where: str) -> None:
         if self.source is not None:
@@ -73,6 +109,16 @@ class ModelSection:
             raise _bad(f"{where}.kwargs", "a mapping", self.kwargs)
         if self.weights is not None and not isinstance(self.weights, str):
             raise _bad(f"{where}.weights", "a file path", self.weights)
+        if not isinstance(self.pretrained, (bool, str)) or self.pretrained == "":
+            raise _bad(f"{where}.pretrained", "true, false, or a weights file / Hugging Face folder", self.pretrained)
+        size = self.input_size
+        if size is not None:
+            sides = [size] if _is_int(size) else size
+            if (not isinstance(sides, list) or len(sides) not in (1, 3)
+                    or not all(_is_int(v) and 0 < v <= 8192 for v in sides)):
+                raise _bad(f"{where}.input_size", "a positive int (the image side) or [C, H, W]", size)
+        if self.head not in HEADS:
+            raise _bad(f"{where}.head", f"one of {HEADS}", self.head)
 
 
 SCHEDULES = ("linear", "exponential", "cosine")
@@ -112,7 +158,7 @@ class AnnealSection:
         if not _is_number(self.ramp) or not 0 < self.ramp <= 1:
             raise _bad(f"{where}.ramp", "a number in (0, 1]", self.ramp)
         if not _is_number(self.sparsity_weight) or self.sparsity_weight < 0:
-            raise _bad(f"{where}.sparsity_weight", "a number >= 0", self.sparsity_weight)
+            raise _bad(f"{where}.sparsity_weight", "a finite number >= 0", self.sparsity_weight)
 
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -142,10 +188,10 @@ class TrainSection:
             raise _bad(f"{where}.optimizer", f"one of {OPTIMIZERS}", self.optimizer)
         if self.objective not in OBJECTIVES:
             raise _bad(f"{where}.objective", f"one of {OBJECTIVES}", self.objective)
-        for name in ("lr", "weight_decay"):
-            v = getattr(self, name)
-            if not _is_number(v) or v < 0:
-                raise _bad(f"{where}.{name}", "a number >= 0", v)
+        if not _is_number(self.lr) or self.lr <= 0:
+            raise _bad(f"{where}.lr", "a finite number > 0", self.lr)
+        if not _is_number(self.weight_decay) or self.weight_decay < 0:
+            raise _bad(f"{where}.weight_decay", "a finite number >= 0", self.weight_decay)
         self.lr, self.weight_decay = float(self.lr), float(self.weight_decay)
 
 
@@ -170,7 +216,7 @@ class CalibrationSection:
             if not _is_int(v) or v < low:
                 raise _bad(f"{where}.{name}", f"an int >= {low}", v)
         if not _is_number(self.ridge) or self.ridge < 0:
-            raise _bad(f"{where}.ridge", "a number >= 0", self.ridge)
+            raise _bad(f"{where}.ridge", "a finite number >= 0", self.ridge)
         self.ridge = float(self.ridge)
         if self.layers not in CALIBRATE_LAYERS:
             raise _bad(f"{where}.layers", f"one of {CALIBRATE_LAYERS}", self.layers)
@@ -179,6 +225,33 @@ class CalibrationSection:
         if self.mode == "one-pass" and self.layers != "pruned":
             raise RecipeError(f"{where}.mode 'one-pass' re-fits the layers that lost inputs only: use {where}.layers "
                               "'pruned'", key=f"{where}.mode")
+
+
+@dataclass
+class EvalSection:
+    """What every run measures (runtime): accuracy (labelled data) or fidelity to the dense model's outputs
+    (unlabelled data; perplexity for causal language models) of the dense model, after the cut and after
+    fine-tuning, on samples no training or calibration step saw."""
+
+    samples: int = _f(512, "held-out samples evaluated (0: no evaluation)")
+    fraction: float = _f(0.2, "the largest share of --data held out when it has too few samples for both")
+    batch_size: int = _f(32, "samples per evaluation batch (also the batch whose forward is timed)")
+    data: str | None = _f(None, "a --data spec to evaluate on instead of a held-out split (--eval-data sets it; "
+                                "default for fashion-mnist:DIR: its t10k test files)")
+    latency: bool = _f(True, "time a forward of one evaluation batch, before and after pruning")
+
+    def validate(self, where: str) -> None:
+        for name, low in (("samples", 0), ("batch_size", 1)):
+            v = getattr(self, name)
+            if not _is_int(v) or v < low:
+                raise _bad(f"{where}.{name}", f"an int >= {low}", v)
+        if not _is_number(self.fraction) or not 0 < self.fraction < 1:
+            raise _bad(f"{where}.fraction", "a number in (0, 1)", self.fraction)
+        self.fraction = float(self.fraction)
+        if self.data is not None and (not isinstance(self.data, str) or not self.data):
+            raise _bad(f"{where}.data", "a --data spec (a path) or null", self.data)
+        if not isinstance(self.latency, bool):
+            raise _bad(f"{where}.latency", "true or false", self.latency)
 
 
 EXPORT_FORMATS = ("safetensors", "onnx")
@@ -195,8 +268,11 @@ class Recipe:
     anneal: AnnealSection = _f(AnnealSection, "temperature and sparsity schedules", factory=True)
     train: TrainSection = _f(TrainSection, "fine-tune budget; steps 0 is one-shot", factory=True)
     calibration: CalibrationSection = _f(CalibrationSection, "ridge calibration", factory=True)
+    eval: EvalSection = _f(EvalSection, "evaluation of the dense, cut and fine-tuned model", factory=True)
     shrink: bool = _f(True, "remove the pruned units physically (else they are zeroed)", structural=True)
     export: list[str] = _f(lambda: ["safetensors"], f"formats written, among {EXPORT_FORMATS}", factory=True)
+    seed: int = _f(0, "seeds torch and numpy (new head, held-out split, training order): the same run on the "
+                      "same machine gives the same checkpoint, byte for byte")
     #: the checkpoint directory this recipe was read from (structural overrides are then refused)
     applied_to: str | None = field(default=None, repr=False, compare=False, metadata={"internal": True})
 
@@ -212,8 +288,15 @@ class Recipe:
         self.anneal.validate("anneal")
         self.train.validate("train")
         self.calibration.validate("calibration")
+        self.eval.validate("eval")
+        if not _is_int(self.seed) or self.seed < 0:
+            raise _bad("seed", "an int >= 0", self.seed)
         if not isinstance(self.convert, dict):
             raise _bad("convert", "a mapping of FermiConfig fields", self.convert)
+        for key, value in self.convert.items():
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise _bad(f"convert.{key}", "finite", value)
         granularity = self.convert.get("granularity", "weight")
         grans = [granularity] if isinstance(granularity, str) else granularity
         if not isinstance(grans, (list, tuple)) or not all(isinstance(g, str) for g in grans):
@@ -298,8 +381,8 @@ class Recipe:
         """From YAML text; errors name ``source`` and the line of the offending key. ``deep`` also validates
         the ``convert`` section as a ``FermiConfig`` (which imports torch)."""
         try:
-            node = yaml.compose(text, Loader=yaml.SafeLoader)
-            data = yaml.safe_load(text)
+            node = yaml.compose(text, Loader=_Loader)
+            data = yaml_load(text)
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -319,17 +402,19 @@ class Recipe:
     def with_overrides(self, overrides: Mapping[str, Any] | Iterable[str] | None) -> Recipe:
         """A copy with dotted keys replaced: ``{"train.steps": 10}`` or ``["train.steps=10"]`` (values are
         parsed as YAML). Structural keys are refused when this recipe was read from a checkpoint."""
-        items = _parse_overrides(overrides)
+        items = parse_overrides(overrides)
         if not items:
             return self
         data = self.to_dict()
         for key, value in items.items():
             parts = key.split(".")
-            if self.applied_to is not None and is_structural(key):
+            if self.applied_to is not None and is_structural(key) and _lookup(data, parts) != value:
+                what = "--model" if key == "model.source" else key
                 raise RecipeError(
-                    f"cannot override {key}: it is a structural parameter (it fixed the shapes of the checkpoint "
-                    f"in {self.applied_to}); runtime parameters (anneal.*, train.*, calibration.*, export) may be "
-                    "overridden, or start from the original recipe to prune differently")
+                    f"cannot override {what}: {key} is a structural parameter (it fixed the shapes of the "
+                    f"checkpoint in {self.applied_to}: {_lookup(data, parts)!r}, not {value!r}); runtime "
+                    "parameters (anneal.*, train.*, calibration.*, eval.*, export) may be overridden, or start "
+                    "from the original recipe (a bundled one or your own file) to prune differently", key=key)
             target = data
             for i, part in enumerate(parts[:-1]):
                 if part not in target or not isinstance(target[part], dict):
@@ -362,7 +447,8 @@ class Recipe:
         return out
 
 
-_SECTIONS = {"model": ModelSection, "anneal": AnnealSection, "train": TrainSection, "calibration": CalibrationSection}
+_SECTIONS = {"model": ModelSection, "anneal": AnnealSection, "train": TrainSection, "calibration": CalibrationSection,
+             "eval": EvalSection}
 
 
 def is_structural(key: str) -> bool:
@@ -377,6 +463,27 @@ def is_structural(key: str) -> bool:
         return bool(parts[1] in known and known[parts[1]].metadata.get("structural"))
     known = {f.name: f for f in dataclasses.fields(Recipe)}
     return bool(parts[0] in known and known[parts[0]].metadata.get("structural"))
+
+
+_MISSING = object()
+
+
+def _lookup(data: Mapping[str, Any], parts: list[str]) -> Any:
+    """The value at a dotted path of a nested dict, or a marker that equals nothing when it is absent."""
+    node: Any = data
+    for part in parts:
+        if not isinstance(node, Mapping) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _written_by_a_run(path: Path, text: str) -> bool:
+    """Whether a recipe file is the one a run wrote next to its checkpoint (by its first line, or because it
+    lies in a checkpoint directory under the name the run gives it)."""
+    if text.startswith(RECIPE_HEADER):
+        return True
+    return path.name == RECIPE_FILE and any((path.parent / n).is_file() for n in _CHECKPOINT_MARKS)
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -408,7 +515,7 @@ def _key_lines(node: Any, prefix: str = "") -> dict[str, int]:
     return out
 
 
-def _parse_overrides(overrides: Mapping[str, Any] | Iterable[str] | None) -> dict[str, Any]:
+def parse_overrides(overrides: Mapping[str, Any] | Iterable[str] | None) -> dict[str, Any]:
     if overrides is None:
         return {}
     if isinstance(overrides, Mapping):
@@ -419,7 +526,7 @@ def _parse_overrides(overrides: Mapping[str, Any] | Iterable[str] | None) -> dic
         if not sep or not key.strip():
             raise RecipeError(f"an override must look like key=value (e.g. train.steps=100), got {item!r}")
         try:
-            out[key.strip()] = yaml.safe_load(text) if text.strip() else None
+            out[key.strip()] = yaml_load(text) if text.strip() else None
         except yaml.YAMLError as err:
             raise RecipeError(f"override {item!r}: the value is not valid YAML ({err})") from None
     return out
@@ -446,8 +553,9 @@ def list_recipes() -> dict[str, str]:
 def load_recipe(name_or_path: str | Path | Recipe, overrides: Mapping[str, Any] | Iterable[str] | None = None
                 ) -> Recipe:
     """A :class:`Recipe` from a bundled name (``"timm_cnn"``), a YAML file, a checkpoint directory written by
-    ``fermigates prune`` (its ``recipe.yaml``; structural overrides are then refused) or a ``Recipe``, with
-    ``overrides`` applied (``{"train.steps": 10}`` or ``["train.steps=10"]``)."""
+    ``fermigates prune`` or the ``recipe.yaml`` in it (structural overrides that change a value are then
+    refused, wherever that file is read from) or a ``Recipe``, with ``overrides`` applied
+    (``{"train.steps": 10}`` or ``["train.steps=10"]``)."""
     if isinstance(name_or_path, Recipe):
         return name_or_path.with_overrides(overrides)
     path = Path(name_or_path)
@@ -464,6 +572,8 @@ def load_recipe(name_or_path: str | Path | Recipe, overrides: Mapping[str, Any] 
         except (OSError, UnicodeDecodeError) as err:
             raise RecipeError(f"cannot read recipe {str(path)!r}: {err}") from None
         source = str(path)
+        if applied_to is None and _written_by_a_run(path, text):
+            applied_to = str(path.parent)
     else:
         recipes = bundled_recipes()
         if str(name_or_path) not in recipes:

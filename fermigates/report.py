@@ -62,6 +62,10 @@ class FermiReport:
     reference: str | None = None
     #: why calibration was undone (it made the model match its reference worse), or None
     calibration_reverted: str | None = None
+    #: how the calibration was judged: ``{"measure", "toward", "before", "after", "kept"}`` (None: not judged)
+    calibration_check: dict[str, Any] | None = None
+    #: why no calibration ran although calibration data was given (the baked model already is the trained one)
+    calibration_skipped: str | None = None
     #: fqn -> (kept_in, kept_out) index tensors of every shrunk layer, relative to its original shape (None: all
     #: kept); what ``fermigates.calibrate(model, data, reference=..., targets=report.kept)`` takes
     kept: dict[str, tuple[Any, Any]] = field(default_factory=dict)
@@ -118,6 +122,9 @@ class FermiReport:
                 **(self.calibration.to_dict() if hasattr(self.calibration, "to_dict") else {}),
                 "mean_err_before": err[0] if err else None, "mean_err_after": err[1] if err else None},
             "calibration_reverted": self.calibration_reverted,
+            "calibration_check": self.calibration_check,
+            "calibration_skipped": self.calibration_skipped,
+            "reference": self.reference,
             "merges": None if self.merges is None else self.merges.to_dict(),
         }
 
@@ -146,8 +153,13 @@ def format_summary(d: dict[str, Any]) -> str:
         per = f"per forward of {macs['inputs']}" if macs.get("inputs") else "per forward of the example inputs"
         lines.append(f"  MACs         {format_count(macs['before'])} -> {format_count(macs['after'])} "
                      f"({_ratio(macs['before'], macs['after'])}x), {per}")
-    if d.get("latency_ms"):
-        lines.append(f"  latency      {d['latency_ms']['before']:.2f} ms -> {d['latency_ms']['after']:.2f} ms")
+    lat = d.get("latency_ms") or {}
+    if lat.get("before") is not None and lat.get("after") is not None:
+        per = f" per forward of a batch of {lat['batch']}" if lat.get("batch") else ""
+        if lat.get("threads"):
+            per += f", {lat['threads']} thread{'s' if lat['threads'] > 1 else ''}"
+        speed = f" ({lat['before'] / lat['after']:.2f}x as fast)" if lat["after"] > 0 else ""
+        lines.append(f"  latency      {lat['before']:.2f} ms -> {lat['after']:.2f} ms{per}{speed}")
     budget = d.get("budget")
     if budget:
         got = f", got {budget['measured']:.3f}" if budget.get("measured") is not None else ""
@@ -162,19 +174,75 @@ def format_summary(d: dict[str, Any]) -> str:
                  + (f"; {len(whole)} items left whole (see the full report)" if whole else ""))
     if d.get("max_abs_diff") is not None:
         lines.append(f"  check        shrunk vs hard-masked, max |diff| {d['max_abs_diff']:.3g}")
-    cal = d.get("calibration") or {}
-    if cal.get("mean_err_before") is not None:
-        lines.append(f"  calibration  {len(cal.get('layers', []))} layers, mean relative error "
-                     f"{cal['mean_err_before']:.3g} -> {cal['mean_err_after']:.3g}")
-    if d.get("calibration_reverted"):
-        lines.append(f"  calibration  undone: {d['calibration_reverted']}")
+    lines += _calibration_lines(d)
     merges = d.get("merges")
     if merges is not None:
         fewer = sum(len(m["members"]) - 1 for m in merges["merged"])
         lines.append(f"  merged       {len(merges['merged'])} segments, {fewer} layers fewer"
                      + (f"; {len(merges['skipped'])} removed activations not merged across (see the full report)"
                         if merges["skipped"] else ""))
+    lines += _evaluation_lines(d.get("evaluation"))
     return "\n".join(lines)
+
+
+_REFERENCES = {"dense": "the dense model", "trained": "the model as trained", "module": "the given reference model"}
+#: what a run evaluates: its headline figures per task, and the phases in order with the words for them
+METRICS = {"accuracy": ("accuracy", "loss"), "perplexity": ("perplexity", "loss"), "fidelity": ("cosine", "rel_error")}
+PHASES = {"dense": "dense", "cut": "after the cut", "final": "after fine-tuning"}
+
+
+def _calibration_lines(d: dict[str, Any]) -> list[str]:
+    """What calibration compared and what came of it, in words."""
+    cal = d.get("calibration") or {}
+    toward = _REFERENCES.get(d.get("reference") or "", "the reference")
+    if d.get("calibration_skipped"):
+        return [f"  calibration  not needed: {d['calibration_skipped']}"]
+    lines = []
+    if cal.get("mean_err_before") is not None:
+        lines.append(f"  calibration  {len(cal.get('layers', []))} layers re-fitted toward {toward}: mean relative "
+                     f"error {cal['mean_err_before']:.3g} -> {cal['mean_err_after']:.3g}")
+    check = d.get("calibration_check")
+    if check and not check.get("kept"):
+        lines.append(f"  calibration  undone: it did not lower {check['measure']} ({_num(check['before'])} -> "
+                     f"{_num(check['after'])}); the weights as baked stay")
+    elif d.get("calibration_reverted") and not check:
+        lines.append(f"  calibration  not kept: {d['calibration_reverted']}")
+    return lines
+
+
+def _evaluation_lines(ev: dict[str, Any] | None) -> list[str]:
+    """The quality the run reached: dense, after the cut, after fine-tuning, on the held-out samples."""
+    if not ev or not ev.get("phases"):
+        return []
+    task, phases = ev["task"], ev["phases"]
+
+    def series(metric: str, skip_dense: bool = False) -> str:
+        return " -> ".join(f"{PHASES.get(p, p)} {_value(phases[p].get(metric))}" for p in PHASES
+                           if p in phases and not (skip_dense and p == "dense"))
+
+    if task == "fidelity":  # the dense model is the reference: its own figures say nothing
+        cos, err = series("cosine", True), series("rel_error", True)
+        if not cos:
+            return []
+        return [f"  fidelity     cosine to the dense model's outputs: {cos}", f"               relative error: {err}",
+                f"  evaluated on {ev.get('on')} (mean-pooled outputs)"]
+    head = {"accuracy": "accuracy", "perplexity": "perplexity"}.get(task, task)
+    loss = {"accuracy": "loss (CE)", "perplexity": "loss (NLL)"}.get(task, "loss")
+    return [f"  {head:<12} {series(METRICS[task][0])}", f"  {loss:<12} {series('loss')}",
+            f"  evaluated on {ev.get('on')}"]
+
+
+def _num(value: Any) -> str:
+    try:
+        return f"{float(value):.3g}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _value(v: Any) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
 
 
 def format_full(d: dict[str, Any], *, summary: bool = True) -> str:

@@ -56,3 +56,27 @@ def run(model, inputs):
     if isinstance(out, torch.Tensor):
         return out
     return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+class TokenLabels(torch.utils.data.Dataset):
+    """``n`` fixed random 8-token sequences (vocabulary 99) with 3 classes, for the Trainer tests."""
+
+    def __init__(self, n: int = 32) -> None:
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        ids = torch.randint(0, 99, (8,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": ids, "attention_mask": torch.ones(8, dtype=torch.long), "labels": int(ids[0] % 3)}
+
+
+def tiny_bert_classifier(layers: int = 1):
+    """``(transformers, a random 32-wide BertForSequenceClassification)``."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                        intermediate_size=64, num_labels=3)
+    return tf, tf.BertForSequenceClassification(cfg)

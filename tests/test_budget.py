@@ -162,6 +162,18 @@ def test_annealer_steers_to_a_mac_budget(family, name, allocation):
     got = report.macs_after / before
     assert abs(got - 0.6) <= 0.02 * 0.6, (got, opt.budget_result)
     assert all(kept >= max(1, 0.1 * total) for kept, total in opt.budget_result.kept.values())
+    # the bake reports how the budget the annealer steered to was met, measured on the shrunk model
+    assert report.budget is opt.budget_result and report.budget.measured == pytest.approx(got)
+    assert "budget" in str(report)
+
+
+def test_fine_tune_returns_the_budget_outcome():
+    model, x = build("timm", "resnet18")
+    fg.convert_to_fermi(model, fg.FermiConfig(granularity="channel", budget="macs:0.6"), example_inputs=x)
+    log = fg.fine_tune(model, [x], steps=8, progress=False)
+    assert log.budget is not None and log.budget.kind == "macs" and log.budget.requested == 0.6
+    assert log.to_dict()["budget"]["predicted"] == pytest.approx(0.6, rel=0.02)
+    assert fg.convert_from_fermi(model, progress=False).budget is log.budget
 
 
 def test_annealer_budget_arguments_are_checked():

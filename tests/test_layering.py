@@ -14,7 +14,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "fermigates"
 #: front ends may defer their imports so that ``fermigates --help`` and ``fermigates recipes`` start without torch
-STARTUP_MODULES = {"fermigates.cli", "fermigates.pipeline", "fermigates.recipe", "fermigates.report_plot"}
+STARTUP_MODULES = {"fermigates.cli", "fermigates.pipeline", "fermigates.recipe", "fermigates.report_plot",
+                   "fermigates.demo", "fermigates.model_specs", "fermigates.weight_files", "fermigates.heads",
+                   "fermigates.evaluation", "fermigates.out_dir", "fermigates.data_specs"}
 METHOD_NAMES = ("fermi", "deepr", "softdeepr")
 
 

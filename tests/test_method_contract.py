@@ -149,7 +149,7 @@ class ColumnMaskMethod(Method):
     name = "colmask_test"
     granularities = ("channel",)
 
-    def target(self, module):
+    def target(self, module, config):
         return type(module) in (nn.Linear, nn.Conv2d)
 
     def convert(self, model, config, targets, state, example_inputs=None):

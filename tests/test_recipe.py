@@ -129,3 +129,55 @@ def test_calibration_mode_is_validated():
     with pytest.raises(RecipeError, match="calibration.layers 'pruned'"):
         Recipe.from_yaml("convert:\n  granularity: channel\ntrain:\n  steps: 0\ncalibration:\n  mode: one-pass\n"
                          "  layers: all\n")
+
+
+@pytest.mark.parametrize("text", ["1e-3", "1E-3", "1e3", "2.5e-4", "1.0e-3", "+3e+2"])
+def test_exponent_floats_are_numbers_in_files_and_overrides(text):
+    value = float(text)
+    r = Recipe.from_yaml(f"train:\n  steps: 3\n  lr: {text}\n")
+    assert isinstance(r.train.lr, float) and r.train.lr == value
+    assert load_recipe("timm_cnn", [f"train.lr={text}"]).train.lr == value
+    assert load_recipe("timm_cnn", [f"calibration.ridge={text}"]).calibration.ridge == value
+    with pytest.raises(RecipeError, match="train.steps must be an int"):
+        load_recipe("timm_cnn", ["train.steps=1e3"])  # 1e3 is a float: steps needs an int
+
+
+@pytest.mark.parametrize("override, key", [
+    ("calibration.ridge=.nan", "calibration.ridge"), ("calibration.ridge=.inf", "calibration.ridge"),
+    ("calibration.ridge=-1", "calibration.ridge"), ("anneal.sparsity_weight=.inf", "anneal.sparsity_weight"),
+    ("anneal.sparsity_weight=.nan", "anneal.sparsity_weight"), ("train.lr=.nan", "train.lr"),
+    ("train.lr=0", "train.lr"), ("train.lr=-1e-3", "train.lr"), ("train.weight_decay=.inf", "train.weight_decay"),
+    ("anneal.temperature=[.inf, 0.01]", "anneal.temperature"), ("anneal.ramp=.nan", "anneal.ramp"),
+    ("convert.target_sparsity=.nan", "convert.target_sparsity"), ("eval.fraction=.nan", "eval.fraction"),
+])
+def test_non_finite_and_non_positive_values_are_refused_naming_the_key(override, key):
+    with pytest.raises(RecipeError) as info:
+        load_recipe("timm_cnn", [override])
+    assert key in str(info.value) and info.value.key == key
+
+
+def test_a_run_recipe_file_refuses_structural_changes_wherever_it_is_read_from(tmp_path):
+    from fermigates.recipe import RECIPE_HEADER
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text(f"{RECIPE_HEADER}\n{GOOD}model:\n  source: timm:resnet18\n")
+    (run / "fermigates.json").write_text("{}")
+    for where in (run, run / "recipe.yaml"):
+        with pytest.raises(RecipeError, match="convert.target_sparsity is a structural parameter"):
+            load_recipe(where, ["convert.target_sparsity=0.3"])
+        with pytest.raises(RecipeError, match="--model: model.source is a structural parameter"):
+            load_recipe(where, {"model.source": "timm:resnet50"})
+        same = load_recipe(where, {"model.source": "timm:resnet18", "convert.target_sparsity": 0.5,
+                                   "train.steps": 4})  # the values it already has, and a runtime key
+        assert same.train.steps == 4 and same.applied_to == str(run)
+    # a copy elsewhere still carries its first line
+    copy = tmp_path / "copy.yaml"
+    copy.write_text((run / "recipe.yaml").read_text())
+    with pytest.raises(RecipeError, match="structural"):
+        load_recipe(copy, ["shrink=false"])
+    # a recipe.yaml of the user's own, with no checkpoint beside it, takes any override
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "recipe.yaml").write_text(GOOD)
+    assert load_recipe(own / "recipe.yaml", ["convert.target_sparsity=0.3"]).convert["target_sparsity"] == 0.3

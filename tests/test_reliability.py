@@ -15,6 +15,8 @@ import fermigates as fg
 from fermigates.core.state import find_state
 from fermigates.methods.fermi.model import all_gates
 
+from _family_models import TokenLabels, tiny_bert_classifier
+
 
 def _mlp(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
@@ -73,28 +75,15 @@ def test_an_untrained_model_calibrates_toward_the_dense_network():
 
 
 def test_a_model_trained_inside_a_real_trainer_is_known_as_trained(tmp_path):
-    tf = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    torch.manual_seed(0)
-    cfg = tf.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                        intermediate_size=64, num_labels=3)
-    model = tf.BertForSequenceClassification(cfg)
+    tf, model = tiny_bert_classifier()
     ids = torch.randint(0, 99, (2, 8))
     fg.convert_to_fermi(model, fg.FermiConfig(granularity="channel", target_sparsity=0.5),
                         example_inputs={"input_ids": ids})
-
-    class Data(torch.utils.data.Dataset):
-        def __len__(self):
-            return 16
-
-        def __getitem__(self, i):
-            g = torch.Generator().manual_seed(i)
-            t = torch.randint(0, 99, (8,), generator=g)
-            return {"input_ids": t, "attention_mask": torch.ones(8, dtype=torch.long), "labels": int(t[0] % 3)}
-
     args = tf.TrainingArguments(str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
                                 report_to=[], save_strategy="no", use_cpu=True, logging_steps=1)
-    tf.Trainer(model=model, args=args, train_dataset=Data(),
+    tf.Trainer(model=model, args=args, train_dataset=TokenLabels(16),
                callbacks=[fg.fermi_trainer_callback(model, total_steps=3)]).train()
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     for baked in (copy.deepcopy(model), _pickled(model), model):
@@ -211,3 +200,33 @@ def test_refine_with_no_steps_adds_no_levels():
     fg.refine_gates(m, [torch.randn(8, 16)], steps=0, progress=False)
     assert [n for n, _ in m.named_parameters()] == names
     assert all(g.decided is not None for g in all_gates(m))
+
+
+def test_a_bake_skips_calibration_toward_a_model_it_already_is():
+    m, x, trained = _trained(steps=12)  # the whole run: the decisions froze, the model trained is the one baked
+    report = fg.convert_from_fermi(m, calibration_data=[x[:8]], progress=False)
+    assert report.trained_vs_baked == 0.0 and report.calibration is None
+    assert "computes what the model as trained does" in report.calibration_skipped
+    assert "not needed" in str(report) and _gap(m, x, trained) < 1e-6
+
+
+def test_a_wrong_shrink_is_undone_and_the_tolerance_grows_only_with_the_modules_resized(monkeypatch):
+    from fermigates import bake
+    from fermigates.surgery.verify import MAX_RTOL, SHRINK_RTOL, shrink_tolerance
+
+    assert shrink_tolerance(0) == SHRINK_RTOL and shrink_tolerance(240) == pytest.approx(4.8e-4)
+    assert shrink_tolerance(10**6) == MAX_RTOL
+    m, x, trained = _trained(steps=12)
+    real = bake.shrink_model
+
+    def wrong(model, graph, keep):  # a shrink that changes the function: what the check is there to catch
+        result = real(model, graph, keep)
+        with torch.no_grad():
+            model[2].bias = nn.Parameter(model[2].bias + 1.0)  # as a shrink does: new tensors
+        return result
+
+    monkeypatch.setattr(bake, "shrink_model", wrong)
+    with pytest.warns(UserWarning, match="shrink undone"):
+        report = fg.convert_from_fermi(m, progress=False)
+    assert not report.shrunk and "differ from the hard-masked ones" in report.not_shrunk[0][1]
+    assert m[0].out_features == 32 and _gap(m, x, trained) < 1e-6  # full size, hard-masked, as trained

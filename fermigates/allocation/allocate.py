@@ -31,6 +31,7 @@ def allocate(
     selection: str = "obs",
     min_keep: float | int = 0.1,
     ridge: float = 1e-2,
+    progress: bool = False,
 ) -> tuple[dict[int, torch.Tensor], BudgetResult]:
     """Keep masks (group id -> bool per unit) that meet ``budget``, and how it was met.
 
@@ -51,7 +52,7 @@ def allocate(
     kind, fraction = budget.kind, budget.fraction
     if kind == "latency":
         cost.measure_latency(target.model, example_inputs, steps, floors)
-    ranked = ranked_importance(target, floors, selection, data, ridge)
+    ranked = ranked_importance(target, floors, selection, data, ridge, progress)
 
     floor_kept = cost.kept(kind, [g.n_units - f for g, f in zip(groups, floors)])
     if kind != "latency" and floor_kept > fraction * 1.02:  # a latency floor is checked by timing it
@@ -90,11 +91,11 @@ def share_removed(groups: list[UnitGroup], sparsity: float | dict[str, float]) -
 
 @torch.no_grad()
 def allocate_share(target: Allocatable, sparsity: float | dict[str, float], *, selection: str = "obs",
-                   data: list | None = None, ridge: float = 1e-2) -> dict[int, torch.Tensor]:
+                   data: list | None = None, ridge: float = 1e-2, progress: bool = False) -> dict[int, torch.Tensor]:
     """Keep masks that remove the same share of every group (see :func:`share_removed`), the units chosen by
     ``selection`` (``"obs"`` on ``data``, or the method's own scores)."""
     check_selection(selection)
     removed = share_removed(target.groups, sparsity)
     floors = [max(g.n_units - r, 1) for g, r in zip(target.groups, removed)]
-    ranked = ranked_importance(target, floors, selection, data if selection == "obs" else None, ridge)
+    ranked = ranked_importance(target, floors, selection, data if selection == "obs" else None, ridge, progress)
     return keep_masks(target.groups, ranked, removed)

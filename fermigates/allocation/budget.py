@@ -15,8 +15,8 @@ import torch
 __all__ = ["Budget", "BudgetResult", "budget_from", "resolve_allocation", "check_min_keep"]
 
 _KINDS = ("macs", "params", "units", "latency")
-#: the granularities a conversion can gate: single weights, channels / neurons, attention heads
-GRANULARITIES = ("weight", "channel", "head")
+#: the granularities a conversion can gate: single weights, channels / neurons, attention heads, hidden size
+GRANULARITIES = ("weight", "channel", "head", "hidden")
 
 
 def check_sparsity(value: Any, granularities: tuple[str, ...] = GRANULARITIES) -> None:

@@ -46,7 +46,8 @@ class CostModel:
             touches = []
             for member in groups[gate.id].members:
                 module = modules[member.module]
-                axis = {"producer": "out", "consumer": "in", "passthrough": "chan", "attention": "heads"}[member.role]
+                axis = {"producer": "out", "consumer": "in", "passthrough": "chan", "attention": "heads",
+                        "norm": "chan"}[member.role]
                 if member.role == "passthrough" and member.param is not None:
                     axis = f"param:{member.param}:{member.axis}"
                     total = getattr(module, member.param).shape[member.axis]
@@ -55,7 +56,7 @@ class CostModel:
                     total = module.weight.shape[out_axis if axis == "out" else in_axis]
                 elif axis == "chan":
                     total = (getattr(module, "num_features", None) or getattr(module, "out_channels", None)
-                             or module.weight.shape[0])
+                             or module.weight.shape[-1 if member.role == "norm" else 0])
                 else:
                     total = gate.n_units
                 self.width[(member.module, axis)] = int(total)
@@ -63,13 +64,15 @@ class CostModel:
             self.touch.append(touches)
         # parameters of each touched module and the axes each one spans
         self.params: dict[str, list[tuple[int, tuple[str, ...]]]] = {}
-        for name in {m for m, _ in self.width}:
+        seen = set(own)  # a tied weight (embedding and LM head) counts once
+        for name in sorted({m for m, _ in self.width}, key=list(modules).index):
             module = modules[name]
             axes = {a for m, a in self.width if m == name}
             entries = []
             for pname, p in module.named_parameters(recurse=False):
-                if id(p) in own:
+                if id(p) in seen:
                     continue
+                seen.add(id(p))
                 spans: tuple[str, ...] = ()
                 if any(a.startswith(f"param:{pname}:") for a in axes):
                     spans = tuple(a for a in axes if a.startswith(f"param:{pname}:"))

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..calibration.engine import residual_key
 from ..calibration.ridge import is_supported
@@ -72,8 +73,9 @@ def magnitude(groups: list[UnitGroup]) -> Ranked:
 
 @torch.no_grad()
 def ranked_importance(target: Allocatable, floors: list[int], selection: str, batches: list | None,
-                      ridge: float) -> Ranked:
-    """Per group: ``(removal order of its units, non-decreasing importance at each position)``."""
+                      ridge: float, progress: bool = False) -> Ranked:
+    """Per group: ``(removal order of its units, non-decreasing importance at each position)``; ``progress``
+    shows bars for the selection pass and the ranking."""
     groups, model, state = target.groups, target.model, target.state
     if selection == "magnitude" or batches is None:
         return magnitude(groups)
@@ -92,12 +94,16 @@ def ranked_importance(target: Allocatable, floors: list[int], selection: str, ba
         record = sorted({name for users in uses.values() for name, _, _ in users})
         if state.record_reference == "all":
             record = [name for name, m in model.named_modules() if is_supported(m) or name in record]
-    residuals = {}
-    if record:
-        residuals = {residual_key(n): src for n, src in residual_sources(model).items() if n in record}
+    sources = residual_sources(model)
+    residuals = {residual_key(n): src for n, src in sources.items() if n in record} if record else {}
+    # the error of a layer that adds into a residual stream is judged against that stream's energy (a pre-norm
+    # decoder's stream grows with depth: an absolute error starves its early layers)
+    streams = {n: sources[n] for n in gram_names if n in sources}
+    energies: dict[str, float] = {}
     with target.dense():
         grams, moments, outputs = input_stats(model, batches, gram_names, moment_names, record=record,
-                                              record_inputs=residuals)
+                                              record_inputs=residuals, progress=progress, energies=energies,
+                                              energy_inputs=streams)
     check_stats_finite({**grams, **moments})
     if state.collect_grams:
         state.selection_grams = grams
@@ -109,20 +115,21 @@ def ranked_importance(target: Allocatable, floors: list[int], selection: str, ba
     # the mean output energy of their layers, puts them near the activation-aware scores' (energy fractions)
     searched = [uses[groups[i].id][0] for i in sorted(obs_groups | block_groups)]
     scale = max(sum(output_energy(m, grams[n]) for n, m, _ in searched) / max(len(searched), 1), 1e-30)
+    per_layer = {n: max(e, 1e-30) for n, e in energies.items()} if len(energies) == len(streams) else {}
     out = []
-    for i, g in enumerate(groups):
+    for i, g in enumerate(tqdm(groups, desc="ranking units (OBS)", unit="group", disable=not progress, leave=False)):
         users = uses[g.id]
         if i in obs_groups:
             name, module, index = users[0]
             cols, cost = obs_removal_order(module, grams[name], g.n_units - floors[i], ridge=ridge)
             unit_of = torch.empty(module.in_features, dtype=torch.long)
             unit_of[index[:, 0].cpu()] = torch.arange(g.n_units)
-            order, value = _with_rest(unit_of[cols.cpu()], cost / scale, g.n_units)
+            order, value = _with_rest(unit_of[cols.cpu()], cost / per_layer.get(name, scale), g.n_units)
         elif i in block_groups:
             name, module, index = users[0]
             removed, cost = obs_group_removal_order(module, grams[name], index.cpu(), g.n_units - floors[i],
                                                     ridge=ridge)
-            order, value = _with_rest(removed, cost / scale, g.n_units)
+            order, value = _with_rest(removed, cost / per_layer.get(name, scale), g.n_units)
         else:
             value = torch.zeros(g.n_units, dtype=torch.float64)
             for name, module, index in users:

@@ -18,7 +18,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -409,7 +409,7 @@ class _Engine:
                 dense_r = (self.recorded[residual_key(name)][i] if self.recorded is not None
                            else self.resid.pop(("reference", i, name), None))
                 if pruned_r is not None and dense_r is not None:
-                    y = y + plan.targets(dense_r, mask) - plan.targets(pruned_r, mask)
+                    y = y + plan.targets(dense_r, mask) - plan.targets(pruned_r, mask, shrunk=True)
             if stats is None:
                 exact = self.ridge < 1e-4 or x.dtype == torch.float64 or self.precision == "float64"
                 stats = RidgeStats(x.shape[0], x.shape[2], y.shape[2], plan.has_bias, plan.module.weight.device,

@@ -126,10 +126,11 @@ class LayerPlan:
         g = self.groups
         return rows.reshape(rows.shape[0], g, -1).transpose(0, 1)
 
-    def targets(self, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Rows of the reference layer's output restricted to the kept outputs, ``(groups, n, og)``."""
+    def targets(self, y: torch.Tensor, mask: torch.Tensor | None, shrunk: bool = False) -> torch.Tensor:
+        """Rows of the reference layer's output restricted to the kept outputs, ``(groups, n, og)``; ``shrunk``:
+        ``y`` is already as wide as the kept outputs (a tensor of the pruned model)."""
         ch_dim = 1 if self.is_conv else -1
-        if self.kept_out is not None:
+        if self.kept_out is not None and not shrunk:
             y = y.index_select(ch_dim, self.kept_out.to(y.device))
         if self.sel_out is not None:
             y = y.index_select(ch_dim, self.sel_out.to(y.device))

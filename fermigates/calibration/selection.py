@@ -18,6 +18,7 @@ from typing import Any, Iterable
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..core.batches import attention_mask, feed_no_grad
 from .ridge import masked_rows
@@ -65,13 +66,16 @@ def select_channels(scores: torch.Tensor, keep: float | int) -> torch.Tensor:
 
 
 def _stream(model: nn.Module, data: Iterable[Any], hooks: dict[str, Any], state: dict[str, Any],
-            max_batches: int | None) -> None:
+            max_batches: int | None, progress: bool = False, total: int | None = None) -> None:
     """Run ``data`` through ``model`` with forward pre-hooks on the named modules; ``state["mask"]`` holds
     the current batch's attention mask (or None) for the hooks."""
     mods = dict(model.named_modules())
     handles = [mods[n].register_forward_pre_hook(fn) for n, fn in hooks.items()]
+    batches = itertools.islice(data, max_batches)
+    if progress:
+        batches = tqdm(batches, total=total, desc="selection pass (input statistics)", unit="batch", leave=False)
     try:
-        for batch in itertools.islice(data, max_batches):
+        for batch in batches:
             state["mask"] = attention_mask(batch)
             feed_no_grad(model, batch)
     finally:
@@ -201,13 +205,18 @@ def gram_of(x: torch.Tensor) -> torch.Tensor:
 def input_stats(model: nn.Module, data: Iterable[Any], gram_names: list[str], moment_names: list[str],
                 max_batches: int | None = None, record: Iterable[str] = (),
                 record_inputs: dict[str, tuple[str, Any]] | None = None,
-                record_limit: int | None = None) -> tuple[dict, dict, dict | None]:
+                record_limit: int | None = None, progress: bool = False,
+                energies: dict[str, float] | None = None,
+                energy_inputs: dict[str, tuple[str, Any]] | None = None) -> tuple[dict, dict, dict | None]:
     """One pass over ``data``: the float64 Gram ``[X, 1]ᵀ[X, 1]`` of the ``gram_names`` Linear layers' inputs
     and the per-input-channel mean square of the ``moment_names`` layers' inputs (padding rows excluded);
     with ``record``, also the outputs of those layers (first call per batch, one list entry per batch), and
     with ``record_inputs`` (``{key: (module name, getter(args, kwargs))}``) what the getter reads from that
     module's inputs, or None for all when they would take more than ``record_limit`` bytes (default
     :data:`RECORD_LIMIT_BYTES`). Linear outputs are kept as their non-padding rows.
+
+    With ``energy_inputs`` (the same form as ``record_inputs``) the mean squared norm per row of what each
+    getter reads (a residual stream a layer adds to) is written into ``energies``, nothing kept.
 
     Each batch's Gram product is taken in float32 for float32 inputs and summed in float64.
     """
@@ -275,7 +284,22 @@ def input_stats(model: nn.Module, data: Iterable[Any], gram_names: list[str], mo
     missing = [n for n in [*record, *(w for w, _ in record_inputs.values())] if n not in mods]
     if missing:
         raise ValueError(f"record names not found in model: {missing}")
+    energy_inputs = dict(energy_inputs or {})
+    sq_sums: dict[str, float] = {k: 0.0 for k in energy_inputs}
+    sq_rows: dict[str, int] = {k: 0 for k in energy_inputs}
+
+    def measure_input(key: str, getter: Any):
+        def fn(mod, args, kwargs):
+            value = getter(args, kwargs)
+            if isinstance(value, torch.Tensor):
+                r = masked_rows(value.detach(), state.get("mask"))
+                sq_sums[key] += float(r.double().square().sum())
+                sq_rows[key] += r.shape[0]
+        return fn
+
     handles = [mods[n].register_forward_hook(keep_output(n)) for n in record]
+    handles += [mods[w].register_forward_pre_hook(measure_input(k, g), with_kwargs=True)
+                for k, (w, g) in energy_inputs.items()]
     handles += [mods[w].register_forward_pre_hook(keep_input(k, g), with_kwargs=True)
                 for k, (w, g) in record_inputs.items()]
     state["batch"] = -1
@@ -285,12 +309,15 @@ def input_stats(model: nn.Module, data: Iterable[Any], gram_names: list[str], mo
             state["batch"] += 1
             yield b
     try:
-        _stream(model, counting(data), hooks, state, max_batches)
+        total = len(data) if hasattr(data, "__len__") else None
+        _stream(model, counting(data), hooks, state, max_batches, progress, total)
     finally:
         for h in handles:
             h.remove()
     if outputs is not None and any(len(v) != state["batch"] + 1 for v in outputs.values()):
         outputs = None  # a layer that did not run on every batch
+    if energies is not None:
+        energies.update({k: sq_sums[k] / sq_rows[k] for k in energy_inputs if sq_rows[k]})
     return grams, {n: (sums[n] / max(counts[n], 1)).float() for n in moment_names if n in sums}, outputs
 
 

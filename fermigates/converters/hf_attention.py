@@ -276,7 +276,35 @@ def hf_config_updates(model: nn.Module) -> dict[str, Any]:
                 per_layer["intermediate_size"] = widths
     if per_layer:
         native["fermigates_per_layer"] = per_layer
+    native.update(_stream_fields(model, config))
     return native
+
+
+def hf_hidden_multiple(model: nn.Module) -> int | None:
+    """transformers' LLaMA-like configs refuse a hidden size that is not a multiple of the head count."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "model_type", None) not in _HEADS_DIVIDE_HIDDEN:
+        return None
+    heads = getattr(config, "num_attention_heads", None)
+    return heads if isinstance(heads, int) else None
+
+
+#: config model types whose validation requires hidden_size % num_attention_heads == 0
+_HEADS_DIVIDE_HIDDEN = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"}
+
+
+def _stream_fields(model: nn.Module, config: Any) -> dict[str, Any]:
+    """``hidden_size`` (and the RMS norms' epsilon, rescaled with it) when the residual stream was pruned."""
+    get_in = getattr(model, "get_input_embeddings", None)
+    embed = get_in() if callable(get_in) else None
+    width = getattr(embed, "embedding_dim", None)
+    if not isinstance(width, int) or width == getattr(config, "hidden_size", width):
+        return {}
+    out: dict[str, Any] = {"hidden_size": width}
+    norm = next((m for m in model.modules() if registry.lookup(registry.RMS_NORMS, m) is not None), None)
+    if norm is not None and hasattr(config, "rms_norm_eps"):
+        out["rms_norm_eps"] = float(getattr(norm, registry.lookup(registry.RMS_NORMS, norm)(norm).eps))
+    return out
 
 
 def _global(config: Any, name: str) -> Any:
@@ -316,7 +344,10 @@ registry.register(registry.SHAPE_ATTRS, GPT2_LIKE, ("num_heads", "head_dim", "sp
 registry.register(registry.ATTENTION, LLAMA_LIKE, LLAMA_SPEC)
 registry.register(registry.SHAPE_ATTRS, LLAMA_LIKE, ("head_dim", "num_key_value_groups"))
 registry.register(registry.RMS_NORMS, RMS_NORM_NAMES, RMSNormSpec(weight="weight", eps="variance_epsilon"))
+# a pruned hidden size rescales the norms' epsilon with their weight (see fermigates.surgery.shrink)
+registry.register(registry.SHAPE_ATTRS, RMS_NORM_NAMES, ("variance_epsilon",))
 registry.EXAMPLE_INPUTS.append(hf_example_inputs)
 registry.FIXED_INPUT_WIDTH.append(hf_fixed_input_width)
 registry.CONFIG_UPDATES.append(hf_config_updates)
+registry.HIDDEN_MULTIPLE.append(hf_hidden_multiple)
 registry.CONFIG_APPLY.append(apply_hf_config_updates)

@@ -94,4 +94,5 @@ registry.register(registry.ATTENTION, ROPE_NAME, ROPE_SPEC)
 registry.register(registry.SHAPE_ATTRS, ROPE_NAME,
                   ("num_heads", "num_kv_heads", "num_kv_groups", "head_dim", "attn_dim", "kv_dim"))
 registry.register(registry.RMS_NORMS, RMS_NORM_NAMES, RMSNormSpec(weight="weight", eps="eps"))
+registry.register(registry.SHAPE_ATTRS, RMS_NORM_NAMES, ("normalized_shape", "eps"))
 registry.EXAMPLE_INPUTS.append(timm_example_inputs)

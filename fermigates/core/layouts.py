@@ -90,8 +90,8 @@ def weight_axes(module: nn.Module) -> tuple[int, int]:
     layout = registry.lookup(registry.LINEAR_LIKE, module)
     if layout is not None:
         return layout.in_dim, layout.out_dim
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        return 0, 1
+    if isinstance(module, (nn.modules.conv._ConvTransposeNd, nn.Embedding)):
+        return 0, 1  # an embedding: rows are looked up, columns are the channels it writes
     if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
         return 1, 0
     raise TypeError(f"{type(module).__name__} has no known weight layout; register it in LINEAR_LIKE")

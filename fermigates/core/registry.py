@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 from typing import Any, Callable, TypeVar
 
 import torch.nn as nn
@@ -38,7 +39,8 @@ CHANNEL_SAFE: set[str] = set()
 #: class qualname of an element-wise activation module (``y[i] = f(x[i])``, e.g. timm's ``Swish``, transformers'
 #: ``GELUActivation``): what a method that gates non-linearities converts (torch's own are known to it)
 ACTIVATIONS: set[str] = set()
-#: class qualname -> tuple of attribute names that define the module's tensor shapes
+#: class qualname -> tuple of attribute names that define the module's tensor shapes (and attributes a shrink
+#: rescales with them, such as an RMS norm's epsilon), recorded in a checkpoint's manifest
 SHAPE_ATTRS: dict[str, tuple[str, ...]] = {}
 #: class qualname -> callable(module) -> RMS-norm description (weight attr, eps attr), for exact shrinking
 RMS_NORMS: dict[str, Any] = {}
@@ -51,8 +53,14 @@ FIXED_INPUT_WIDTH: list[Callable[[nn.Module], dict[str, str]]] = []
 #: callables(model) -> {projection fqn: (module fqn, getter(args, kwargs) -> residual)}: the residual stream
 #: added to a projection's output, read in that module's forward pre-hook (see converters.hf_residuals)
 RESIDUALS: list[Callable[[nn.Module], dict[str, Any]]] = []
+#: model class qualname -> BlockListSpec (converters.blocks): where the stack of blocks lives and what removing
+#: blocks updates (config counts, per-layer config fields, cache indices), for depth pruning
+BLOCK_LISTS: dict[str, Any] = {}
 #: ordered list of callables(model) -> example inputs or None (first non-None wins)
 EXAMPLE_INPUTS: list[Callable[[nn.Module], Any]] = []
+#: callables(model) -> int or None: the hidden size (a residual stream's width) of ``model`` must stay a
+#: multiple of this for its family's config to describe it (transformers' LLaMA-like configs: the head count)
+HIDDEN_MULTIPLE: list[Callable[[nn.Module], int | None]] = []
 #: callables(model) -> {config field: value} describing a shrunk model's widths in its own config format
 #: (e.g. a Hugging Face config's ``intermediate_size``), ``{}`` when nothing changed
 CONFIG_UPDATES: list[Callable[[nn.Module], dict[str, Any]]] = []
@@ -111,6 +119,16 @@ def residual_sources(model: nn.Module) -> dict[str, Any]:
     for find in entries(RESIDUALS):
         out.update(find(model))
     return out
+
+
+def hidden_multiple(model: nn.Module) -> int:
+    """The multiple every family's HIDDEN_MULTIPLE entry asks of ``model``'s hidden size (their lcm; 1: none)."""
+    step = 1
+    for ask in entries(HIDDEN_MULTIPLE):
+        value = ask(model)
+        if isinstance(value, int) and value > 1:
+            step = math.lcm(step, value)
+    return step
 
 
 def config_updates(model: nn.Module) -> dict[str, Any]:

@@ -84,8 +84,12 @@ class ConversionState:
     fingerprints: dict[str, str] = field(default_factory=dict)
     #: ids of forward pre-hooks a method registered on the root module (removed at the bake)
     hook_ids: list[int] = field(default_factory=list)
+    #: how the training steered the decisions to a budget (a ``BudgetResult``), reported by the bake
+    budget_result: Any = None
     #: whatever else the method keeps about this conversion (its own keys)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: whether long steps of the conversion (tracing the graph) show progress bars
+    progress: bool = False
     #: set by ``prune``: the selection pass records the dense outputs of the units' consumers, so that the
     #: calibration that follows need not run the dense reference again
     record_reference: str | None = None  # None, "consumers" or "all"

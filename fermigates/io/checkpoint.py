@@ -23,10 +23,12 @@ from torch import nn
 from fermigates.io import manifest as mf
 from fermigates.io.inspect import CheckpointSummary, inspect_checkpoint, macs_record
 from fermigates.io.manifest import CheckpointError
+from fermigates.core import registry
 from fermigates.core.registry import qualname
 from fermigates.core.state import find_state
 from fermigates.core.twin import is_twin
 from fermigates.io.hf import GENERATION_NAME, hf_factory, will_write_generation, write_hf_config
+from fermigates.surgery.depth import DEPTH_ATTR, match_removed_blocks, removed_blocks
 from fermigates.surgery.fold import FOLDED_ATTR
 from fermigates.io.onnx import export_onnx
 from fermigates.io.replaced import apply_replaced, replaced_manifest
@@ -69,7 +71,7 @@ def _check_not_gated(model: nn.Module) -> None:
         )
 
 
-def _plan_overwrite(root: Path, overwrite: bool, written: set[str]) -> list[Path]:
+def _plan_overwrite(root: Path, overwrite: bool, written: set[str], *, log: bool = True) -> list[Path]:
     """Refuse a folder holding another checkpoint unless ``overwrite``; return the stale files to remove
     once the new checkpoint is written (checkpoint files this save does not write, other models' weights)."""
     if not root.is_dir():
@@ -84,7 +86,7 @@ def _plan_overwrite(root: Path, overwrite: bool, written: set[str]) -> list[Path
             "files are replaced or removed, other files are left alone), or save into an empty folder"
         )
     stale = [p for p in ours if p.name not in written] + foreign
-    if ours or foreign:
+    if (ours or foreign) and log:
         _logger.warning(
             "save_shrunk: replacing the checkpoint in %s: %s%s",
             root,
@@ -94,8 +96,26 @@ def _plan_overwrite(root: Path, overwrite: bool, written: set[str]) -> list[Path
     return stale
 
 
+def _check_finite(tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse tensors with NaN or infinite values: a checkpoint of them would load and compute NaN."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() or tensor.is_complex():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise ValueError(
+                    f"save_shrunk() refuses tensor {name!r}: {bad} of its {tensor.numel()} values are NaN or "
+                    "infinite, so the saved model would compute NaN (a diverged fine-tune, a non-finite ridge or "
+                    "calibration input?); nothing was written. Pass allow_non_finite=True to save it anyway"
+                )
+
+
 def save_shrunk(
-    model: nn.Module, directory: str | os.PathLike, *, example_inputs: Any = None, overwrite: bool = False
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    example_inputs: Any = None,
+    overwrite: bool = False,
+    allow_non_finite: bool = False,
 ) -> Path:
     """Write ``model`` into ``directory`` as ``model.safetensors`` + ``fermigates.json`` (and ``config.json``
     for a transformers model), each atomically (temp file, fsync, ``os.replace``, fsync of the directory),
@@ -105,13 +125,17 @@ def save_shrunk(
     model's ``pretrained_cfg["input_size"]`` at batch 1) is optional: when given, the Linear/Conv MACs of one
     eval-mode forward are recorded for ``inspect_checkpoint``. A folder that already holds a checkpoint is
     refused unless ``overwrite=True``; then every file of the old checkpoint is replaced or removed (files
-    that are not checkpoint files are left alone). A model that still has gates is refused (bake it first).
-    Returns the directory.
+    that are not checkpoint files are left alone). A model that still has gates is refused (bake it first), and
+    so is a model with NaN or infinite values in a tensor unless ``allow_non_finite=True``. The same model
+    always gives the same bytes. Two saves into one folder at once are refused (the second raises
+    ``BlockingIOError``); temp files of a save that was killed are removed. Returns the directory.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(overwrite, bool):
         raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
+    if not isinstance(allow_non_finite, bool):
+        raise TypeError(f"allow_non_finite must be True or False, got {allow_non_finite!r}")
     _check_not_gated(model)
     if getattr(model, FOLDED_ATTR, None):
         raise ValueError(
@@ -121,6 +145,8 @@ def save_shrunk(
         )
     root = mf.check_directory(directory)
     tensors, tied = mf.find_ties(model.state_dict())
+    if not allow_non_finite:
+        _check_finite(tensors)
     unique_params = {id(p): p.numel() for p in model.parameters()}
     replaced = replaced_manifest(model)  # modules the bake / merge put in place of the stock ones
     manifest: dict[str, Any] = {
@@ -139,6 +165,9 @@ def save_shrunk(
     num_classes = getattr(model, "num_classes", None)
     if isinstance(num_classes, int) and not isinstance(num_classes, bool):
         manifest["num_classes"] = num_classes
+    depth = removed_blocks(model)
+    if depth:  # the stock class is built at its original depth unless its config says otherwise (HF)
+        manifest["removed_blocks"] = depth
     macs = _macs_for(model, example_inputs, manifest["source"])
     if macs is not None:
         manifest["macs"] = macs
@@ -151,19 +180,26 @@ def save_shrunk(
     written = {mf.WEIGHTS_NAME, mf.MANIFEST_NAME}
     if is_hf:
         written |= {mf.CONFIG_NAME} | ({GENERATION_NAME} if will_write_generation(model) else set())
-    stale = _plan_overwrite(root, overwrite, written)
+    _plan_overwrite(root, overwrite, written, log=False)  # refuse before creating the folder
     root = mf.ensure_directory(root)
-    mf.remove_stale_temps(root)
-    # tensors first: the embedded manifest travels with them, so a crash after this replace still leaves a
-    # consistent checkpoint (fermigates.json is then stale, and the loader says so and ignores it)
-    mf.atomic_write(root / mf.WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    mf.atomic_write_text(root / mf.MANIFEST_NAME, text + "\n")
-    if is_hf:
-        write_hf_config(model, root, manifest["modules"])
-    for path in stale:  # only once the new checkpoint is complete: a crash before leaves the old one whole
-        path.unlink(missing_ok=True)
-    if stale:
-        mf.fsync_dir(root)
+    with mf.directory_lock(root):
+        stale = _plan_overwrite(root, overwrite, written)  # again, now that no other save can write here
+        mf.remove_stale_temps(root)
+
+        def write_weights(tmp: Path) -> None:
+            save_file(tensors, str(tmp), metadata=metadata)
+            mf.sort_safetensors_metadata(tmp)
+
+        # tensors first: the embedded manifest travels with them, so a crash after this replace still leaves a
+        # consistent checkpoint (fermigates.json is then stale, and the loader says so and ignores it)
+        mf.atomic_write(root / mf.WEIGHTS_NAME, write_weights)
+        mf.atomic_write_text(root / mf.MANIFEST_NAME, text + "\n")
+        if is_hf:
+            write_hf_config(model, root, manifest["modules"])
+        for path in stale:  # only once the new checkpoint is complete: a crash before leaves the old one whole
+            path.unlink(missing_ok=True)
+        if stale:
+            mf.fsync_dir(root)
     _logger.info("saved %s (%d tensors, %d tied) to %s", type(model).__name__, len(tensors), len(tied), root)
     return root
 
@@ -208,6 +244,7 @@ def _check_fits(
 ) -> list[str]:
     """Raise CheckpointError when the checkpoint is of another architecture or lacks a tensor; return the
     state-dict keys to load."""
+    registry.load_families()
     modules = dict(model.named_modules())
     for path, entry in manifest["modules"].items():
         module = modules.get(path)
@@ -224,6 +261,7 @@ def _check_fits(
                 f"{entry.get('class')} in the checkpoint but a {qualname(type(module))} "
                 "in the model"
             )
+        _check_attr_names(module, path, entry.get("attrs", {}), where)
         _check_widths(module, path, entry.get("attrs", {}), header, manifest.get("tied", {}), where)
     if strict:
         for path, module in modules.items():  # builtin kinds only: the registry may grow between versions
@@ -272,6 +310,33 @@ def _check_fits(
             "with meta parameters but real buffers"
         )
     return [k for k in expected if k in available]
+
+
+def _check_attr_names(module: nn.Module, path: str, attrs: dict[str, Any], where: str) -> None:
+    """Refuse a manifest attribute that is not one of the module's shape attributes (``"forward": 5`` would
+    replace a method and break the first forward)."""
+    known = mf.shape_attrs(module)
+    for name in attrs:
+        if name not in known:
+            raise CheckpointError(
+                f"{where} is corrupt: its manifest sets {name!r} on module {path or '<root>'!r} "
+                f"({qualname(type(module))}), which is not one of its shape attributes {list(known)}; re-save the "
+                "checkpoint"
+            )
+
+
+def _check_depth_record(record: Any, where: str) -> dict[str, Any]:
+    """The manifest's ``removed_blocks`` entry, checked: ``{path: {"original": int, "kept": [int, ...]}}``."""
+    if record is None:
+        return {}
+    ok = isinstance(record, dict) and all(
+        isinstance(e, dict) and isinstance(e.get("original"), int) and isinstance(e.get("kept"), list)
+        and all(isinstance(i, int) and 0 <= i < e["original"] for i in e["kept"]) and e["kept"]
+        for e in record.values())
+    if not ok:
+        raise CheckpointError(f"{where} is corrupt: 'removed_blocks' must map block-list paths to "
+                              f"{{'original': count, 'kept': [indices]}}, got {record!r}; re-save the checkpoint")
+    return record
 
 
 def _check_widths(
@@ -432,7 +497,9 @@ def load_shrunk(
     non-persistent ones such as rotary frequencies are computed as usual) and filled with ``assign=True``.
     Everything is checked before the model is touched (manifest version, architecture, every tensor's shape
     and dtype against the manifest and the model, widths, class count, missing tensors, truncated files, the
-    SHA-256 of every tensor); on any error the given model is left exactly as it was.
+    SHA-256 of every tensor); on any error the given model is left exactly as it was. A checkpoint of a model
+    whose blocks were removed (:func:`fermigates.remove_blocks`) removes the same blocks from a stock model
+    built at the original depth (one built at the reduced depth, e.g. from the saved config, is left as is).
     """
     manifest, header, weights = mf.read_checkpoint(directory)
     where = f"checkpoint {str(directory)!r}"
@@ -445,7 +512,24 @@ def load_shrunk(
             "model_or_factory must be a torch.nn.Module or a zero-argument callable returning one, "
             f"got {type(model_or_factory).__name__}"
         )
-    undo_replaced = apply_replaced(model, manifest, where)  # merged / removed layers, before the checks
+    depth = _check_depth_record(manifest.get("removed_blocks"), where)
+    try:
+        undo_depth = match_removed_blocks(model, depth, where)  # a stock model at its original depth
+    except (ValueError, TypeError, IndexError) as err:
+        raise CheckpointError(str(err)) from None
+    try:
+        # merged / removed layers, before the checks (their paths are those of the model after any block removal)
+        undo_replaced = apply_replaced(model, manifest, where)
+    except BaseException:
+        for undo in undo_depth:
+            undo()
+        raise
+
+    def undo_structure() -> None:
+        undo_replaced()
+        for undo in undo_depth:
+            undo()
+
     try:
         keys = _check_fits(model, manifest, header, strict, where)
         from safetensors import SafetensorError
@@ -456,18 +540,21 @@ def load_shrunk(
         except (SafetensorError, OSError, RuntimeError) as err:
             raise CheckpointError(f"{weights} cannot be read: {err}; re-save the checkpoint") from None
         _verify_checksums(manifest, tensors, weights)
-        # safetensors hands out views at 8-byte offsets; oneDNN picks other kernels for unaligned weights and the
-        # loaded model would then differ from the saved one in the last bit (seen: MobileNetV2's depthwise convs)
-        tensors = {k: v.clone() if v.data_ptr() % 64 else v for k, v in tensors.items()}
-        journal = _Journal(model, {p: list(e.get("attrs", {})) for p, e in manifest["modules"].items()})
-        try:
-            _apply(model, manifest, header, tensors, keys, strict)
-        except BaseException:
-            journal.restore()
-            raise
     except BaseException:
-        undo_replaced()
+        undo_structure()
         raise
+    # safetensors hands out views at 8-byte offsets; oneDNN picks other kernels for unaligned weights and the
+    # loaded model would then differ from the saved one in the last bit (seen: MobileNetV2's depthwise convs)
+    tensors = {k: v.clone() if v.data_ptr() % 64 else v for k, v in tensors.items()}
+    journal = _Journal(model, {p: list(e.get("attrs", {})) for p, e in manifest["modules"].items()})
+    try:
+        _apply(model, manifest, header, tensors, keys, strict)
+    except BaseException:
+        journal.restore()
+        undo_structure()
+        raise
+    if depth:  # a re-save of the loaded model records the same removal
+        model.__dict__[DEPTH_ATTR] = {p: {"original": e["original"], "kept": list(e["kept"])} for p, e in depth.items()}
     _logger.info("loaded %s from %s", type(model).__name__, directory)
     return model
 

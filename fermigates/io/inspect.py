@@ -32,6 +32,18 @@ def describe_inputs(inputs: Any) -> Any:
     return repr(inputs)
 
 
+def describe_text(desc: Any) -> str:
+    """A recorded input description as a reader writes it: ``float32[1, 3, 224, 224]``, ``{input_ids:
+    int64[1, 12], ...}``."""
+    if isinstance(desc, dict) and "shape" in desc and "dtype" in desc:
+        return f"{desc['dtype']}[{', '.join(map(str, desc['shape']))}]"
+    if isinstance(desc, dict):
+        return "{" + ", ".join(f"{k}: {describe_text(v)}" for k, v in desc.items()) + "}"
+    if isinstance(desc, (list, tuple)):
+        return "(" + ", ".join(describe_text(v) for v in desc) + ")"
+    return str(desc)
+
+
 @dataclass
 class CheckpointSummary:
     """What ``inspect_checkpoint`` found: sizes, per-module widths, and MACs when an input size was known."""
@@ -47,16 +59,21 @@ class CheckpointSummary:
     tied: dict[str, str] = field(default_factory=dict)
     macs: int | None = None
     macs_inputs: Any = None
+    #: ``{block-list path: {"original": count, "kept": [original indices]}}`` of a depth-pruned model
+    removed_blocks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [
             f"fermigates checkpoint {self.directory} (format v{self.format_version})",
             f"  model   {self.model_class}  [{self.source}]",
             f"  params  {self.params:,} in {self.tensors} tensors, {self.file_bytes / 2**20:.2f} MiB on disk",
-            f"  MACs    {self.macs:,} for {self.macs_inputs}"
+            f"  MACs    {self.macs:,} per forward of {describe_text(self.macs_inputs)}"
             if self.macs is not None
             else "  MACs    unknown (save with example_inputs=... to record them)",
         ]
+        for path, entry in self.removed_blocks.items():
+            gone = sorted(set(range(entry["original"])) - set(entry["kept"]))
+            lines.append(f"  depth   {path}: {len(entry['kept'])} of {entry['original']} blocks (removed {gone})")
         if self.tied:
             lines.append("  tied    " + ", ".join(f"{a} -> {b}" for a, b in self.tied.items()))
         width = max((len(p) for p in self.widths), default=6)
@@ -92,4 +109,5 @@ def inspect_checkpoint(directory: str | os.PathLike) -> CheckpointSummary:
         tied=dict(manifest.get("tied", {})),
         macs=macs.get("total"),
         macs_inputs=macs.get("inputs"),
+        removed_blocks=dict(manifest.get("removed_blocks") or {}),
     )

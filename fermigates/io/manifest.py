@@ -43,7 +43,7 @@ from fermigates.core import registry
 _logger = logging.getLogger(__name__)
 
 FORMAT = "fermigates.shrunk"
-FORMAT_VERSION = 3  # 2: "tensors" (dtype, shape, SHA-256 of every saved tensor) and "num_classes"; 3: "replaced"
+FORMAT_VERSION = 3  # 2: "tensors" (SHA-256 of every tensor), "num_classes" (and optional "removed_blocks"); 3: "replaced"
 OLDEST_FORMAT_VERSION = 1  # version-1 checkpoints load, without checksums
 WEIGHTS_NAME = "model.safetensors"
 MANIFEST_NAME = "fermigates.json"
@@ -56,7 +56,7 @@ BUILTIN_SHAPE_ATTRS: dict[str, tuple[str, ...]] = {
     "torch.nn.modules.conv._ConvNd": ("in_channels", "out_channels", "groups"),
     "torch.nn.modules.batchnorm._NormBase": ("num_features",),
     "torch.nn.modules.normalization.LayerNorm": ("normalized_shape",),
-    "torch.nn.modules.normalization.RMSNorm": ("normalized_shape",),
+    "torch.nn.modules.normalization.RMSNorm": ("normalized_shape", "eps"),
     "torch.nn.modules.normalization.GroupNorm": ("num_groups", "num_channels"),
     "torch.nn.modules.sparse.Embedding": ("num_embeddings", "embedding_dim"),
 }
@@ -481,7 +481,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 def remove_stale_temps(root: Path) -> list[Path]:
     """Delete the temp files that a killed save left in ``root`` (``.model.safetensors.<random>.tmp`` ...);
-    returns them. Two saves into one folder at the same time are not supported."""
+    returns them. Call it with :func:`directory_lock` held, so that no other save's temp file is removed."""
     removed = []
     prefixes = tuple(_temp_prefix(n) for n in CHECKPOINT_FILES)
     with contextlib.suppress(OSError):
@@ -493,6 +493,55 @@ def remove_stale_temps(root: Path) -> list[Path]:
     if removed:
         _logger.info("removed %d temp file(s) left by an interrupted save in %s", len(removed), root)
     return removed
+
+
+def sort_safetensors_metadata(path: Path) -> None:
+    """Rewrite the ``__metadata__`` of the safetensors file at ``path`` with its keys sorted, in place.
+
+    safetensors serialises the metadata from a hash map whose order changes from one process to the next, so
+    the same model would give different bytes; the header is rewritten (same length, padded with spaces as
+    the format allows) so that a model always gives the same file.
+    """
+    with open(path, "rb+") as handle:
+        raw = handle.read(8)
+        if len(raw) < 8:
+            return
+        (n,) = struct.unpack("<Q", raw)
+        header = json.loads(handle.read(n))
+        metadata = header.get("__metadata__")
+        if not isinstance(metadata, dict) or list(metadata) == sorted(metadata):
+            return
+        header["__metadata__"] = dict(sorted(metadata.items()))
+        header = {"__metadata__": header.pop("__metadata__"), **header}
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > n:  # cannot happen for a reordering; leave the file as safetensors wrote it
+            return
+        handle.seek(8)
+        handle.write(text + b" " * (n - len(text)))
+
+
+@contextlib.contextmanager
+def directory_lock(root: Path, what: str = "save_shrunk") -> Iterator[None]:
+    """Hold an exclusive advisory lock on the directory ``root`` (``flock`` on the directory itself, so no lock
+    file is left behind); raise ``BlockingIOError`` at once when another process holds it. A no-op where
+    ``fcntl`` does not exist (Windows)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BlockingIOError(
+                f"{what}: another process is writing a checkpoint into {str(root)!r} right now; wait for it to "
+                "finish, or save into another folder (two saves into one folder at once are refused)"
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -68,6 +68,10 @@ def export_onnx(
     ``optimize`` runs onnxscript's graph optimizer after a dynamo export (constant folding,
     fusion-friendly rewrites; slower export, same numbers).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__} {model!r:.60}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a file path (str or os.PathLike), got {type(path).__name__}")
     if exporter not in _EXPORTERS:
         raise ValueError(f"exporter must be one of {_EXPORTERS}, got {exporter!r}")
     if isinstance(example_inputs, torch.Tensor):

@@ -116,10 +116,11 @@ class Method(ABC):
         return "weight" not in config.granularities
 
     # -- conversion -----------------------------------------------------------------------------------------
-    def target(self, module: nn.Module) -> bool | str:
-        """True if the method can convert ``module``; a reason (str) when it is of a kind the method converts
-        but this one cannot be (reported as skipped); False when it is not of that kind at all. Default: Linear,
-        registered Linear-like layers and Conv1d/2d/3d whose forward computes the plain layer's function."""
+    def target(self, module: nn.Module, config: Any) -> bool | str:
+        """True if the method can convert ``module`` under ``config``; a reason (str) when it is of a kind the
+        method converts but this one cannot be (reported as skipped); False when it is not of that kind at all.
+        Default: Linear, registered Linear-like layers and Conv1d/2d/3d whose forward computes the plain layer's
+        function."""
         if is_twin(module):
             return False
         if plain_base(module) is not None or linear_like(module) is not None:
@@ -212,11 +213,12 @@ class Method(ABC):
 
     # -- training -------------------------------------------------------------------------------------------
     def optimizer(self, model: nn.Module, *, lr: float = 1e-3, total_steps: int | None = None,
-                  base: torch.optim.Optimizer | None = None, calibration_data: Any = None,
+                  base: torch.optim.Optimizer | None = None, calibration_data: Any = None, progress: bool = False,
                   **options: Any) -> torch.optim.Optimizer:
         """What trains a model converted with this method. ``base``: an optimizer already built on the model's
         parameters that the method may wrap (else it builds its own with ``lr``); ``calibration_data``: a few
-        training batches the method may use to start from; ``options``: the method optimizer's keywords."""
+        training batches the method may use to start from; ``progress``: bars for its own preparation (a
+        ranking pass, say); ``options``: the method optimizer's keywords."""
         raise NotImplementedError(f"method {self.name!r} does not build its own optimizer")
 
     def is_method_optimizer(self, optimizer: Any) -> bool:

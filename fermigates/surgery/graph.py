@@ -54,6 +54,7 @@ class GroupMember:
     """One module's share of a group.
 
     ``role``: ``"producer"`` (rows of the weight / output channels), ``"consumer"`` (input columns),
+    ``"norm"`` (an RMS norm across the channels of a residual stream: its weight is sliced and rescaled),
     ``"passthrough"`` (per-channel axis: batch norm features, depthwise / grouped conv output channels, or --
     when ``param`` is set -- axis ``axis`` of the single parameter ``module.param``, e.g. a layer scale), or
     ``"attention"`` (the query heads each unit owns; the module's projections are members of their own).
@@ -123,11 +124,18 @@ def _reason_kind(reason: str | None) -> str:
     return (reason or "?").split(" at ")[0]
 
 
-def build_dependency_graph(model: nn.Module, example_inputs: Any) -> DependencyGraph:
+def build_dependency_graph(model: nn.Module, example_inputs: Any, progress: bool = False,
+                           hidden: bool = False) -> DependencyGraph:
     """Trace ``model`` on ``example_inputs`` (a Tensor, a tuple of positional args or a dict of kwargs) and
     return its channel groups. The model runs once in eval mode under ``torch.no_grad``; its modes are
-    restored. A batch of one is enough and the cheapest."""
-    tr = trace(model, example_inputs)
+    restored. A batch of one is enough and the cheapest.
+
+    ``hidden=True`` also follows residual streams through the embeddings that start them (producers along the
+    embedding's columns) and the RMS norms that read them (``norm`` members), so a decoder's hidden size becomes
+    a group of kind ``"hidden"``: removing its channels is exact for a model whose stream is zero at the removed
+    channels (the shrink rescales each norm's weight and epsilon for the smaller width). Layer norms stay pinned:
+    their mean over all channels changes whatever the stream holds there."""
+    tr = trace(model, example_inputs, progress, hidden)
     groups = _groups_from(tr)
     order = {name: i for i, name in enumerate(n for n, _ in model.named_modules())}
     groups.sort(key=lambda g: (min(order.get(m.module, 1 << 30) for m in g.members), g.members[0].module,
@@ -176,6 +184,7 @@ def _groups_from(tr) -> list[ChannelGroup]:
         spans[root][ki] = (start, start + n)
         start += n
     pinned = {uf.find(x) for x in uf.reason}
+    embeddings = {name: tr.leaf_kinds.get(id(module)) == "embedding" for name, module in tr.modules.items()}
     by_sig: dict[tuple, list[int]] = defaultdict(list)
     for root, parts in spans.items():
         sig = tuple((ki, e - s) for ki, (s, e) in parts.items())  # key indices ascending (sorted above)
@@ -191,10 +200,11 @@ def _groups_from(tr) -> list[ChannelGroup]:
             key = keys[ki]
             members.append(GroupMember(key[0], key[1], torch.tensor(rows, dtype=torch.long), key[2], key[3]))
         members.sort(key=lambda m: _ROLE_ORDER[m.role])
-        kind = "head" if any(m.role == "attention" for m in members) else "channel"
+        stream = any(m.role == "norm" or (m.role == "producer" and embeddings.get(m.module)) for m in members)
+        kind = "head" if any(m.role == "attention" for m in members) else "hidden" if stream else "channel"
         reason = uf.pinned(members_roots[0]) if is_pinned else None
         groups.append(ChannelGroup(-1, kind, len(members_roots), members, not is_pinned, reason))
     return groups
 
 
-_ROLE_ORDER = {"producer": 0, "attention": 1, "passthrough": 2, "consumer": 3}
+_ROLE_ORDER = {"producer": 0, "attention": 1, "passthrough": 2, "norm": 3, "consumer": 4}

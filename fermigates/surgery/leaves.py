@@ -161,15 +161,31 @@ def conv_transpose(tr: Tracer, fqn: str, module: nn.Module, args, kwargs, output
 
 
 def embedding(tr: Tracer, fqn: str, module: nn.Module, args, kwargs, output) -> None:
+    """An embedding's rows are looked up by index; with ``hidden`` its columns are the channels of the residual
+    stream it starts (a producer along the weight's last axis), else fixed."""
+    y = _first_out(output)
+    if tr.hidden and isinstance(module, nn.Embedding) and y is not None and module.max_norm is None:
+        labs = tr.produce(fqn, module.embedding_dim)
+        tr.record((fqn, "producer", None, None), labs)
+        tr.set(y, _at_axis(labs, y.dim(), -1))
+        _rest_none(tr, output, y)
+        return
     for t in tr.out_tensors(output):
         tr.set_none(t)
 
 
 def rms_norm(tr: Tracer, fqn: str, module: nn.Module, args, kwargs, output) -> None:
+    """An RMS norm's statistic spans all channels: pinned; with ``hidden`` a ``norm`` member instead, whose
+    channels can go if the stream is zero there (the shrink rescales its weight and epsilon to match)."""
     x, y = _input(args, kwargs), _first_out(output)
     lab = tr.label(x) if x is not None else None
     if lab is not None and lab.dim() and lab.shape[-1] > 1:
-        tr.uf.pin(lab, f"RMS norm {fqn} normalises across channels")
+        if tr.hidden and x.dim() >= 1:
+            vec = along(lab.reshape((1,) * (x.dim() - lab.dim()) + tuple(lab.shape)), x.dim() - 1, x.shape[-1],
+                        tr.uf)
+            tr.record((fqn, "norm", None, None), vec)
+        else:
+            tr.uf.pin(lab, f"RMS norm {fqn} normalises across channels")
     if y is not None and lab is not None and lab.dim() == y.dim():
         tr.set(y, lab)
     _rest_none(tr, output, y if lab is not None else None)

@@ -15,6 +15,7 @@ and batch norms do not run), which is still exactly the masked function.
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from ..core import registry
-from ..core.layouts import attention_spec, linear_layout, slice_linear
+from ..core.layouts import RMSNormSpec, attention_spec, linear_layout, slice_linear
 from .graph import ChannelGroup, DependencyGraph
 from .macs import count_macs, macs_by_module
 
@@ -88,7 +89,8 @@ def _removed_index(member, mask: torch.Tensor) -> torch.Tensor:
 def _slot(member) -> tuple:
     if member.role == "passthrough" and member.param is not None:
         return ("param", member.param, member.axis)
-    return {"producer": "out", "consumer": "in", "passthrough": "chan", "attention": "heads"}[member.role]
+    return {"producer": "out", "consumer": "in", "passthrough": "chan", "attention": "heads",
+            "norm": "norm"}[member.role]
 
 
 def _zero_columns(module: nn.Module, cols: torch.Tensor) -> None:
@@ -106,13 +108,33 @@ def _in_axis(module: nn.Module) -> int:
 
 @torch.no_grad()
 def mask_model(model: nn.Module, graph: DependencyGraph, keep: dict[int, Any]) -> None:
-    """The hard-masked reference, in place: zero the consumers' input columns of every removed unit."""
+    """The hard-masked reference, in place: zero the consumers' input columns of every removed unit; for a
+    residual stream under RMS norms (kind ``"hidden"``) zero the stream itself there instead: its producers'
+    output rows (and biases) and embedding columns, so that the norms see zeros (:func:`zero_stream`)."""
     masks, _ = _keep_masks(graph, keep)
     modules = dict(model.named_modules())
     for gid, mask in masks.items():
-        for member in graph.groups[gid].members:
-            if member.role == "consumer":
+        group = graph.groups[gid]
+        for member in group.members:
+            if group.kind == "hidden":
+                if member.role == "producer":
+                    zero_stream(modules[member.module], _removed_index(member, mask))
+            elif member.role == "consumer":
                 _zero_columns(modules[member.module], _removed_index(member, mask))
+
+
+@torch.no_grad()
+def zero_stream(module: nn.Module, channels: torch.Tensor) -> None:
+    """Zero what ``module`` writes into a residual stream at ``channels``: rows (and bias) of a Linear-like
+    producer, columns of an embedding."""
+    if isinstance(module, nn.Embedding):
+        module.weight.index_fill_(1, channels.to(module.weight.device), 0.0)
+        return
+    out_axis = linear_layout(module).out_dim
+    module.weight.index_fill_(out_axis, channels.to(module.weight.device), 0.0)
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        bias.index_fill_(0, channels.to(bias.device), 0.0)
 
 
 # ------------------------------------------------------------------------------------------- shrink
@@ -139,6 +161,7 @@ def shrink_model(model: nn.Module, graph: DependencyGraph, keep: dict[int, Any])
                 raise ValueError(f"graph member {member.module!r} is not a module of this model; rebuild the graph")
             removed[member.module][_slot(member)].update(_removed_index(member, mask).tolist())
 
+    ties = _ties(model)
     with torch.no_grad():
         before = {name: _attention_info(modules[name]) for name, slots in removed.items() if "heads" in slots}
         changes = {}
@@ -161,6 +184,7 @@ def shrink_model(model: nn.Module, graph: DependencyGraph, keep: dict[int, Any])
             _set_heads(modules[name], info, removed[name]["heads"], changes[name])
         for name, change in changes.items():
             change.attrs = _shape_attrs(modules[name])
+    _retie(modules, ties)
     result = ShrinkResult(changes, skipped, params_before, _count_params(model), masks)
     _logger.info("shrink: %d -> %d parameters, %d modules changed", params_before, result.params_after, len(changes))
     return result
@@ -252,22 +276,82 @@ def _shrink_norm(module: nn.Module, slots: dict, change: ModuleChange) -> None:
     change.kept_in = change.kept_out = kept
 
 
-#: class -> rule(module, slots, change); slots maps "out"/"in"/"chan" to removed indices
+def _shrink_embedding(module: nn.Module, slots: dict, change: ModuleChange) -> None:
+    """An embedding that starts a residual stream: its columns are the stream's channels."""
+    kept = _complement(slots["out"], module.embedding_dim)
+    _slice_attr(module, "weight", 1, kept)
+    module.embedding_dim = int(kept.numel())
+    change.kept_out = kept
+
+
+def _shrink_rms_norm(module: nn.Module, slots: dict, change: ModuleChange) -> None:
+    """An RMS norm over a residual stream that is zero at the removed channels: with ``k`` of ``n`` channels
+    kept, ``rms`` over the kept ones is ``sqrt(n / k)`` times the full one (epsilon scaled alike), so the weight
+    is multiplied by ``sqrt(n / k)`` and epsilon by ``n / k``: the same outputs exactly."""
+    spec = registry.lookup(registry.RMS_NORMS, module)
+    spec = spec(module) if spec is not None else RMSNormSpec(weight="weight", eps="eps")
+    weight = getattr(module, spec.weight)
+    n = int(weight.shape[-1])
+    kept = _complement(slots["norm"], n)
+    k = int(kept.numel())
+    scale = math.sqrt(n / k)
+    new = (weight.detach().index_select(-1, kept.to(weight.device)).double() + spec.offset) * scale - spec.offset
+    setattr(module, spec.weight, nn.Parameter(new.to(weight.dtype).contiguous(), requires_grad=weight.requires_grad))
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        _slice_attr(module, "bias", 0, kept)
+    eps = getattr(module, spec.eps, None)
+    if eps is None:  # nn.RMSNorm(eps=None) uses the dtype's machine epsilon
+        eps = torch.finfo(weight.dtype).eps
+    setattr(module, spec.eps, float(eps) * n / k)
+    if isinstance(getattr(module, "normalized_shape", None), tuple):
+        module.normalized_shape = (*module.normalized_shape[:-1], k)
+    change.kept_in = change.kept_out = kept
+
+
+#: class -> rule(module, slots, change); slots maps "out"/"in"/"chan"/"norm" to removed indices
 SHRINK_RULES: dict[type, Callable[[nn.Module, dict, ModuleChange], None]] = {
     nn.Linear: _shrink_linear,
     nn.modules.conv._ConvTransposeNd: _shrink_conv_transpose,
     nn.modules.conv._ConvNd: _shrink_conv,
     nn.modules.batchnorm._NormBase: _shrink_norm,
+    nn.Embedding: _shrink_embedding,
+    nn.RMSNorm: _shrink_rms_norm,
 }
 
 
 def _rule(module: nn.Module) -> Callable | None:
     if registry.lookup(registry.LINEAR_LIKE, module) is not None:
         return _shrink_linear
+    if registry.lookup(registry.RMS_NORMS, module) is not None:
+        return _shrink_rms_norm
     for base in type(module).__mro__:
         if base in SHRINK_RULES:
             return SHRINK_RULES[base]
     return None
+
+
+def _ties(model: nn.Module) -> list[list[tuple[str, str]]]:
+    """Parameters shared by several modules (a tied embedding and LM head): ``[(module, name), ...]`` each."""
+    owners: dict[int, list[tuple[str, str]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for pname, p in module._parameters.items():
+            if p is not None and (name, pname) not in owners.get(id(p), []):
+                owners.setdefault(id(p), []).append((name, pname))
+    return [o for o in owners.values() if len({m for m, _ in o}) > 1]
+
+
+def _retie(modules: dict[str, nn.Module], ties: list[list[tuple[str, str]]]) -> None:
+    """Share each tied parameter again after the rules replaced it (every user sliced it the same way)."""
+    for owners in ties:
+        (first, name), *rest = owners
+        shared = modules[first]._parameters[name]
+        for module, pname in rest:
+            current = modules[module]._parameters[pname]
+            if current is not shared:
+                if current.shape != shared.shape or not torch.equal(current, shared):
+                    raise ValueError(f"{module}.{pname} is tied to {first}.{name} but was sliced differently")
+                modules[module]._parameters[pname] = shared
 
 
 _BUILTIN_ATTRS = {

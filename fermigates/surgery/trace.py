@@ -11,14 +11,13 @@ the functions in between; :mod:`fermigates._labels` holds the union-find.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from tqdm.auto import tqdm
 
 from ..core.batches import call_model, walk_tensors
 from . import ops as _ops
@@ -52,8 +51,10 @@ class _Mode(TorchFunctionMode):
 class Tracer:
     """State of one capture: label tensors per live tensor, members per module, the union-find."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, hidden: bool = False) -> None:
         self.model = model
+        #: follow residual streams through embeddings and RMS norms (hidden-size pruning) instead of pinning them
+        self.hidden = hidden
         self.uf = UnionFind()
         self.labels: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.param_pos: dict[int, tuple[torch.Tensor, str, str, torch.Tensor, torch.Size]] = {}
@@ -71,6 +72,7 @@ class Tracer:
         self.depth = 0
         self.quiet = 0
         self.unknown_ops: dict[str, str] = {}
+        self.bar: Any = None
 
     # -- label store ------------------------------------------------------------------------
     def label(self, t: Any) -> torch.Tensor | None:
@@ -248,6 +250,8 @@ class Tracer:
             self.depth += 1
 
     def post_hook(self, module, args, kwargs, output):
+        if self.bar is not None:
+            self.bar.update(1)
         kind = self.leaf_kinds.get(id(module))
         if kind:
             self.depth -= 1
@@ -273,13 +277,30 @@ class Tracer:
                 for o in mods:
                     tied[o] = min(mods - {o})
         for key, vec in self.members.items():
-            if key[0] in tied:
+            if key[0] in tied and not self._tie_slices_alike(key, tied[key[0]]):
                 self.uf.pin(vec, f"{key[0]} shares a weight with {tied[key[0]]}")
 
+    def _tie_slices_alike(self, key: MemberKey, other: str) -> bool:
+        """A tied embedding / output head pair (GPT-style tied LM heads) whose shared weight the residual
+        stream's channels slice along the same axis in both: removing those channels slices it once for both."""
+        if not self.hidden or key[1] not in ("producer", "consumer"):
+            return False
+        pair = {"producer": (other, "consumer", None, None), "consumer": (other, "producer", None, None)}[key[1]]
+        mine, theirs = self.members[key], self.members.get(pair)
+        kinds = {self.leaf_kinds.get(id(self.modules.get(key[0]))), self.leaf_kinds.get(id(self.modules.get(other)))}
+        if theirs is None or kinds != {"embedding", "linear"} or mine.shape != theirs.shape:
+            return False
+        find = self.uf.find
+        return all(find(int(a)) == find(int(b)) for a, b in zip(mine.tolist(), theirs.tolist()) if a >= 0 and b >= 0)
 
-def trace(model: nn.Module, example_inputs: Any) -> Tracer:
-    """Run ``model`` once on ``example_inputs`` (eval mode, no grad) and return the filled tracer."""
-    tr = Tracer(model)
+
+def trace(model: nn.Module, example_inputs: Any, progress: bool = False, hidden: bool = False) -> Tracer:
+    """Run ``model`` once on ``example_inputs`` (eval mode, no grad) and return the filled tracer; ``progress``
+    shows a bar over the modules the forward runs through; ``hidden`` follows residual streams through
+    embeddings and RMS norms (see :func:`fermigates.surgery.graph.build_dependency_graph`)."""
+    tr = Tracer(model, hidden)
+    tr.bar = tqdm(total=sum(1 for _ in model.modules()), desc="tracing the dependency graph", unit="module",
+                  disable=not progress, leave=False)
     handles = []
     modes = {m: m.training for m in model.modules()}
     try:
@@ -297,6 +318,7 @@ def trace(model: nn.Module, example_inputs: Any) -> Tracer:
         tr.pin_output(out)
         tr.pin_tied()
     finally:
+        tr.bar.close()
         for h in handles:
             h.remove()
         for mod, training in modes.items():

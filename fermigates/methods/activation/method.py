@@ -46,7 +46,7 @@ class ActivationMethod(Method):
             raise ValueError("target_sparsity must be one fraction (of the activations removed) for "
                              f"method='activation', got {config.target_sparsity!r}")
 
-    def target(self, module: nn.Module) -> bool | str:
+    def target(self, module: nn.Module, config: Any) -> bool | str:
         if isinstance(module, PaTwin):
             return False
         return is_activation(module)
@@ -130,7 +130,7 @@ class ActivationMethod(Method):
 
     # -- training -------------------------------------------------------------------------------------------
     def optimizer(self, model: nn.Module, *, lr: float = 1e-3, total_steps: int | None = None,
-                  base: torch.optim.Optimizer | None = None, calibration_data: Any = None,
+                  base: torch.optim.Optimizer | None = None, calibration_data: Any = None, progress: bool = False,
                   **options: Any) -> ActivationAnnealer:
         if total_steps is None:
             raise TypeError("the activation method's optimizer (ActivationAnnealer) needs total_steps=: the length "

@@ -236,6 +236,7 @@ class BudgetSteer:
             by_id[group.id].budget_share = (r + 0.5) / group.n_units if r else 0.0  # floor(share * n) == r exactly
             result.kept[group.label] = (group.n_units - r, group.n_units)
         self.result = result
+        get_state(self.model).budget_result = result  # the bake reports it
 
 
 #: above this many units the band edges are read from a fixed random sample of the scores (exact quantiles of
@@ -341,7 +342,8 @@ def _check_init(init: str, calibration_data: Any) -> None:
                          "batches of training inputs)")
 
 
-def set_start(model: nn.Module, init: str, calibration_data: Any, min_keep: float | int) -> list[torch.Tensor]:
+def set_start(model: nn.Module, init: str, calibration_data: Any, min_keep: float | int,
+              progress: bool = False) -> list[torch.Tensor]:
     """Apply ``init`` (see ``FermiAnnealer``); the per-unit levels it created, for the optimizer."""
     _check_init(init, calibration_data)
     init = resolve_init(model, init, calibration_data)
@@ -350,7 +352,7 @@ def set_start(model: nn.Module, init: str, calibration_data: Any, min_keep: floa
     check_min_keep(min_keep)
     batches = as_batches(calibration_data, 64, None, "calibration_data")
     check_batches_finite(batches, "calibration_data")
-    return set_rank_prior(model, batches, min_keep)
+    return set_rank_prior(model, batches, min_keep, progress=progress)
 
 
 def _add_params(optimizer: Optimizer, params: list[torch.Tensor]) -> None:
@@ -398,6 +400,7 @@ class FermiAnnealer(Optimizer):
         example_inputs: Any = None,
         init: str = "auto",
         calibration_data: Any = None,
+        progress: bool = False,
     ) -> None:
         if isinstance(temperature, (int, float, str)) or not isinstance(temperature, (tuple, list)):
             raise TypeError(f"temperature must be a pair (T_start, T_end), e.g. (1.0, 0.01), got {temperature!r}")
@@ -429,7 +432,7 @@ class FermiAnnealer(Optimizer):
                 or not math.isfinite(sparsity_weight) or sparsity_weight < 0:
             raise ValueError(f"sparsity_weight must be a finite number >= 0, got {sparsity_weight!r}")
         self.budget = None if budget is None else BudgetSteer(model, budget, allocation, min_keep, example_inputs)
-        _add_params(optimizer, set_start(model, init, calibration_data, min_keep))
+        _add_params(optimizer, set_start(model, init, calibration_data, min_keep, progress))
         self.sparsity_weight = float(sparsity_weight)
         self.step_count = 0
         # what torch.optim.Optimizer.__init__ would set, for hooks and LR schedulers

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from .gates import FermiGate
 from ...core.layouts import weight_axes
+from ...core.registry import hidden_multiple
 from ...surgery.graph import build_dependency_graph
 from .layers import GroupGate, twin_factory
 
@@ -40,8 +41,13 @@ def attach_group_gates(
     twins: dict[str, nn.Module],
     state: "ConversionState",
 ) -> None:
-    """Build the graph, create a gate per prunable group and twins for its consumers (model untouched)."""
-    graph = build_dependency_graph(model, state.example_inputs)
+    """Build the graph, create a gate per prunable group and twins for its consumers (model untouched).
+
+    A residual stream's group (kind ``"hidden"``) is gated where the stream is written instead: on its producers'
+    output rows (the embedding's columns, the projections that add into the stream), so that the stream itself
+    is zero at a removed channel and the norms that read it see what the shrunk model computes."""
+    graph = build_dependency_graph(model, state.example_inputs, progress=state.progress,
+                                   hidden="hidden" in config.granularities)
     state.graph = graph
     modules = dict(model.named_modules())
     summary = state.summary
@@ -60,15 +66,16 @@ def attach_group_gates(
         if not consumers:
             summary.skipped.append((label, "no consumer layer reads its channels"))
             continue
-        untargeted = [c.module for c in consumers if c.module not in targets]
+        gated = _gated_members(group)
+        untargeted = [c.module for c in gated if c.module not in targets or twin_factory(modules[c.module]) is None]
         if untargeted:
-            summary.skipped.append((label, f"consumer {untargeted[0]!r} is not targeted"))
+            summary.skipped.append((label, f"{gated[0].role} {untargeted[0]!r} is not targeted"))
             continue
         chosen.append(group)
 
     for group in chosen:
-        for member in group.members:
-            if member.role == "consumer" and member.module not in twins:
+        for member in _gated_members(group):
+            if member.module not in twins:
                 module = modules[member.module]
                 twins[member.module] = twin_factory(module)(module)
 
@@ -89,12 +96,17 @@ def attach_group_gates(
         gate.kind = group.kind
         if group.kind == "channel" and config.round_to > 1:
             gate.round_to = _unit_step(group, config.round_to)
+        if group.kind == "hidden":  # the family's config may only describe some widths
+            gate.round_to = math.lcm(_unit_step(group, config.round_to), hidden_multiple(model))
         gate.label = _describe(group)
         gate.to(producers[0][0].weight.device)
-        first = True
-        for member in group.members:
-            if member.role == "consumer":
-                twins[member.module].add_slot(gate, member.index.long(), owner=first)
-                first = False
+        for i, member in enumerate(_gated_members(group)):
+            twins[member.module].add_slot(gate, member.index.long(), owner=i == 0, rows=group.kind == "hidden")
         summary.n_gates += 1
         summary.n_units += group.n_units
+
+
+def _gated_members(group) -> list:
+    """Where a group's gate acts: its consumers' input columns, or a residual stream's producers' rows."""
+    role = "producer" if group.kind == "hidden" else "consumer"
+    return [m for m in group.members if m.role == role]

@@ -27,7 +27,7 @@ from ...core.layouts import LinearLayout, linear_like, plain_base
 from ...core.twin import Twin, make_twin, plain_copy
 from .gates import FermiGate
 
-_GATE_ATTRS = ("weight_gate", "_slots", "_plain_cls", "_in_axis", "_out_axis", "_frozen_factor")
+_GATE_ATTRS = ("weight_gate", "_slots", "_row_slots", "_plain_cls", "_in_axis", "_out_axis", "_frozen_factor")
 
 
 @dataclass(eq=False)
@@ -111,16 +111,21 @@ class GroupGate(FermiGate):
 
 
 class GatedMixin(Twin):
-    """Shared behaviour of every gated twin. ``_in_axis`` / ``_out_axis`` locate the weight's channel axes."""
+    """Shared behaviour of every gated twin. ``_in_axis`` / ``_out_axis`` locate the weight's channel axes.
+
+    ``_slots`` gate input columns (the layer consumes the units); ``_row_slots`` gate output rows and the bias
+    (the layer writes the units into a residual stream whose norms must see them gone: hidden-size gates)."""
 
     weight_gate: FermiGate | None
     _slots: list[GroupSlot]
+    _row_slots: list[GroupSlot] = []
     _in_axis: int = 1
     _out_axis: int = 0
 
     def _init_gating(self) -> None:
         self.weight_gate = None
         self._slots = []
+        self._row_slots = []
         self.gates = nn.ModuleList()  # group gates owned (registered) by this layer
 
     # -- gating -------------------------------------------------------------------------------
@@ -129,20 +134,29 @@ class GatedMixin(Twin):
         self.weight_gate.to(self.weight.device)
         return self.weight_gate
 
-    def add_slot(self, gate: "GroupGate", index: torch.Tensor, owner: bool) -> None:
+    def add_slot(self, gate: "GroupGate", index: torch.Tensor, owner: bool, rows: bool = False) -> None:
+        """Gate the input columns (or, with ``rows``, the output rows and bias) ``index[u]`` by unit ``u``."""
         if owner:
             self.gates.append(gate)
-        self._slots.append(GroupSlot(gate, index.to(self.weight.device)))
+        (self._row_slots if rows else self._slots).append(GroupSlot(gate, index.to(self.weight.device)))
 
-    def _column_factor(self, values: list[tuple[GroupSlot, torch.Tensor]]) -> torch.Tensor:
-        n_in = self.weight.shape[self._in_axis]
-        factor = torch.ones(n_in, dtype=values[0][1].dtype, device=self.weight.device)
+    def group_slots(self) -> list[GroupSlot]:
+        return [*self._slots, *self._row_slots]
+
+    def _axis_factor(self, values: list[tuple[GroupSlot, torch.Tensor]], axis: int, flat: bool = False) -> torch.Tensor:
+        n = self.weight.shape[axis]
+        factor = torch.ones(n, dtype=values[0][1].dtype, device=self.weight.device)
         for slot, p in values:
             width = slot.index.shape[1]
             factor = factor.index_put((slot.index.reshape(-1),), p[:, None].expand(-1, width).reshape(-1))
+        if flat:
+            return factor
         shape = [1] * self.weight.dim()
-        shape[self._in_axis] = n_in
+        shape[axis] = n
         return factor.reshape(shape)
+
+    def _column_factor(self, values: list[tuple[GroupSlot, torch.Tensor]]) -> torch.Tensor:
+        return self._axis_factor(values, self._in_axis)
 
     def _weight_factor(self) -> torch.Tensor | None:
         gate = self.weight_gate
@@ -154,24 +168,38 @@ class GatedMixin(Twin):
 
     def _column_factor_live(self) -> torch.Tensor | None:
         """The multiplier of the input columns (shaped to broadcast over the weight), or None."""
-        live = [s for s in self._slots if s.gate.enabled]
+        return self._slot_factor(self._slots, self._in_axis, "columns")
+
+    def _row_factor_live(self, flat: bool = False) -> torch.Tensor | None:
+        """The multiplier of the output rows (shaped to broadcast over the weight, or 1-D for the bias)."""
+        return self._slot_factor(self._row_slots, self._out_axis, "flat rows" if flat else "rows", flat)
+
+    def _slot_factor(self, slots: list[GroupSlot], axis: int, tag: str, flat: bool = False) -> torch.Tensor | None:
+        live = [s for s in slots if s.gate.enabled]
         if not live:
             return None
         if all(s.gate.decided is not None for s in live):
-            # frozen decisions: the column mask is built once, not at every forward
-            col = self._frozen(tuple(s.gate.decided for s in live),
-                               lambda: self._column_factor([(s, s.gate.decided.float()) for s in live]))
+            # frozen decisions: the mask is built once, not at every forward
+            factor = self._frozen((tag, *(s.gate.decided for s in live)),
+                                  lambda: self._axis_factor([(s, s.gate.decided.float()) for s in live], axis, flat))
             for s in live:
-                col = s.gate._touch(col)
-            return col
-        return self._column_factor([(s, s.gate.probability()) for s in live]).to(self.weight.dtype)
+                factor = s.gate._touch(factor)
+            return factor
+        return self._axis_factor([(s, s.gate.probability()) for s in live], axis, flat).to(self.weight.dtype)
 
     def gate_factor(self) -> torch.Tensor | None:
         """The soft multiplier of the weight (broadcastable to it), or None when nothing is gated."""
-        factor, col = self._weight_factor(), self._column_factor_live()
-        if col is not None:
-            factor = col if factor is None else factor * col
+        factor = self._weight_factor()
+        for other in (self._column_factor_live(), self._row_factor_live()):
+            if other is not None:
+                factor = other if factor is None else factor * other
         return factor
+
+    def _gated_bias(self) -> torch.Tensor | None:
+        """The bias, its entries multiplied by the output rows' gates (hidden-size gates)."""
+        bias = getattr(self, "bias", None)
+        rows = self._row_factor_live(flat=True) if bias is not None and self._row_slots else None
+        return bias if rows is None else bias * rows.to(bias.dtype)
 
     def _gated_operands(self, input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input, weight)`` with the gates applied. The column factor scales the weight's input columns,
@@ -179,6 +207,9 @@ class GatedMixin(Twin):
         deep layers of a CNN hold far more weights than activations)."""
         factor = self._weight_factor()
         weight = self.weight if factor is None else self.weight * factor
+        rows = self._row_factor_live()
+        if rows is not None:
+            weight = weight * rows
         col = self._column_factor_live()
         if col is None:
             return input, weight
@@ -203,7 +234,7 @@ class GatedMixin(Twin):
                     and value.device == self.weight.device and value.dtype == self.weight.dtype:
                 return value
         value = build().to(self.weight.device, self.weight.dtype)
-        cache[:] = [e for e in cache if e[0][0] is not decided[0]][-2:] + [(decided, value)]
+        cache[:] = [e for e in cache if e[0][-1] is not decided[-1]][-3:] + [(decided, value)]
         return value
 
     @torch.no_grad()
@@ -212,11 +243,20 @@ class GatedMixin(Twin):
         mask = None
         if self.weight_gate is not None:
             mask = self.weight_gate.keep(self.weight.abs())
-        slots = [(s, s.gate.keep_units().float()) for s in self._slots]
-        if slots:
-            col = self._column_factor(slots) > 0.5
-            mask = col if mask is None else mask & col
+        for slots, axis in ((self._slots, self._in_axis), (self._row_slots, self._out_axis)):
+            values = [(s, s.gate.keep_units().float()) for s in slots]
+            if values:
+                part = self._axis_factor(values, axis) > 0.5
+                mask = part if mask is None else mask & part
         return mask
+
+    @torch.no_grad()
+    def hard_bias_mask(self) -> torch.Tensor | None:
+        """The bool keep mask of the bias entries (output rows gated by hidden-size gates), or None."""
+        if getattr(self, "bias", None) is None or not self._row_slots:
+            return None
+        return self._axis_factor([(s, s.gate.keep_units().float()) for s in self._row_slots], self._out_axis,
+                                 flat=True) > 0.5
 
     def gated_weight(self) -> torch.Tensor:
         factor = self.gate_factor()
@@ -248,6 +288,9 @@ class GatedMixin(Twin):
         if self._slots:
             units = sum(s.gate.n_units for s in self._slots)
             parts.append(f"group_gates={len(self._slots)} ({units} units on inputs)")
+        if self._row_slots:
+            units = sum(s.gate.n_units for s in self._row_slots)
+            parts.append(f"stream_gates={len(self._row_slots)} ({units} units on outputs)")
         return ", ".join(parts)
 
 
@@ -267,7 +310,7 @@ class FermiLinear(GatedMixin, nn.Linear):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         input, weight = self._gated_operands(input)
-        return F.linear(input, weight, self.bias)
+        return F.linear(input, weight, self._gated_bias())
 
     def extra_repr(self) -> str:
         return f"{nn.Linear.extra_repr(self)}, {self._gate_repr()}"
@@ -276,7 +319,7 @@ class FermiLinear(GatedMixin, nn.Linear):
 class _FermiConvMixin(GatedMixin):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         input, weight = self._gated_operands(input)
-        return self._conv_forward(input, weight, self.bias)
+        return self._conv_forward(input, weight, self._gated_bias())
 
     @classmethod
     def from_conv(cls, conv: nn.Module) -> nn.Module:
@@ -298,6 +341,20 @@ class FermiConv3d(_FermiConvMixin, nn.Conv3d):
     """``nn.Conv3d`` with Fermi-gated weights."""
 
 
+class FermiEmbedding(GatedMixin, nn.Embedding):
+    """``nn.Embedding`` whose columns (the channels of the residual stream it starts) are gated: hidden-size
+    gates."""
+
+    _in_axis, _out_axis = 0, 1
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input, self.gated_weight(), self.padding_idx, self.max_norm, self.norm_type,
+                           self.scale_grad_by_freq, self.sparse)
+
+    def extra_repr(self) -> str:
+        return f"{nn.Embedding.extra_repr(self)}, {self._gate_repr()}"
+
+
 _TWIN_CLASSES = {nn.Linear: FermiLinear, nn.Conv1d: FermiConv1d, nn.Conv2d: FermiConv2d, nn.Conv3d: FermiConv3d}
 
 
@@ -312,9 +369,9 @@ def _linear_like_twin_class(base: type, layout: LinearLayout) -> type:
         _in_axis, _out_axis = 0, 1
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            weight = self.gated_weight()
+            weight, bias = self.gated_weight(), self._gated_bias()
             flat = x.reshape(-1, x.shape[-1])
-            out = flat @ weight if self.bias is None else torch.addmm(self.bias, flat, weight)
+            out = flat @ weight if bias is None else torch.addmm(bias, flat, weight)
             return out.view(*x.shape[:-1], weight.shape[1])
 
         def __repr__(self) -> str:
@@ -332,6 +389,8 @@ def twin_factory(module: nn.Module) -> Callable[[nn.Module], nn.Module] | None:
     """
     if isinstance(module, GatedMixin):
         return None
+    if type(module) is nn.Embedding:
+        return lambda m: gated_twin(m, FermiEmbedding)
     base = plain_base(module)
     if base is not None:
         return lambda m: gated_twin(m, _TWIN_CLASSES[base])

@@ -37,7 +37,7 @@ class FermiMethod(Method):
     """``method="fermi"``: weight gates, or channel / head group gates on the dependency graph."""
 
     name = "fermi"
-    granularities = ("weight", "channel", "head")
+    granularities = ("weight", "channel", "head", "hidden")
     wraps_optimizer = True
     anneals = True
 
@@ -51,7 +51,9 @@ class FermiMethod(Method):
         if m != "open" and not (isinstance(m, (int, float)) and not isinstance(m, bool) and 0 <= m < 1):
             raise ValueError(f"mu_init must be 'open' or a percentile in [0, 1), got {m!r}")
 
-    def target(self, module: nn.Module) -> bool | str:
+    def target(self, module: nn.Module, config: Any) -> bool | str:
+        if type(module) is nn.Embedding:  # an embedding is gated only where it starts a gated residual stream
+            return "hidden" in config.granularities
         if twin_factory(module) is not None:
             return True
         if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and not is_gated(module):
@@ -132,6 +134,7 @@ class FermiMethod(Method):
         masks = {name: twin.hard_mask() for name, twin in twins.items()}  # decide all before zeroing any
         zero = [(twin.weight, ~masks[name].expand_as(twin.weight)) for name, twin in twins.items()
                 if masks[name] is not None]
+        zero += [(twin.bias, ~keep) for twin in twins.values() if (keep := twin.hard_bias_mask()) is not None]
         return Decisions({id(t): t.plain() for t in twins.values()}, zero, group_keep(model))
 
     @torch.no_grad()
@@ -142,7 +145,7 @@ class FermiMethod(Method):
             if module.weight_gate is not None:
                 keep = module.weight_gate.keep(module.weight.abs())
                 report.layers.append(LayerSparsity(name, "weights", int(keep.sum()), keep.numel()))
-            for slot in module._slots:
+            for slot in module.group_slots():
                 if id(slot.gate) in seen:
                     continue
                 seen.add(id(slot.gate))
@@ -157,7 +160,7 @@ class FermiMethod(Method):
 
     # -- training -------------------------------------------------------------------------------------------
     def optimizer(self, model: nn.Module, *, lr: float = 1e-3, total_steps: int | None = None,
-                  base: torch.optim.Optimizer | None = None, calibration_data: Any = None,
+                  base: torch.optim.Optimizer | None = None, calibration_data: Any = None, progress: bool = False,
                   **anneal: Any) -> FermiAnnealer:
         if total_steps is None:
             raise TypeError("the Fermi method's optimizer (FermiAnnealer) needs total_steps=: the length of the "
@@ -165,6 +168,7 @@ class FermiMethod(Method):
         if calibration_data is not None and "calibration_data" not in anneal:
             anneal["calibration_data"] = calibration_data
         base = base if base is not None else torch.optim.AdamW(model.parameters(), lr=lr)
+        anneal.setdefault("progress", progress)
         return FermiAnnealer(base, model, total_steps=total_steps, **anneal)
 
     def is_method_optimizer(self, optimizer: Any) -> bool:

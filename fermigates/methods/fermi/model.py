@@ -25,7 +25,7 @@ def all_gates(model: nn.Module) -> list:
     for module in gated_modules(model).values():
         if module.weight_gate is not None:
             seen.setdefault(id(module.weight_gate), module.weight_gate)
-        for slot in module._slots:
+        for slot in module.group_slots():
             seen.setdefault(id(slot.gate), slot.gate)
     return list(seen.values())
 
@@ -37,7 +37,7 @@ def distinct_gates(model: nn.Module):
         if module.weight_gate is not None and id(module.weight_gate) not in seen:
             seen.add(id(module.weight_gate))
             yield module.weight_gate, module
-        for slot in module._slots:
+        for slot in module.group_slots():
             if id(slot.gate) not in seen:
                 seen.add(id(slot.gate))
                 yield slot.gate, None
@@ -63,7 +63,7 @@ def soft_probabilities(model: nn.Module) -> list[tuple[Any, torch.Tensor]]:
 def group_keep(model: nn.Module) -> dict[int, torch.Tensor]:
     keep: dict[int, torch.Tensor] = {}
     for module in gated_modules(model).values():
-        for slot in module._slots:
+        for slot in module.group_slots():
             gate: GroupGate = slot.gate
             if gate.group_id is not None and gate.group_id not in keep:
                 keep[gate.group_id] = gate.keep_units().cpu()

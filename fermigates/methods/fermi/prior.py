@@ -33,7 +33,7 @@ def resolve_init(model: nn.Module, init: str, calibration_data: Any) -> str:
 
 @torch.no_grad()
 def set_rank_prior(model: nn.Module, batches: list[Any], min_keep: float | int = 0.1,
-                   ridge: float = 1e-2) -> list[nn.Parameter]:
+                   ridge: float = 1e-2, progress: bool = False) -> list[nn.Parameter]:
     """Set every structured gate's per-unit offsets so its units rank as the one-shot OBS selection ranks them;
     return the offsets (trainable parameters, created where the gate had none)."""
     gates = structured_gates(model)
@@ -42,7 +42,7 @@ def set_rank_prior(model: nn.Module, batches: list[Any], min_keep: float | int =
                          "'head' (weight gates have no one-shot ranking; use init='scores')")
     target = allocatable(model)
     floors = [unit_floor(g.n_units, min_keep, g.step) for g in target.groups]
-    ranked = ranked_importance(target, floors, "obs", batches, ridge)
+    ranked = ranked_importance(target, floors, "obs", batches, ridge, progress)
     offsets, wanted_all = [], []
     for g, (order, value) in zip(gates, ranked):
         base = (g.score().detach() / g.scale).float().cpu()

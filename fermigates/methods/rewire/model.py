@@ -71,7 +71,7 @@ class RewireMethod(Method):
             raise ValueError(f"method={self.name!r} takes one target_sparsity (a float), got {config.target_sparsity!r}")
         self.parse_options(config)
 
-    def target(self, module: nn.Module) -> bool | str:
+    def target(self, module: nn.Module, config: Any) -> bool | str:
         if is_rewired(module):
             return False
         if rewired_class(module) is not None:
@@ -146,7 +146,7 @@ class RewireMethod(Method):
         return isinstance(optimizer, (DEEPR, SoftDEEPR))
 
     def optimizer(self, model: nn.Module, *, lr: float = 1e-3, total_steps: int | None = None,
-                  base: torch.optim.Optimizer | None = None, calibration_data: Any = None,
+                  base: torch.optim.Optimizer | None = None, calibration_data: Any = None, progress: bool = False,
                   **kwargs: Any) -> torch.optim.Optimizer:
         """``DEEPR`` / ``SoftDEEPR`` over :func:`rewire_param_groups` (``lr`` and their keywords). A ``base``
         optimizer cannot be wrapped: the rewiring optimizers are the whole update rule."""

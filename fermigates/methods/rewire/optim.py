@@ -137,8 +137,10 @@ class DEEPR(_Rewiring):
         _check("l1", l1)
         _check("reset_val", reset_val, positive=True)
         _check("temp", temp, allow_none=True)
-        if nc is not None and (isinstance(nc, bool) or not isinstance(nc, int) or nc < 0):
-            raise ValueError(f"nc (the number of active connections) must be an int >= 0 or None, got {nc!r}")
+        if nc is not None and (isinstance(nc, bool) or not isinstance(nc, int) or nc < 1):
+            raise ValueError(f"nc (the number of active connections) must be an int >= 1 or None, got {nc!r}"
+                             + (": nc=0 would switch every connection off" if nc == 0 and not isinstance(nc, bool)
+                                else ""))
         super().__init__(params, {"lr": lr, "l1": l1, "reset_val": reset_val, "temp": temp}, seed)
         conn = self.connection_params()
         total = sum(p.numel() for p in conn)
@@ -146,6 +148,9 @@ class DEEPR(_Rewiring):
             raise ValueError("DEEPR got no connection parameters: pass fermigates.rewire_param_groups(model) "
                              "(or the theta parameters of a model converted with method='deepr')")
         self.nc = self.n_active() if nc is None else nc
+        if self.nc == 0:
+            raise ValueError("DEEPR got nc=None and no connection is active (every theta <= 0): it would keep every "
+                             "connection off; pass nc >= 1")
         if self.nc > total:
             raise ValueError(f"nc={self.nc} is more than the {total} connections DEEPR was given")
         self._enforce_count()
