@@ -48,7 +48,9 @@ from _common import write_results  # noqa: E402
 from bench_calibrate_cnn import dataset  # noqa: E402
 
 import fermigates as fg  # noqa: E402
-import fermigates.bake, fermigates.finetune, fermigates.oneshot  # noqa: E401,E402,F401  (loaded now)
+import fermigates.bake  # noqa: E401,E402,F401  (loaded now)
+import fermigates.finetune
+import fermigates.oneshot
 from fermigates.methods.activation.model import units  # noqa: E402
 
 EXAMPLE = torch.zeros(1, 1, 28, 28)

@@ -30,7 +30,6 @@ of its mean-pooled embeddings to the original's, and nearest-neighbour agreement
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import statistics
 import sys
@@ -45,7 +44,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import write_results  # noqa: E402
-from bench_calibrate_minilm import batches, embed, fidelity, stdlib_sentences  # noqa: E402
+from bench_calibrate_minilm import batches, embed, stdlib_sentences  # noqa: E402
 from bench_distill_minilm import Ctx, training_stream  # noqa: E402
 
 import fermigates as fg  # noqa: E402

@@ -166,7 +166,7 @@ def format_summary(d: dict[str, Any]) -> str:
         lines.append(f"  budget       {budget['kind']} kept {budget['requested']:.3f}{got} "
                      f"({budget['allocation']} allocation, {budget['selection']} selection)")
     for kind, kt in (d.get("kept") or {}).items():
-        lines.append(f"  kept {kind + 's':<9}{kt['kept']:,} of {kt['total']:,} "
+        lines.append(f"  kept {kind + 's':<8} {kt['kept']:,} of {kt['total']:,} "
                      f"({100 * kt['kept'] / max(kt['total'], 1):.1f}%)")
     shapes, whole = d.get("shapes") or [], d.get("not_shrunk") or []
     lines.append(f"  shrunk       {'yes' if d.get('shrunk') else 'no'}"

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from fermigates.surgery import merge as mg
+from fermigates.surgery.macs import count_macs
 from fermigates.surgery.merge import (
     BorderBiasConv2d,
     MergeRequest,
@@ -20,7 +21,6 @@ from fermigates.surgery.merge import (
     replaced_paths,
     trace_chains,
 )
-from fermigates.surgery.macs import count_macs
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

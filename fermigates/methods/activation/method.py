@@ -7,7 +7,7 @@ import contextlib
 from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ...allocation.units import Allocatable, UnitGroup
 from ...core.sparsity import LayerSparsity, SparsityReport
@@ -15,7 +15,16 @@ from ...core.state import get_state
 from ...surgery.merge import MergeRequest
 from ..base import Decisions, Method
 from .anneal import ActivationAnnealer
-from .model import decided, dense, make_dense, own_tensors, plain_replacements, readers, undecided_units, units
+from .model import (
+    decided,
+    dense,
+    make_dense,
+    own_tensors,
+    plain_replacements,
+    readers,
+    undecided_units,
+    units,
+)
 from .options import ActivationOptions
 from .targets import is_activation, probe
 from .units import PaTwin, make_unit

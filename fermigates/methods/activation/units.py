@@ -20,7 +20,8 @@ per channel (``channels=``, along ``axis``).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
