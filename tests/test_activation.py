@@ -430,3 +430,41 @@ def test_a_merged_bert_reloads_from_its_folder_alone(tmp_path):
     assert type(loaded) is type(model) and isinstance(loaded.encoder.layer[1].output.dense, nn.Identity)
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state)
+
+
+# -- the command line ------------------------------------------------------------------------------------------------
+def test_the_activation_recipe_runs_end_to_end_from_the_command_line(tmp_path):
+    """``fermigates prune activation_cnn`` on a tiny timm inverted-residual net: activations removed, blocks merged,
+    the report names both, and the saved model reloads into the stock class with the same outputs."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    timm = pytest.importorskip("timm")
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data.npz"
+    np.savez(data, x=rng.standard_normal((24, 3, 32, 32)).astype("float32"), y=rng.integers(0, 5, 24))
+    out = tmp_path / "out"
+    args = ["prune", "activation_cnn", "--model", "timm:test_efficientnet", "--set", "model.kwargs={num_classes: 5}",
+            "--set", "train.steps=4", "--set", "train.batch_size=4", "--set", "calibration.samples=8",
+            "--set", r"convert.target_modules='blocks\.[1-4]\.\d+\.bn[12]\.act'", "--set", "convert.budget=latency:0.8",
+            "--set", "export=[safetensors]", "--data", str(data), "--out", str(out)]
+    run = subprocess.run([sys.executable, "-m", "fermigates.cli", *args], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}, timeout=300)
+    assert run.returncode == 0, run.stderr
+    report = json.loads((out / "report.json").read_text())
+    kept = report["kept"]["activation"]
+    assert kept["kept"] < kept["total"]  # activations removed
+    merged = report["merges"]["merged"]
+    assert merged and all(len(m["members"]) >= 2 and m["across"] for m in merged)  # which layers merged, across what
+    assert "merged" in run.stdout and "kept activations" in run.stdout
+    stock = timm.create_model("test_efficientnet", pretrained=False, num_classes=5)
+    loaded = fg.load_shrunk(stock, out)
+    assert sum(p.numel() for p in loaded.parameters()) == report["params"]["after"]
+    layers = sum(isinstance(m, (nn.Linear, nn.Conv2d)) for m in loaded.modules())
+    fresh = sum(isinstance(m, (nn.Linear, nn.Conv2d))
+                for m in timm.create_model("test_efficientnet", pretrained=False, num_classes=5).modules())
+    assert layers == fresh - sum(len(m["members"]) - 1 for m in merged)
