@@ -432,6 +432,46 @@ def test_a_merged_bert_reloads_from_its_folder_alone(tmp_path):
         assert torch.equal(loaded(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state)
 
 
+def test_removed_blocks_and_merged_layers_share_one_checkpoint(tmp_path):
+    """A BERT with a block removed (depth record) and its MLPs merged (replaced record) reloads into a stock model
+    built at the original depth; a load that fails leaves that model as it was."""
+    tf = pytest.importorskip("transformers")
+
+    def bert(seed):
+        torch.manual_seed(seed)
+        return tf.BertModel(tf.BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                                          intermediate_size=64)).eval()
+
+    model = bert(0)
+    ids = torch.randint(0, 60, (2, 7))
+    fg.remove_blocks(model, [1])
+    fg.convert_to_fermi(model, _config(target_modules=r".*intermediate_act_fn", method_options={"alpha": "fixed"}),
+                        example_inputs={"input_ids": ids})
+    set_alpha(model, 0.0)
+    report = fg.convert_from_fermi(model)
+    assert [m.members[-1] for m in report.merges.merged] == [f"encoder.layer.{i}.output.dense" for i in (0, 1)]
+    fg.save_shrunk(model, tmp_path / "bert")
+    loaded = fg.load_shrunk(bert(1), tmp_path / "bert")
+    assert len(loaded.encoder.layer) == 2 and isinstance(loaded.encoder.layer[1].output.dense, nn.Identity)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state)
+    # a flipped bit in a tensor (found after the blocks are removed and the merged layers put in place): the stock
+    # model keeps its depth, its modules and its weights
+    weights = tmp_path / "bert" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x10
+    weights.write_bytes(bytes(data))
+    stock = bert(1)
+    before = {k: v.clone() for k, v in stock.state_dict().items()}
+    with pytest.raises(fg.CheckpointError, match="SHA-256|checksum"):
+        fg.load_shrunk(stock, tmp_path / "bert")
+    assert len(stock.encoder.layer) == 3 and stock.config.num_hidden_layers == 3
+    assert not isinstance(stock.encoder.layer[0].output.dense, nn.Identity)
+    assert stock.encoder.layer[0].intermediate.dense.out_features == 64
+    assert stock.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in stock.state_dict().items())
+
+
 # -- the command line ------------------------------------------------------------------------------------------------
 def test_the_activation_recipe_runs_end_to_end_from_the_command_line(tmp_path):
     """``fermigates prune activation_cnn`` on a tiny timm inverted-residual net: activations removed, blocks merged,
