@@ -147,10 +147,9 @@ def main() -> None:
     plans = []
     for k in args.linearise:
         share = k / 6 * (1 - 1 / 8)  # the MLP parameters k linearised blocks remove (8d^2 -> d^2 each)
-        if k in args.anneal:
-            plans.append((f"{k} MLPs linearised (anneal, early bake)", k))
         plans += [(f"{k} MLPs linearised one-shot + FT", k), (f"MLP neurons pruned (equal params, {share:.4f}) + FT",
                                                                share)]
+    plans += [(f"{k} MLPs linearised (anneal, early bake)", k) for k in args.linearise if k in args.anneal]
     streams: dict[int, list] = {}
     rows = [{"method": "original (dense)", "params_kept": 1.0, "macs_kept": 1.0, "cos": 1.0, "nn_agree": 1.0}]
     raw = []
@@ -183,6 +182,13 @@ def main() -> None:
         row["cos_spread"] = max(r["cos"] for r in runs) - min(r["cos"] for r in runs)
         row["nn_spread"] = max(r["nn_agree"] for r in runs) - min(r["nn_agree"] for r in runs)
         rows.append(row)
+        # written after every method, so that a run stopped early leaves the rows it finished (meta.complete)
+        write(args, rows, raw, t_start, eval_sents, calib_sents, train_sents, dense_params, mlp_params,
+              complete=len(rows) == len(plans) + 1)
+
+
+def write(args, rows, raw, t_start, eval_sents, calib_sents, train_sents, dense_params, mlp_params, *,
+          complete: bool) -> None:
     columns = ["method", "params_kept", "macs_kept", "cos", "cos_spread", "nn_agree", "nn_spread", "cos_before_ft",
                "nn_before_ft"]
     write_results("activation_minilm", rows, columns=columns, out_dir=tempfile.gettempdir() if args.quick else None,
@@ -190,7 +196,7 @@ def main() -> None:
                         "seeds": args.seeds, "eval_sentences": len(eval_sents), "calib_sentences": len(calib_sents),
                         "train_sentences": len(train_sents), "dense_params": dense_params, "mlp_params": mlp_params,
                         "loss": "fermigates distill='hidden' toward the original's last_hidden_state",
-                        "wall_s": time.perf_counter() - t_start, "runs": raw,
+                        "complete": complete, "wall_s": time.perf_counter() - t_start, "runs": raw,
                         "command": "OMP_NUM_THREADS=1 python benchmarks/bench_activation_minilm.py "
                                    + " ".join(sys.argv[1:])})
 
