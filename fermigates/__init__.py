@@ -50,6 +50,11 @@ if TYPE_CHECKING:
     from .methods.spectral.optim import SpectralOptimizer, spectral_parameters, spectral_trainable
     from .methods.spectral.options import SpectralOptions
     from .methods.spectral.workflows import SpectralResult, spectral_distill, spectral_pretrain, spectral_prune
+    from .methods.activation.anneal import ActivationAnnealer
+    from .methods.activation.model import set_alpha
+    from .methods.activation.options import ActivationOptions
+    from .methods.activation.units import PaActivation, PaGELU, PaGLU, PaGTU, PaMishU, PaReGLU, PaSwishU, PaUnit
+    from .surgery.merge import BorderBiasConv2d, MergeReport, MergeRequest, merge_layers
     from .surgery.shrink import ModuleChange, ShrinkResult, mask_model, shrink_model
     from .surgery.macs import count_macs
     from .report import FermiReport, SparsityReport, compute_sparsity, count_parameters
@@ -126,6 +131,21 @@ _EXPORTS: dict[str, str] = {
     "spectral_distill": ".methods.spectral.workflows",
     "spectral_pretrain": ".methods.spectral.workflows",
     "spectral_prune": ".methods.spectral.workflows",
+    "ActivationAnnealer": ".methods.activation.anneal",
+    "set_alpha": ".methods.activation.model",
+    "ActivationOptions": ".methods.activation.options",
+    "PaActivation": ".methods.activation.units",
+    "PaGELU": ".methods.activation.units",
+    "PaGLU": ".methods.activation.units",
+    "PaGTU": ".methods.activation.units",
+    "PaMishU": ".methods.activation.units",
+    "PaReGLU": ".methods.activation.units",
+    "PaSwishU": ".methods.activation.units",
+    "PaUnit": ".methods.activation.units",
+    "BorderBiasConv2d": ".surgery.merge",
+    "MergeReport": ".surgery.merge",
+    "MergeRequest": ".surgery.merge",
+    "merge_layers": ".surgery.merge",
     "ModuleChange": ".surgery.shrink",
     "ShrinkResult": ".surgery.shrink",
     "mask_model": ".surgery.shrink",
@@ -235,6 +255,21 @@ __all__ = [
     "make_optimizer",
     "register_method",
     "rewire_param_groups",
+    "ActivationAnnealer",
+    "ActivationOptions",
+    "PaActivation",
+    "PaGELU",
+    "PaGLU",
+    "PaGTU",
+    "PaMishU",
+    "PaReGLU",
+    "PaSwishU",
+    "PaUnit",
+    "set_alpha",
+    "BorderBiasConv2d",
+    "MergeReport",
+    "MergeRequest",
+    "merge_layers",
     "PerplexityResult",
     "perplexity",
     "RemovedBlocks",

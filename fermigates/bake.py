@@ -38,6 +38,7 @@ from .methods.registry import method_of
 from .report import FermiReport
 from .surgery.depth import find_blocks, remove_blocks, skipping
 from .surgery.macs import count_macs
+from .surgery.merge import merge_layers, record_replaced
 from .surgery.shrink import shrink_model
 from .surgery.verify import shrink_tolerance
 
@@ -193,13 +194,18 @@ def _bake(model, method, state, example, batches, reference, ref_name, ridge, ca
     params_before = count_parameters(model, own)
     macs_before = _count_macs(model, example)
     decisions = method.decisions(model)
-    twin_names = set(method.twins(model))
+    twins = method.twins(model)
+    twin_names = set(twins)
     for tensor, mask in decisions.zero:
         where = mask.expand_as(tensor) if mask.shape != tensor.shape else mask
         zeroed.append((tensor, where, tensor.detach()[where].clone()))
         tensor.data[where] = 0
     swap_modules(model, decisions.replacements)
     detach_state(model)
+    # a replacement of another class than the twin stood for (an identity for a removed activation): recorded so
+    # that a checkpoint rebuilds it in the stock model
+    record_replaced(model, [name for name, twin in twins.items() if id(twin) in decisions.replacements and
+                            type(decisions.replacements[id(twin)]) is not twin.plain_class])
     report = FermiReport(sparsity=sparsity, params_before=params_before, params_after=params_before)
 
     changes: dict[str, Any] = {}
@@ -213,7 +219,9 @@ def _bake(model, method, state, example, batches, reference, ref_name, ridge, ca
             zeroed.append((p, Ellipsis, p.detach().clone()))
     with skipping(model, gone, path=path) if gone else contextlib.nullcontext():
         _calibrate(model, report, twin_names, changes, batches, reference, ref_name, ridge, calibrate_layers,
-                   progress, recorded, residual, writers)
+                   progress, recorded, residual, writers, decisions.refit)
+    if decisions.merges:  # after calibration, which matches layers to the reference by name
+        report.merges = merge_layers(model, example, decisions.merges)
     if gone:
         report.removed_blocks = remove_blocks(model, gone, path=path)
 
@@ -240,13 +248,15 @@ def _stream_writers(model: nn.Module, path: str | None, gone: list[int]) -> list
 
 
 def _calibrate(model, report, twin_names, changes, batches, reference, ref_name, ridge, calibrate_layers, progress,
-               recorded, residual, writers) -> None:
+               recorded, residual, writers, refit) -> None:
     if reference is not None:
         if calibrate_layers == "all" and not changes:
             warnings.warn("fermigates: calibrate_layers='all' applies to a shrunk model; nothing was shrunk, so "
                           "only the hard-masked layers are calibrated", stacklevel=3)
         # unshrunk: calibrate finds the hard-masked layers itself (whole input columns zeroed)
         targets = _calibration_targets(model, twin_names, changes, calibrate_layers) if changes else None
+        if refit:  # layers whose inputs changed without a shrink (after a removed non-linearity)
+            targets = {**{n: (None, None) for n in refit}, **(targets or {})}
         labelled = all(split_batch(b)[1] is not None for b in batches)
         guard = ref_name in ("trained", "module") or labelled
         before = _fidelity(model, reference, batches, labelled) if guard else None

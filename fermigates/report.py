@@ -79,6 +79,8 @@ class FermiReport:
     #: the blocks removed whole (a ``fermigates.RemovedBlocks``: path, indices removed, kept in the original
     #: numbering), or None
     removed_blocks: Any = None
+    #: the layers the shared merge step composed across removed non-linearities (a ``MergeReport``), or None
+    merges: Any = None
 
     def kept_by_kind(self) -> dict[str, tuple[int, int]]:
         """``{granularity: (kept, total)}`` over the gates' decisions."""
@@ -130,6 +132,7 @@ class FermiReport:
             "calibration_check": self.calibration_check,
             "calibration_skipped": self.calibration_skipped,
             "reference": self.reference,
+            "merges": None if self.merges is None else self.merges.to_dict(),
         }
 
     def to_json(self, path: str | None = None) -> str:
@@ -174,7 +177,7 @@ def format_summary(d: dict[str, Any]) -> str:
         lines.append(f"  blocks       {len(blocks['kept'])} of {blocks['original']} kept in {blocks['path']!r}; "
                      f"removed {blocks['removed']}")
     for kind, kt in (d.get("kept") or {}).items():
-        lines.append(f"  kept {kind + 's':<9}{kt['kept']:,} of {kt['total']:,} "
+        lines.append(f"  kept {kind + 's':<8} {kt['kept']:,} of {kt['total']:,} "
                      f"({100 * kt['kept'] / max(kt['total'], 1):.1f}%)")
     shapes, whole = d.get("shapes") or [], d.get("not_shrunk") or []
     lines.append(f"  shrunk       {'yes' if d.get('shrunk') else 'no'}"
@@ -183,6 +186,12 @@ def format_summary(d: dict[str, Any]) -> str:
     if d.get("max_abs_diff") is not None:
         lines.append(f"  check        shrunk vs hard-masked, max |diff| {d['max_abs_diff']:.3g}")
     lines += _calibration_lines(d)
+    merges = d.get("merges")
+    if merges is not None:
+        fewer = sum(len(m["members"]) - 1 for m in merges["merged"])
+        lines.append(f"  merged       {len(merges['merged'])} segments, {fewer} layers fewer"
+                     + (f"; {len(merges['skipped'])} removed activations not merged across (see the full report)"
+                        if merges["skipped"] else ""))
     lines += _evaluation_lines(d.get("evaluation"))
     return "\n".join(lines)
 
@@ -257,6 +266,13 @@ def format_full(d: dict[str, Any], *, summary: bool = True) -> str:
         lines += ["", "resized modules:", format_table(["module", "before", "after"], d["shapes"])]
     for what, why in d.get("not_shrunk") or []:
         lines.append(f"not shrunk: {what}: {why}")
+    merges = d.get("merges") or {}
+    if merges.get("merged"):
+        rows = [[" + ".join(m["members"]), m["shape"], f"{m['macs_before']:,}", f"{m['macs_after']:,}"]
+                for m in merges["merged"]]
+        lines += ["", "merged layers:", format_table(["members", "merged layer", "MACs before", "MACs after"], rows)]
+    for at, why in (merges.get("skipped") or {}).items():
+        lines.append(f"not merged at {at}: {why}")
     cal = d.get("calibration") or {}
     if cal.get("layers"):
         rows = [[r["name"], r.get("kind", ""), f"{r['err_before']:.3e}", f"{r['err_after']:.3e}"]

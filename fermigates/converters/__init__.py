@@ -7,7 +7,7 @@ them imports timm or transformers at import time (classes are named by qualname)
 ``fermigates.core`` only.
 """
 
-from . import blocks, hf_attention, hf_residuals, timm_attention, timm_layers  # noqa: F401  (register(...) side effects)
+from . import blocks, hf_activations, hf_attention, hf_residuals, timm_attention, timm_layers  # noqa: F401  (register(...))
 from .blocks import BlockListSpec, block_list_spec
 from .hf_attention import apply_hf_config_updates, hf_config_updates, layer_widths
 

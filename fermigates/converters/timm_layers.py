@@ -21,3 +21,11 @@ def _norm_act_after_fold(norm: nn.Module) -> nn.Module:
 
 
 registry.register(registry.BN_FOLD, "timm.layers.norm_act.BatchNormAct2d", _norm_act_after_fold)
+
+# timm's element-wise activation modules (timm.layers.activations / activations_me): the activation-gating
+# method converts them like torch's own
+registry.ACTIVATIONS.update(f"timm.layers.activations.{name}" for name in (
+    "Swish", "Mish", "Sigmoid", "Tanh", "HardSwish", "HardSigmoid", "HardMish", "GELU", "GELUTanh", "QuickGELU",
+    "PReLU"))
+registry.ACTIVATIONS.update(f"timm.layers.activations_me.{name}" for name in (
+    "SwishMe", "MishMe", "HardSwishMe", "HardSigmoidMe", "HardMishMe"))

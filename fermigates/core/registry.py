@@ -36,6 +36,9 @@ SAME_FORWARD: set[str] = set()
 #: class qualname of a subclass of nn.Linear / nn.Conv*d whose ``forward`` override keeps the base class's
 #: channel semantics (padding added, say): the dependency graph may slice it like the base class
 CHANNEL_SAFE: set[str] = set()
+#: class qualname of an element-wise activation module (``y[i] = f(x[i])``, e.g. timm's ``Swish``, transformers'
+#: ``GELUActivation``): what a method that gates non-linearities converts (torch's own are known to it)
+ACTIVATIONS: set[str] = set()
 #: class qualname -> tuple of attribute names that define the module's tensor shapes (and attributes a shrink
 #: rescales with them, such as an RMS norm's epsilon), recorded in a checkpoint's manifest
 SHAPE_ATTRS: dict[str, tuple[str, ...]] = {}

@@ -31,6 +31,7 @@ from fermigates.io.hf import GENERATION_NAME, hf_factory, will_write_generation,
 from fermigates.surgery.depth import DEPTH_ATTR, match_removed_blocks, removed_blocks
 from fermigates.surgery.fold import FOLDED_ATTR
 from fermigates.io.onnx import export_onnx
+from fermigates.io.replaced import apply_replaced, replaced_manifest
 
 _logger = logging.getLogger(__name__)
 
@@ -147,6 +148,7 @@ def save_shrunk(
     if not allow_non_finite:
         _check_finite(tensors)
     unique_params = {id(p): p.numel() for p in model.parameters()}
+    replaced = replaced_manifest(model)  # modules the bake / merge put in place of the stock ones
     manifest: dict[str, Any] = {
         "format": mf.FORMAT,
         "format_version": mf.FORMAT_VERSION,
@@ -158,6 +160,8 @@ def save_shrunk(
         "tied": tied,
         "tensors": mf.tensor_table(tensors),
     }
+    if replaced:
+        manifest["replaced"] = replaced
     num_classes = getattr(model, "num_classes", None)
     if isinstance(num_classes, int) and not isinstance(num_classes, bool):
         manifest["num_classes"] = num_classes
@@ -514,6 +518,19 @@ def load_shrunk(
     except (ValueError, TypeError, IndexError) as err:
         raise CheckpointError(str(err)) from None
     try:
+        # merged / removed layers, before the checks (their paths are those of the model after any block removal)
+        undo_replaced = apply_replaced(model, manifest, where)
+    except BaseException:
+        for undo in undo_depth:
+            undo()
+        raise
+
+    def undo_structure() -> None:
+        undo_replaced()
+        for undo in undo_depth:
+            undo()
+
+    try:
         keys = _check_fits(model, manifest, header, strict, where)
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -524,8 +541,7 @@ def load_shrunk(
             raise CheckpointError(f"{weights} cannot be read: {err}; re-save the checkpoint") from None
         _verify_checksums(manifest, tensors, weights)
     except BaseException:
-        for undo in undo_depth:
-            undo()
+        undo_structure()
         raise
     # safetensors hands out views at 8-byte offsets; oneDNN picks other kernels for unaligned weights and the
     # loaded model would then differ from the saved one in the last bit (seen: MobileNetV2's depthwise convs)
@@ -535,8 +551,7 @@ def load_shrunk(
         _apply(model, manifest, header, tensors, keys, strict)
     except BaseException:
         journal.restore()
-        for undo in undo_depth:
-            undo()
+        undo_structure()
         raise
     if depth:  # a re-save of the loaded model records the same removal
         model.__dict__[DEPTH_ATTR] = {p: {"original": e["original"], "kept": list(e["kept"])} for p, e in depth.items()}

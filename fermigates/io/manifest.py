@@ -43,7 +43,7 @@ from fermigates.core import registry
 _logger = logging.getLogger(__name__)
 
 FORMAT = "fermigates.shrunk"
-FORMAT_VERSION = 2  # 2: "tensors" (dtype, shape, SHA-256 of every saved tensor) and "num_classes"
+FORMAT_VERSION = 3  # 2: "tensors" (SHA-256 of every tensor), "num_classes" (and optional "removed_blocks"); 3: "replaced"
 OLDEST_FORMAT_VERSION = 1  # version-1 checkpoints load, without checksums
 WEIGHTS_NAME = "model.safetensors"
 MANIFEST_NAME = "fermigates.json"

@@ -66,13 +66,16 @@ class Decisions:
     ``replacements``: ``id(twin) -> plain module`` for every twin (sharing the twin's tensors where the method
     allows). ``zero``: ``(tensor, bool mask)`` pairs, entries the bake sets to zero in place (undone if the bake
     fails). ``kept``: dependency-graph group id -> bool keep mask per unit, for the shared shrink. ``merges``:
-    layer merges for the shared merge step (``fermigates.surgery.merge``).
+    layer merges for the shared merge step (``fermigates.surgery.merge``). ``refit``: layers whose inputs the
+    decisions changed without reshaping them (the layer after a removed non-linearity), re-fitted toward the
+    reference when the bake calibrates (before any merge).
     """
 
     replacements: dict[int, nn.Module]
     zero: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     kept: dict[int, torch.Tensor] = field(default_factory=dict)
     merges: list[Any] = field(default_factory=list)
+    refit: list[str] = field(default_factory=list)
 
 
 class Method(ABC):

@@ -16,7 +16,8 @@ from .base import Method
 
 METHODS: dict[str, Method] = {}
 #: the method folders that ship with fermigates (each registers itself when imported)
-BUILTIN_METHODS = ("fermigates.methods.fermi", "fermigates.methods.rewire", "fermigates.methods.spectral")
+BUILTIN_METHODS = ("fermigates.methods.fermi", "fermigates.methods.rewire", "fermigates.methods.spectral",
+                   "fermigates.methods.activation")
 _loaded = False
 
 
