@@ -31,8 +31,7 @@ __all__ = ["SELECTIONS", "consumers", "ranked_importance"]
 SELECTIONS = ("obs", "magnitude")
 #: how the energy of a residual stream is measured for the relative OBS costs (see calibration.input_stats):
 #: the median channel, so that a few channels of massive activations (a pre-norm decoder's attention sinks,
-#: constant across tokens) do not make every layer after them look free (SmolLM2 at macs:0.75: perplexity 30.6
-#: with the median, 35.2 with the mean)
+#: constant across tokens) do not make every layer after them look free (SmolLM2 at macs:0.75, see docs/results.md)
 STREAM_ENERGY = "median"
 
 Ranked = list[tuple[torch.Tensor, torch.Tensor]]
