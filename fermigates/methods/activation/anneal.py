@@ -31,6 +31,7 @@ from torch.optim import Optimizer
 from ...allocation.budget import Budget, BudgetResult, budget_from, describe_inputs
 from ...core.batches import as_batches, check_batches_finite, split_batch
 from ...core.state import get_state
+from ...core.wrapping import WrappingOptimizer
 from .model import removed, units
 from .select import MergePlan, by_budget, by_count, by_latency, distortion
 from .units import FADES, fade
@@ -62,7 +63,7 @@ def _fraction(value: Any, name: str, low: float, high: float, closed_low: bool =
     return float(value)
 
 
-class ActivationAnnealer(Optimizer):
+class ActivationAnnealer(WrappingOptimizer):
     """Wraps any torch optimizer: ``step()`` steps it, then moves the converted activations' ``a``.
 
     What is removed: ``n_remove`` activations, or the fraction ``target_sparsity`` of them, or what meets
@@ -154,7 +155,7 @@ class ActivationAnnealer(Optimizer):
             n_remove = int(math.floor((1.0 - self.budget.fraction) * n + 1e-9))
             self.budget = None
         self.final_count = n_remove  # None: set by the budget
-        self.optimizer = optimizer
+        self._wrap(optimizer)
         self.model = model
         self.probe = self._probe_batches(calibration_data)
         self.plan: MergePlan | None = None
@@ -166,12 +167,6 @@ class ActivationAnnealer(Optimizer):
             self.plan = MergePlan(model, self.example, self.when)
         self.chosen: OrderedDict[str, int] = OrderedDict()  # unit -> step it was chosen at
         self.step_count = 0
-        self._optimizer_step_pre_hooks: dict = OrderedDict()
-        self._optimizer_step_post_hooks: dict = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: dict = OrderedDict()
-        self._optimizer_state_dict_post_hooks: dict = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: dict = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: dict = OrderedDict()
         if self.mode != "fixed":
             self._prepare()
             self._apply()
@@ -282,24 +277,6 @@ class ActivationAnnealer(Optimizer):
                 u.pa_fixed = 1.0
 
     # -- optimizer delegation ---------------------------------------------------------------------------------------
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return self.optimizer.param_groups
-
-    @property
-    def state(self) -> dict:  # type: ignore[override]
-        return self.optimizer.state
-
-    @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
-        return self.optimizer.defaults
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self.optimizer.add_param_group(param_group)
-
     def step(self, closure: Callable[[], float] | None = None) -> Any:
         if self.step_count >= self.hard_step:  # frozen decisions: a no longer moves
             for name, u in self.units.items():

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -47,6 +46,7 @@ from ...core.batches import (
     output_tensors,
 )
 from ...core.state import get_state
+from ...core.wrapping import WrappingOptimizer
 from .gates import check_temperature, kth_quantile
 from .lagrangian import LagrangianSteer
 from .model import (
@@ -639,7 +639,7 @@ class AnnealControl:
             self.budget.update()  # the shares of the restored scores (or of the ranking)
 
 
-class FermiAnnealer(Optimizer):
+class FermiAnnealer(WrappingOptimizer):
     """Wraps any torch optimizer: ``step()`` steps it, then anneals the gates of ``model``.
 
     Behaves as the wrapped optimizer for LR schedulers and trainers (``param_groups``, ``state``,
@@ -733,7 +733,7 @@ class FermiAnnealer(Optimizer):
         budget = budget_from(budget, target_sparsity, state.config, "FermiAnnealer")
         if target_sparsity is None:  # with a budget the gates get their own shares: the config's is a placeholder
             target_sparsity = 0.5 if state.config.target_sparsity is None else state.config.target_sparsity
-        self.optimizer = optimizer
+        self._wrap(optimizer)
         self.model = model
         # everything that can refuse the arguments runs before the model gets new per-unit levels
         self.schedule = AnnealSchedule(
@@ -754,13 +754,6 @@ class FermiAnnealer(Optimizer):
         self.level_lr = level_lr
         self.sparsity_weight = float(sparsity_weight)
         self.step_count = 0
-        # what torch.optim.Optimizer.__init__ would set, for hooks and LR schedulers
-        self._optimizer_step_pre_hooks: dict = OrderedDict()
-        self._optimizer_step_post_hooks: dict = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: dict = OrderedDict()
-        self._optimizer_state_dict_post_hooks: dict = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: dict = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: dict = OrderedDict()
         self.control.steer_to(0)
         self.control.apply(0)
 
@@ -779,24 +772,6 @@ class FermiAnnealer(Optimizer):
         return None if self.budget is None else self.budget.result
 
     # -- delegation ---------------------------------------------------------------------------
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return self.optimizer.param_groups
-
-    @property
-    def state(self) -> dict:  # type: ignore[override]
-        return self.optimizer.state
-
-    @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
-        return self.optimizer.defaults
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self.optimizer.add_param_group(param_group)
-
     def step(self, closure: Callable[[], float] | None = None) -> Any:
         gates = all_gates(self.model)
         _check_finite(gates, "grad", self.step_count)  # a NaN loss: refuse before anything moves
