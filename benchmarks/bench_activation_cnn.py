@@ -52,6 +52,7 @@ import fermigates.bake  # noqa: E401,E402,F401  (loaded now)
 import fermigates.finetune
 import fermigates.oneshot
 from fermigates.methods.activation.model import units  # noqa: E402
+from fermigates.methods.activation.select import thread_times  # noqa: E402
 
 EXAMPLE = torch.zeros(1, 1, 28, 28)
 #: what the latency budgets are measured on (at batch 1 a 0.3 ms model is timed mostly as call overhead and noise)
@@ -129,24 +130,9 @@ def layers(model: nn.Module) -> int:
 
 
 def cpu_times(jobs: dict, rounds: int = 9, burst: float = 0.005) -> dict[str, float]:
-    """Median CPU seconds of this thread per call of each job, timed round-robin in bursts of at least ``burst``
-    seconds. With one torch thread every op runs on the calling thread, so its CPU time is the forward's compute,
-    whatever else the (shared) machine runs: time descheduled is not counted, as wall-clock time would."""
-    with torch.inference_mode():
-        repeat = {}
-        for key, fn in jobs.items():
-            fn()
-            t0 = time.thread_time()
-            fn()
-            repeat[key] = max(1, min(1000, int(burst / max(time.thread_time() - t0, 1e-6)) + 1))
-        times: dict[str, list[float]] = {k: [] for k in jobs}
-        for _ in range(rounds):
-            for key, fn in jobs.items():
-                t0 = time.thread_time()
-                for _ in range(repeat[key]):
-                    fn()
-                times[key].append((time.thread_time() - t0) / repeat[key])
-    return {k: statistics.median(v) for k, v in times.items()}
+    """Median CPU seconds of this thread per call of each job (the activation method's own timer, with more rounds
+    and longer bursts): time descheduled on the shared machine is not counted."""
+    return thread_times(jobs, rounds=rounds, burst=burst)
 
 
 def latency_ratio(model: nn.Module, dense: nn.Module, batch: int, repeats: int) -> float:
