@@ -14,7 +14,7 @@ import torch
 from ..surgery.depth import block_importance, find_blocks
 from .budget import Budget, BudgetResult, check_min_keep, describe_inputs, resolve_allocation, round_removed, unit_floor
 from .cost import CostModel
-from .importance import check_selection, ranked_importance
+from .importance import STREAM_ENERGY, check_selection, ranked_importance
 from .solve import latency_closed_loop, solve
 from .units import Allocatable, UnitGroup, keep_masks
 
@@ -124,7 +124,8 @@ def _block_scores(target: Allocatable, cost: CostModel, data: Any, path: str | N
     path, container = find_blocks(model, path)
     cost.set_blocks(path, len(container))
     with target.dense():
-        scores = block_importance(model, data, metric="energy", path=path, progress=progress)
+        scores = block_importance(model, data, metric="energy", path=path, progress=progress,
+                                  stream_energy=STREAM_ENERGY)
     return {"path": path, "scores": scores, "candidates": [], "chosen": 0}
 
 

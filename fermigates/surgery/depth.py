@@ -140,6 +140,7 @@ def block_importance(
     span: int = 1,
     path: str | None = None,
     progress: bool = False,
+    stream_energy: str = "mean",
 ) -> list[float]:
     """How much each block (``span=1``) or each run of ``span`` consecutive blocks changes the hidden state,
     averaged over the real tokens of ``batches``; entry ``i`` covers blocks ``i .. i + span - 1``.
@@ -147,13 +148,17 @@ def block_importance(
     ``metric``: ``"bi"`` (ShortGPT's block influence, ``1 - cos(h_in, h_out)``), ``"angular"``
     (``arccos(cos) / pi``, Gromov et al.; they read the last token only, we average over every real token) or
     ``"energy"`` (``sum ||h_out - h_in||^2 / sum ||h_in||^2`` over real tokens: the squared error removing the
-    run adds to the stream, relative to the stream).
+    run adds to the stream, relative to the stream; ``stream_energy="median"``: the stream's energy as its median
+    channel's mean square times the channel count, as the allocation measures it, so that a few channels of
+    massive activations do not make every block they pass through look quiet).
     Lower means the block (run) is closer to an identity: remove the lowest first. ``batches``: tensors,
     ``(inputs, ...)`` tuples or dicts (an ``attention_mask`` entry excludes padding). The model runs in eval
     mode without gradients and gets its mode back. ``progress``: a progress bar over the batches.
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if stream_energy not in ("mean", "median"):
+        raise ValueError(f"stream_energy must be 'mean' or 'median', got {stream_energy!r}")
     path, container = find_blocks(model, path)
     n = len(container)
     if isinstance(span, bool) or not isinstance(span, int) or not 1 <= span <= n:
@@ -162,7 +167,7 @@ def block_importance(
         batches = [batches]
     inputs: dict[int, torch.Tensor] = {}
     totals = torch.zeros(n - span + 1, dtype=torch.float64)
-    norms = torch.zeros(n - span + 1, dtype=torch.float64)  # "energy": sum ||h_in||^2 per run
+    norms: list[Any] = [0.0] * (n - span + 1)  # "energy": sum of h_in^2 per channel, per run
     count = 0.0
     mask_now: list[torch.Tensor | None] = [None]
 
@@ -188,7 +193,7 @@ def block_importance(
                 a, b = h_in.double(), h_out.detach().double()
                 weight = _token_weights(mask_now[0], a[..., 0])
                 totals[start] += float(((b - a).square().sum(-1) * weight).sum().cpu())
-                norms[start] += float((a.square().sum(-1) * weight).sum().cpu())
+                norms[start] = norms[start] + (a.square() * weight[..., None]).reshape(-1, a.shape[-1]).sum(0).cpu()
                 return
             cos = torch.nn.functional.cosine_similarity(h_in.double(), h_out.detach().double(), dim=-1)
             value = 1.0 - cos if metric == "bi" else torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
@@ -220,7 +225,9 @@ def block_importance(
     if count == 0:
         raise ValueError("block_importance: the batches hold no real token (empty data, or all padding)")
     if metric == "energy":
-        return (totals / norms.clamp_min(1e-30)).tolist()
+        energy = torch.tensor([float(c.sum() if stream_energy == "mean" else c.median() * c.numel())
+                               for c in norms], dtype=torch.float64)
+        return (totals / energy.clamp_min(1e-30)).tolist()
     return (totals / count).tolist()
 
 
