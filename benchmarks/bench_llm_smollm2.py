@@ -29,6 +29,9 @@ done, merged with the rows of earlier runs, so the rows can be run in separate p
   depth alone, blocks chosen by ``block_importance(metric="energy")``, the stream re-fitted after each removed run.
 * ``prune-depth``: ``prune(budget="macs:B", depth=True, granularity=("channel", "head", "hidden"))``: blocks,
   neurons, KV groups and the hidden size chosen together.
+* ``prune+distill``: ``prune`` as above, then ``fine_tune(distill="lm", teacher=dense)`` for ``--distill-steps``
+  AdamW steps (lr ``--distill-lr``) on ``--distill-seqs`` other sequences of the calibration modules (batch 8):
+  KL toward the dense model's next-token distributions.
 
 Budgets (``--budgets``): fraction of the dense MACs kept, MACs counted by ``fermigates.count_macs`` per forward
 of one calibration sequence. Evaluation: perplexity (``fermigates.perplexity``) on the held-out docstring corpus
@@ -549,7 +552,8 @@ def save(rows: list[dict], meta: dict) -> None:
 
 DEFAULT_ROWS = ["dense", "magnitude", "wanda-sp", "flap", "shortgpt", "angular", "torch-pruning", "prune", "prune-hidden",
                 "prune-layers", "prune-depth"]
-ROWS = ["dense", "magnitude", "wanda-sp", "flap", "shortgpt", "angular", "torch-pruning", *PRUNE_ROWS, "prune-layers"]
+ROWS = ["dense", "magnitude", "wanda-sp", "flap", "shortgpt", "angular", "torch-pruning", *PRUNE_ROWS, "prune-layers",
+        "prune+distill"]
 
 
 def main() -> None:
@@ -563,6 +567,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="cProfile the prune rows")
     ap.add_argument("--hidden", action="store_true", help="also the hand-made hidden-size measurement")
     ap.add_argument("--out", default=NAME, help="results name (benchmarks/results/OUT.json)")
+    ap.add_argument("--distill-steps", type=int, default=50)
+    ap.add_argument("--distill-lr", type=float, default=1e-4)
+    ap.add_argument("--distill-seqs", type=int, default=320, help="sequences read; those after --calib train")
     args = ap.parse_args()
     NAME = args.out
     torch.manual_seed(0)
@@ -599,6 +606,16 @@ def main() -> None:
                     extra = prune_depth(model, example, budget, calib, "bi" if row == "shortgpt" else "angular")
                 elif row == "torch-pruning":
                     extra = prune_torch_pruning(model, example, budget)
+                elif row == "prune+distill":
+                    extra = run_prune(model, calib, budget, args.profile, "prune", example)
+                    t1 = time.perf_counter()
+                    train = _llm.calibration_batches(tok, args.distill_seqs, args.calib_len)[len(calib):]
+                    log = fg.fine_tune(model, train, steps=args.distill_steps, lr=args.distill_lr, distill="lm",
+                                       teacher=dense, progress=False, log_every=10)
+                    extra.update(distill_steps=args.distill_steps, distill_lr=args.distill_lr,
+                                 distill_s=round(time.perf_counter() - t1, 1),
+                                 distill_loss=[(r["step"], round(r["loss"], 4)) for r in log.rows])
+                    model.eval()
                 elif row.startswith("prune"):
                     extra = run_prune(model, calib, budget, args.profile, row, example)
             except Exception as err:  # noqa: BLE001 - a baseline that fails is a result too
