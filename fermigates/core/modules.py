@@ -1,8 +1,11 @@
-"""Edits of a module tree that can be undone: swapping modules where they sit, snapshots of module state."""
+"""Edits of a module tree that can be undone: swapping modules where they sit, snapshots of module state,
+attributes set for the span of a ``with`` block."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch.nn as nn
@@ -51,3 +54,17 @@ def restore(snap: list[tuple[Any, dict]]) -> None:
     for obj, state in snap:
         obj.__dict__.clear()
         obj.__dict__.update(state)
+
+
+@contextlib.contextmanager
+def attribute_set(objects: Iterable[Any], name: str, value: Any) -> Iterator[None]:
+    """Within this context every object's ``name`` is ``value``; each gets its own value back afterwards."""
+    objects = list(objects)
+    before = [getattr(o, name) for o in objects]
+    for o in objects:
+        setattr(o, name, value)
+    try:
+        yield
+    finally:
+        for o, v in zip(objects, before):
+            setattr(o, name, v)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ...core.batches import call_model
-from ...core.modules import swap_modules
+from ...core.modules import attribute_set, swap_modules
 from ...core.state import detach_state, get_state
 from .units import PaActivation, PaTwin
 
@@ -26,15 +26,9 @@ def units(model: nn.Module) -> dict[str, PaTwin]:
 def view(model: nn.Module, value: str | None, names: Iterable[str] | None = None) -> Iterator[nn.Module]:
     """Within this context the units (all, or those in ``names``) compute ``value``: ``"dense"`` (the original
     activation), ``"decided"`` (what the bake gives) or ``"identity"``."""
-    chosen = [u for n, u in units(model).items() if names is None or n in set(names)]
-    before = [u.pa_view for u in chosen]
-    for u in chosen:
-        u.pa_view = value
-    try:
+    wanted = None if names is None else set(names)
+    with attribute_set((u for n, u in units(model).items() if wanted is None or n in wanted), "pa_view", value):
         yield model
-    finally:
-        for u, v in zip(chosen, before):
-            u.pa_view = v
 
 
 def decided(model: nn.Module) -> contextlib.AbstractContextManager:

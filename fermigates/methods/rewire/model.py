@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ...core.modules import attribute_set
 from ...core.sparsity import LayerSparsity, SparsityReport
 from ..base import Decisions, Method
 from .config import RewireConfig
@@ -159,12 +160,5 @@ class RewireMethod(Method):
 
 @contextlib.contextmanager
 def _all_active(model: nn.Module) -> Iterator[nn.Module]:
-    modules = list(rewired_modules(model).values())
-    before = [m.all_active for m in modules]
-    for m in modules:
-        m.all_active = True
-    try:
+    with attribute_set(rewired_modules(model).values(), "all_active", True):
         yield model
-    finally:
-        for m, flag in zip(modules, before):
-            m.all_active = flag

@@ -14,12 +14,20 @@ import torch.nn as nn
 from ...allocation.allocate import allocate, allocate_share
 from ...allocation.units import UnitGroup
 from ...core.layouts import linear_like
+from ...core.modules import attribute_set
 from ...core.sparsity import LayerSparsity, SparsityReport
 from ...core.state import get_state
 from ...surgery.graph import build_dependency_graph
 from ..base import Decisions, Method
 from .layers import is_spectral, make_spectral, spectral_class
-from .nodes import NodeGroup, eigenvalue_penalty, input_masks, node_groups, node_scores, set_scales
+from .nodes import (
+    NodeGroup,
+    eigenvalue_penalty,
+    input_masks,
+    node_groups,
+    node_scores,
+    set_scales,
+)
 from .optim import SpectralOptimizer, spectral_modules
 from .options import SpectralOptions
 
@@ -190,15 +198,8 @@ class SpectralMethod(Method):
 
     @contextlib.contextmanager
     def dense(self, model: nn.Module) -> Iterator[nn.Module]:
-        twins = list(spectral_modules(model).values())
-        before = [t.mask_on for t in twins]
-        for t in twins:
-            t.mask_on = False
-        try:
+        with attribute_set(spectral_modules(model).values(), "mask_on", False):
             yield model
-        finally:
-            for t, on in zip(twins, before):
-                t.mask_on = on
 
     def make_dense(self, model: nn.Module) -> None:
         for t in spectral_modules(model).values():
