@@ -13,6 +13,8 @@ import os
 import signal
 import sys
 
+from .recipe import Recipe, RecipeError, bundled_recipes, list_recipes, load_recipe, parse_overrides
+
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 _PRUNE_EPILOG = """\
@@ -40,7 +42,6 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    from .recipe import parse_overrides, load_recipe
 
     overrides = parse_overrides(args.set)
     if args.model:
@@ -82,7 +83,6 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _recipes(args: argparse.Namespace) -> int:
-    from .recipe import Recipe, bundled_recipes, list_recipes
 
     if args.keys:
         for key, text in Recipe.help().items():
@@ -183,7 +183,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
     """Error types that mean "your input is wrong" (exit 2), importing only what is already loaded."""
     errors: list[type[BaseException]] = [FileNotFoundError, NotADirectoryError, PermissionError, IsADirectoryError]
-    from .recipe import RecipeError
 
     errors.append(RecipeError)
     mods = sys.modules

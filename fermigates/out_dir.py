@@ -18,6 +18,10 @@ from pathlib import Path
 
 from .model_specs import PipelineInputError
 
+#: the files a run writes beside its checkpoint
+REPORT_JSON = "report.json"
+RUN_LOG = "run_log.json"
+
 
 def _host() -> str:
     return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"

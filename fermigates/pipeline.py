@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .data_specs import DataSpecError, check_data_spec, default_eval_spec, load_samples
 from .model_specs import (
     BuiltModel,
     PipelineInputError,
@@ -28,16 +29,14 @@ from .model_specs import (
     check_model_spec,
     check_pretrained,
 )
-from .out_dir import check_out, commit, make_temp, remove_orphans
+from .out_dir import REPORT_JSON, RUN_LOG, check_out, commit, make_temp, remove_orphans
 from .recipe import RECIPE_FILE, RECIPE_HEADER, Recipe
 
 __all__ = ["BuiltModel", "PipelineInputError", "RunResult", "build_model", "check_model_spec", "run_recipe"]
 
 _logger = logging.getLogger(__name__)
 
-REPORT_JSON = "report.json"
 TRAIN_SAMPLES = 2048  # the most samples a fine-tune reads from --data (it cycles over them)
-RUN_LOG = "run_log.json"
 
 
 # -- progress and notices ---------------------------------------------------------------------------------------
@@ -96,8 +95,6 @@ def run_recipe(recipe: Recipe, model: str | None, data: str, out: str | os.PathL
     """Run ``recipe`` on the model spec ``model`` (else ``recipe.model.source``) and ``--data`` spec ``data``;
     write ``out/`` (checkpoint, ``report.json``, ``report.md`` + plots, ``recipe.yaml``, run log) only when
     every step succeeded. Bad inputs raise before the model is built."""
-    from .data_specs import check_data_spec, default_eval_spec
-
     spec = model or recipe.model.source
     if not spec:
         raise PipelineInputError("no model: pass --model timm:NAME|hf:PATH|py:module:factory or set model.source")
@@ -225,7 +222,6 @@ def _batch_size(inputs: Any) -> int:
 
 def _read_data(recipe: Recipe, built: BuiltModel, data: str, eval_spec: str | None, quiet: bool) -> _Data:
     """Training, calibration and held-out batches, disjoint (a seeded shuffle, then split)."""
-    from .data_specs import DataSpecError, load_samples
     from .evaluation import EvalSet
 
     t, cal, ev = recipe.train, recipe.calibration, recipe.eval

@@ -12,6 +12,8 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from .out_dir import REPORT_JSON, RUN_LOG
+
 REPORT_MD = "report.md"
 PLOT_DIR = "plots"
 _KIND_COLOURS = {"channel": "tab:blue", "head": "tab:orange", "weight": "tab:green"}
@@ -241,8 +243,6 @@ def gate_name(name: str, *, with_kind: bool = False, width: int = 46) -> str:
 
 def read_run(directory: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, float]] | None]:
     """``(report dict, run log or None)`` from a directory written by ``fermigates prune``."""
-    from .pipeline import REPORT_JSON, RUN_LOG
-
     root = Path(directory)
     path = root / REPORT_JSON
     if not path.is_file():
