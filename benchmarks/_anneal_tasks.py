@@ -313,14 +313,16 @@ TASKS = {"mobilenet": MobileNetTask, "minilm": MiniLMTask}
 
 # -- the rows -----------------------------------------------------------------------------------------------------
 def readme_loop(task: Task, stream: list, *, calibration: bool = False, share: float | None = None,
-                **annealer: Any) -> tuple[nn.Module, dict]:
+                budget: bool = False, **annealer: Any) -> tuple[nn.Module, dict]:
     """The README Quickstart loop as written: ``FermiConfig(granularity=..., target_sparsity=s)``, ``FermiAnnealer``
     around ``AdamW(model.parameters(), lr)`` (its default weight decay) with ``temperature=(1.0, 0.01)``, the
     loss plus ``opt.sparsity_loss()`` in the user's own loop, then ``convert_from_fermi(calibration_data=...)``.
-    ``calibration=True`` also gives the annealer ``calibration_data=`` (the calibration batches)."""
+    ``calibration=True`` also gives the annealer ``calibration_data=`` (the calibration batches); ``budget=True``
+    writes ``FermiConfig(budget="macs:…")`` instead of ``target_sparsity``."""
     model = task.student()
     s = task.knobs["fg"] if share is None else share
-    fg.convert_to_fermi(model, task.config(target_sparsity=s), example_inputs=task.example)
+    config = task.config(budget=f"macs:{task.kept:.6f}") if budget else task.config(target_sparsity=s)
+    fg.convert_to_fermi(model, config, example_inputs=task.example)
     if calibration:
         annealer.setdefault("calibration_data", task.calib)
     opt = fg.FermiAnnealer(torch.optim.AdamW(model.parameters(), lr=task.lr), model, total_steps=len(stream),

@@ -8,6 +8,8 @@ Rows (the tasks and the rows' code: ``_anneal_tasks.py``):
   lr), model, total_steps, temperature=(1.0, 0.01))`` in a plain loop (task loss + ``opt.sparsity_loss()``), no
   calibration data given to the annealer, then ``convert_from_fermi(calibration_data=...)``.
 * ``annealer + calibration_data``: the same loop with ``FermiAnnealer(..., calibration_data=<calibration batches>)``.
+* ``README loop, budget``: the same loop with ``FermiConfig(granularity=..., budget="macs:…")`` in place of
+  ``target_sparsity`` (no calibration data: the annealer ranks on the inputs of its first training steps).
 * ``fine_tune defaults``: ``convert_to_fermi(FermiConfig(granularity=..., budget="macs:…"))`` -> ``fine_tune(model,
   data, steps, lr)`` with every other argument at its default -> ``convert_from_fermi(calibration_data=...)``.
 * ``fine_tune, T (0.01, 1e-4)``: the same with ``anneal={"temperature": (0.01, 1e-4)}``: a cold start, where the
@@ -42,10 +44,12 @@ from _common import write_results
 import fermigates as fg
 
 
-def fine_tune_defaults(task: at.Task, stream: list, **anneal: Any) -> tuple[Any, dict]:
+def fine_tune_defaults(task: at.Task, stream: list, calibration: bool = False, **anneal: Any) -> tuple[Any, dict]:
+    """``calibration=True``: ``fine_tune(calibration_data=<the calibration batches prune gets>)``."""
     model = task.student()
     fg.convert_to_fermi(model, task.config(budget=f"macs:{task.kept:.6f}"), example_inputs=task.example)
-    log = fg.fine_tune(model, stream, steps=len(stream), lr=task.lr, progress=False, anneal=anneal or True)
+    log = fg.fine_tune(model, stream, steps=len(stream), lr=task.lr, progress=False, anneal=anneal or True,
+                       calibration_data=task.calib if calibration else None)
     extra: dict[str, Any] = {"distill": log.distill}
     if log.report is None:
         report = at._quiet_bake(model, calibration_data=task.calib)
@@ -56,14 +60,27 @@ def fine_tune_defaults(task: at.Task, stream: list, **anneal: Any) -> tuple[Any,
 ROWS: dict[str, tuple[Any, dict]] = {
     "README loop": (at.readme_loop, {}),
     "annealer + calibration_data": (at.readme_loop, {"calibration": True}),
+    "README loop, budget": (at.readme_loop, {"budget": True}),
     "fine_tune defaults": (fine_tune_defaults, {}),
     "fine_tune, T (0.01, 1e-4)": (fine_tune_defaults, {"temperature": (0.01, 1e-4)}),
+    "fine_tune, cut first": (fine_tune_defaults, {"temperature": (1e-4, 1e-4), "sparsity_schedule": "constant",
+                                                  "ramp": 0.01, "calibrate": "freeze"}),
+    "fine_tune, cut first, swaps": (fine_tune_defaults, {"temperature": (1e-4, 1e-4), "sparsity_schedule": "constant",
+                                                         "ramp": 0.01, "calibrate": "freeze", "hard_after": 0.5}),
+    "fine_tune, cut first, calibration_data": (fine_tune_defaults, {
+        "temperature": (1e-4, 1e-4), "sparsity_schedule": "constant", "ramp": 0.01, "calibrate": "freeze",
+        "calibration": True}),
+    "fine_tune defaults, calibration_data": (fine_tune_defaults, {"calibration": True}),
     "prune + FT": (at.prune_fine_tune, {}),
     "TP magnitude + FT": (at.tp_oneshot, {}),
     "TP Taylor + FT": (at.tp_oneshot, {"importance": "taylor"}),
     "TP iterative": (at.tp_iterative, {}),
     "dense FT": (at.dense_fine_tune, {}),
 }
+#: the rows a cell runs unless --rows says otherwise (the others are the ablations the docs cite)
+DEFAULT_ROWS = ["README loop", "README loop, budget", "annealer + calibration_data", "fine_tune defaults",
+                "fine_tune defaults, calibration_data", "prune + FT", "TP magnitude + FT", "TP Taylor + FT",
+                "TP iterative", "dense FT"]
 
 
 def main() -> None:
@@ -79,7 +96,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    names = args.rows or [r for r in ROWS if not (args.task == "minilm" and r == "dense FT")]
+    names = args.rows or [r for r in DEFAULT_ROWS if not (args.task == "minilm" and r == "dense FT")]
     out = args.out or f"anneal_matrix_{args.task}_{args.budget:g}x_{args.steps}"
     t_start = time.perf_counter()
     task = at.TASKS[args.task](args.budget)

@@ -102,7 +102,12 @@ def fine_tune(
         anneal: for a converted model, train with its method's optimizer (``True``, or a dict of that
             optimizer's keyword arguments: :class:`FermiAnnealer`'s for the Fermi method, which wraps
             ``optimizer``); ``False`` trains the converted model with ``optimizer`` alone. Ignored for plain
-            models.
+            models. The method may set defaults of its own for the objective (``Method.fine_tune_options``):
+            distilling toward the original network (no labels, no ``teacher`` given), the Fermi method with
+            channel / head gates cuts at the first step by the one-shot order and allocation, re-fits the layers
+            that lost inputs toward the original, and trains the cut model (toward the original the one-shot
+            order is already the target's, and a soft phase measured worse: docs/anneal-ablations.md); any of
+            those keywords given in ``anneal={...}`` replaces the whole preset.
         bake_when_decided: for a converted model: as soon as the annealer freezes the decisions, bake and
             shrink the model (:func:`fermigates.convert_from_fermi`), ridge-calibrated on ``calibration_data``
             (default: the first 8 training batches) toward the model as trained just before the freeze, and
@@ -163,6 +168,7 @@ def _fine_tune(model, stream, first, *, steps, lr, optimizer, weight_decay, loss
             teacher.eval().requires_grad_(False)
         opt, trainer = _optimizer(model, method, stream, steps=steps, lr=lr, optimizer=optimizer,
                                   weight_decay=weight_decay, anneal=anneal, init=init,
+                                  objective="original" if own_teacher else "task",
                                   calibration_data=calibration_data, bake_when_decided=bake_when_decided,
                                   progress=progress)
     except BaseException:
@@ -242,8 +248,8 @@ def _calibration(stream: BatchStream, calibration_data: Any) -> list:
     return calib
 
 
-def _optimizer(model, method, stream, *, steps, lr, optimizer, weight_decay, anneal, init, calibration_data,
-               bake_when_decided, progress) -> tuple[torch.optim.Optimizer, Any]:
+def _optimizer(model, method, stream, *, steps, lr, optimizer, weight_decay, anneal, init, objective,
+               calibration_data, bake_when_decided, progress) -> tuple[torch.optim.Optimizer, Any]:
     """``(the optimizer to step, the method's optimizer or None)``."""
     anneal_kwargs = dict(anneal) if isinstance(anneal, dict) else {}
     if "init" in anneal_kwargs:  # the method optimizer's own keyword, passed through anneal={...}
@@ -271,6 +277,9 @@ def _optimizer(model, method, stream, *, steps, lr, optimizer, weight_decay, ann
                              "FermiAnnealer)")
         return opt, trainer
     options = {**anneal_kwargs, **({"init": init} if init != "auto" else {})}
+    preset = method.fine_tune_options(model, objective=objective)
+    if not set(preset) & set(options):  # a preset is all or nothing: used when none of its keys was given
+        options = {**preset, **options}
     # the method checks these when it uses them (the Fermi method ranks units on them for its start)
     calib = list(calibration_data) if calibration_data is not None else stream.peek(8)
     if method.wraps_optimizer:

@@ -429,3 +429,29 @@ def test_trainer_callback_init_obs_puts_the_levels_in_the_trainers_optimizer(tmp
     held = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert all(id(o) in held for o in offsets)
     assert any(not torch.equal(o.detach(), s) for o, s in zip(offsets, start))
+
+
+def test_distilling_toward_the_original_cuts_at_the_first_step_and_calibrates_toward_it(monkeypatch):
+    import fermigates.methods.fermi.anneal as anneal
+
+    calls = []
+    real = anneal.calibrate_decisions
+    monkeypatch.setattr(anneal, "calibrate_decisions", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, y = _task()
+    decided = {}
+
+    def run(data, **kwargs):
+        model, _, _ = _converted()
+        calls.clear()
+        fg.fine_tune(model, data, steps=20, lr=3e-3, progress=False,
+                     on_decided=lambda m, step: decided.__setitem__("step", step), **kwargs)
+        return decided.pop("step"), len(calls)
+
+    # no labels, no teacher: toward the original -> the one-shot cut at step 1, calibrated toward the original
+    assert run(list(x.split(32))) == (1, 1)
+    # labels: the anneal (sparsity ramped over the first 25% of the run, no calibration while annealing)
+    assert run(_batches(x, y)) == (5, 0)
+    # a schedule the user set replaces the whole preset
+    assert run(list(x.split(32)), anneal={"temperature": (1.0, 0.01)}) == (5, 0)
+    # a teacher the user gave is a task of its own: the anneal
+    assert run(list(x.split(32)), teacher=_mlp(1)) == (5, 0)

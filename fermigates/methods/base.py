@@ -226,6 +226,13 @@ class Method(ABC):
         ranking pass, say); ``options``: the method optimizer's keywords."""
         raise NotImplementedError(f"method {self.name!r} does not build its own optimizer")
 
+    def fine_tune_options(self, model: nn.Module, *, objective: str) -> dict[str, Any]:
+        """The keywords :func:`fermigates.fine_tune` gives this method's optimizer by default for a training
+        ``objective``: ``"task"`` (labels, a ``loss_fn``, or a teacher the user gave) or ``"original"``
+        (distillation toward the model as it was converted, the default teacher). The user's ``anneal={...}``
+        keywords replace them. None by default."""
+        return {}
+
     def is_method_optimizer(self, optimizer: Any) -> bool:
         """Whether ``optimizer`` is already one this method builds (used as it is by the training loop)."""
         return False

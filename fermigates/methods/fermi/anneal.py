@@ -284,6 +284,12 @@ COLD_START = 0.01
 #: ``FermiAnnealer(calibrate_toward=...)``: the original network (as the annealer found it), the current weights
 #: with every gate open, the gated model as trained
 CALIBRATE_TOWARD = ("dense", "open", "trained")
+#: ``fine_tune``'s annealer options when it distils toward the original network: cut at the first step by the
+#: one-shot order and allocation, ridge-calibrate the layers that lost inputs toward the original, train the cut
+#: model. Toward its own original network the one-shot order is already the target's and a soft phase only loses
+#: what the closed-form calibration gives (measured on MiniLM: docs/anneal-ablations.md)
+CUT_FIRST: dict = {"temperature": (1e-4, 1e-4), "sparsity_schedule": "constant", "ramp": 0.01, "calibrate": "freeze",
+                   "calibrate_toward": "dense"}
 #: with ``calibrate="ramp"``, how many times the layers that lost inputs are re-fitted before the freeze
 RAMP_CALIBRATIONS = 4
 #: without calibration data, the annealer keeps the inputs of this many training forwards to rank and calibrate on

@@ -11,7 +11,7 @@ import torch.nn as nn
 from ...allocation.units import Allocatable, UnitGroup
 from ...core.sparsity import LayerSparsity, SparsityReport
 from ..base import Decisions, Method
-from .anneal import FermiAnnealer
+from .anneal import CUT_FIRST, FermiAnnealer
 from .gates import check_temperature
 from .group_gates import attach_group_gates
 from .layers import is_gated, new_forward, twin_factory
@@ -26,6 +26,7 @@ from .model import (
     original_modules,
     own_tensors,
     set_keep,
+    structured_gates,
     undecided_units,
     unit_groups,
 )
@@ -173,6 +174,13 @@ class FermiMethod(Method):
         base = base if base is not None else torch.optim.AdamW(model.parameters(), lr=lr)
         anneal.setdefault("progress", progress)
         return FermiAnnealer(base, model, total_steps=total_steps, **anneal)
+
+    def fine_tune_options(self, model: nn.Module, *, objective: str) -> dict[str, Any]:
+        """Toward the original network with channel / head gates: :data:`~.anneal.CUT_FIRST` (the one-shot cut
+        at the first step, calibrated toward the original); else the annealer's own defaults."""
+        if objective == "original" and structured_gates(model):
+            return dict(CUT_FIRST)
+        return {}
 
     def is_method_optimizer(self, optimizer: Any) -> bool:
         return isinstance(optimizer, FermiAnnealer)
