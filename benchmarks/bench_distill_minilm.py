@@ -22,9 +22,11 @@ evaluation sentences the same as with the original model).
 Rows:
 * ``fg anneal (+calib)``: ``convert_to_fermi(granularity=("channel", "head"), target_sparsity=s)`` ->
   ``fine_tune(distill="hidden", init="scores")`` (units start in their weights' magnitude order, the
-  default before ``init="auto"``) under the default ``FermiAnnealer`` (temperature 1 -> 0.01, cubic sparsity
-  ramp over the first quarter of the steps, decisions frozen after it; the teacher is the library default: the
-  model as it was when ``fine_tune`` started, gates open, i.e. the original network) ->
+  default before ``init="auto"``) under ``fine_tune``'s default for distillation toward the original network
+  (the teacher is the library default: the model as it was when ``fine_tune`` started, gates open): since
+  88a23d4 the Fermi method's cut-first preset -- the whole sparsity at the first step, the layers that lost
+  inputs re-fitted toward the original, then the cut model trained; before it, the soft anneal (temperature
+  1 -> 0.01, cubic sparsity ramp over the first quarter of the steps, decisions frozen after it) ->
   ``convert_from_fermi(calibration_data=<the 512 calibration sentences>)`` (reference "auto" = the model as
   trained). Also reported: the trained gated model, the bake without calibration, ``trained_vs_baked`` and whether
   the bake's guard reverted the calibration. ``s`` is found by bisection on a hard one-shot prune so that the
@@ -32,8 +34,8 @@ Rows:
 * ``fg anneal init=obs (+calib)``: the same, with ``fine_tune(init="obs", calibration_data=<the calibration
   sentences>)`` (what the default ``init="auto"`` does for channel / head gates): the anneal starts from the order in which the one-shot pruner would remove the units (trainable
   per-unit Fermi levels), not from the weights' magnitude order.
-* ``fg anneal init=obs, early bake``: the same start, and ``bake_when_decided=True``: at the freeze (a quarter of
-  the run) the model is baked, ridge-calibrated toward the teacher (the original model, what the distillation
+* ``fg anneal init=obs, early bake``: the same start, and ``bake_when_decided=True``: at the freeze (the first
+  step under the cut-first preset; a quarter of the run under the soft anneal) the model is baked, ridge-calibrated toward the teacher (the original model, what the distillation
   loss asks for), and the small plain model is fine-tuned for the rest of the steps.
 * ``fg prune + FT``: ``fermigates.prune(budget="macs:0.5")`` (library defaults: ``allocation="auto"``, global
   for a MAC budget; OBS selection, heads by block OBS; ridge calibration toward the dense model), then the distillation fine-tune.
@@ -85,6 +87,7 @@ from _common import write_results
 from bench_calibrate_minilm import batches, embed, fidelity, stdlib_sentences
 
 import fermigates as fg
+import fermigates.methods.fermi.anneal
 import fermigates.bake  # everything the run uses is loaded now (the library may be edited during a run)
 import fermigates.finetune
 import fermigates.losses
@@ -442,8 +445,8 @@ def main() -> None:
                         "fg_prune_defaults": {"selection": fermigates.oneshot.DEFAULT_SELECTION,
                                               "allocation": fermigates.oneshot.DEFAULT_ALLOCATION + " (global for macs:)",
                                               "ridge": 1e-2},
-                        "fg_anneal_defaults": "FermiAnnealer defaults: T 1 -> 0.01 exponential, cubic ramp 0.25, "
-                                              "tolerance 0.05, sparsity_weight 1, decisions frozen after the ramp",
+                        "fg_anneal_defaults": "fine_tune toward the original: the method's preset "
+                                              f"{fermigates.methods.fermi.anneal.CUT_FIRST}",
                         "torch_pruning": torch_pruning.__version__, "wall_s": time.perf_counter() - t_start,
                         "runs": raw, "command": command})
 
