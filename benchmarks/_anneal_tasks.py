@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 import os
 import sys
 import time
@@ -454,3 +455,23 @@ def run_row(task: Task, runner: Callable[..., tuple[nn.Module, dict]], stream: l
     out = {**task.score(model), "macs_kept": task.macs(model) / task.dense_macs, "seconds": seconds, **extra}
     del model
     return out
+
+
+def print_run(name: str, seed: int, run: dict, width: int = 30) -> None:
+    """One line per finished run: its name, seed and every number it recorded."""
+    print(f"  {name:{width}s} seed {seed}: " + ", ".join(
+        f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in run.items()
+        if k not in ("row", "variant", "seed")), flush=True)
+
+
+def summarise(key: str, name: str, runs: list[dict], metrics: list[str]) -> dict:
+    """The table row of ``runs`` (one per seed): each metric's mean, spread and values, the MACs kept, seconds."""
+    row: dict[str, Any] = {key: name, "seeds": len(runs)}
+    for m in metrics:
+        values = [r[m] for r in runs]
+        row[m] = statistics.mean(values)
+        row[f"{m} spread"] = max(values) - min(values)
+        row[f"{m}s"] = " / ".join(f"{v:.4f}" for v in values)
+    row["macs_kept"] = statistics.mean(r["macs_kept"] for r in runs)
+    row["seconds"] = statistics.mean(r["seconds"] for r in runs)
+    return row

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from typing import Any
@@ -128,17 +127,8 @@ def main() -> None:
             run.update(variant=name, seed=seed)
             runs.append(run)
             raw.append(run)
-            print(f"  {name:28s} seed {seed}: " + ", ".join(
-                f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in run.items()
-                if k not in ("variant", "seed")), flush=True)
-            row = {"variant": name, "seeds": len(runs)}
-            for m in metrics:
-                values = [r[m] for r in runs]
-                row[m] = statistics.mean(values)
-                row[f"{m} spread"] = max(values) - min(values)
-                row[f"{m}s"] = " / ".join(f"{v:.4f}" for v in values)
-            row["macs_kept"] = statistics.mean(r["macs_kept"] for r in runs)
-            row["seconds"] = statistics.mean(r["seconds"] for r in runs)
+            at.print_run(name, seed, run, width=28)
+            row = at.summarise("variant", name, runs, metrics)
             current = rows + [row]
             write_results(out, current, meta={
                 "task": task.name, "budget": args.budget, "steps": args.steps, "seeds": args.seeds, "lr": task.lr,

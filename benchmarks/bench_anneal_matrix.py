@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from typing import Any
@@ -102,7 +101,7 @@ def main() -> None:
     task = at.TASKS[args.task](args.budget)
     metrics = [task.metric] + (["nn"] if task.name == "minilm" else [])
     streams = {seed: task.stream(args.steps, seed) for seed in args.seeds}
-    rows, raw = [], []
+    raw: list[dict] = []
     # seed-major: every row of a seed finishes before the next seed starts, so a partial run is a complete cell
     by_row: dict[str, list[dict]] = {n: [] for n in names}
     for seed in args.seeds:
@@ -112,23 +111,8 @@ def main() -> None:
             run.update(row=name, seed=seed)
             by_row[name].append(run)
             raw.append(run)
-            print(f"  {name:30s} seed {seed}: " + ", ".join(
-                f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in run.items()
-                if k not in ("row", "seed")), flush=True)
-            rows = []
-            for n in names:
-                runs = by_row[n]
-                if not runs:
-                    continue
-                row = {"row": n, "seeds": len(runs)}
-                for m in metrics:
-                    values = [r[m] for r in runs]
-                    row[m] = statistics.mean(values)
-                    row[f"{m} spread"] = max(values) - min(values)
-                    row[f"{m}s"] = " / ".join(f"{v:.4f}" for v in values)
-                row["macs_kept"] = statistics.mean(r["macs_kept"] for r in runs)
-                row["seconds"] = statistics.mean(r["seconds"] for r in runs)
-                rows.append(row)
+            at.print_run(name, seed, run)
+            rows = [at.summarise("row", n, by_row[n], metrics) for n in names if by_row[n]]
             write_results(out, rows, meta={
                 "task": task.name, "budget": args.budget, "steps": args.steps, "seeds": args.seeds, "lr": task.lr,
                 "batch": task.batch, "knobs": task.knobs, "knob_macs_kept": task.knob_kept,
