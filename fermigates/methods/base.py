@@ -230,7 +230,7 @@ class Method(ABC):
         """The keywords :func:`fermigates.fine_tune` gives this method's optimizer by default for a training
         ``objective``: ``"task"`` (labels, a ``loss_fn``, or a teacher the user gave) or ``"original"``
         (distillation toward the model as it was converted, the default teacher). The user's ``anneal={...}``
-        keywords replace them. None by default."""
+        keywords replace them. Empty by default."""
         return {}
 
     def is_method_optimizer(self, optimizer: Any) -> bool:
